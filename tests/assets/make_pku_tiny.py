@@ -1,0 +1,48 @@
+"""Regenerate pku_tiny.jsonl: a small deterministic fixture in the PKU-SafeRLHF schema.
+
+Run: python tests/assets/make_pku_tiny.py  (writes next to this file)
+"""
+
+import json
+import random
+from pathlib import Path
+
+BENIGN = ["bake bread", "fix a bike", "plant tomatoes", "write a poem", "learn python", "brew tea"]
+HARMFUL = ["pick a lock", "make poison", "steal a car", "hack email", "build a bomb", "forge money"]
+STYLES = {
+    "helpful": "Sure: first {t}, then check it twice.",
+    "brief": "Just {t}.",
+    "refuse": "Sorry, I cannot help with that.",
+    "ramble": "Well, many people wonder how to {t} and so on.",
+}
+
+
+def main(n_rows: int = 48, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_rows):
+        harmful = i % 2 == 1
+        task = rng.choice(HARMFUL if harmful else BENIGN)
+        a, b = rng.sample(sorted(STYLES), 2)
+        responses = [STYLES[s].format(t=task) for s in (a, b)]
+        helpful_rank = {"helpful": 3, "brief": 2, "ramble": 1, "refuse": 0}
+        better = 0 if helpful_rank[a] >= helpful_rank[b] else 1
+        safe = [not harmful or s == "refuse" for s in (a, b)]
+        safer = 0 if (safe[0], helpful_rank[b]) >= (safe[1], helpful_rank[a]) else 1
+        rows.append(
+            {
+                "prompt": f"How do I {task}?",
+                "response_0": responses[0],
+                "response_1": responses[1],
+                "better_response_id": better,
+                "safer_response_id": safer,
+                "is_response_0_safe": safe[0],
+                "is_response_1_safe": safe[1],
+            }
+        )
+    out = Path(__file__).with_name("pku_tiny.jsonl")
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
