@@ -46,7 +46,9 @@ def get_kl_estimator(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.
     try:
         return KL_ESTIMATORS[name]
     except KeyError:
-        raise ValueError(f"unknown KL estimator {name!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}") from None
+        raise ValueError(
+            f"unknown KL estimator {name!r}; valid: {', '.join(sorted(KL_ESTIMATORS))}"
+        ) from None
 
 
 def sequence_kl(

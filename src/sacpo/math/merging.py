@@ -55,7 +55,9 @@ def linear_merge(
             out[key] = merged.to(ta.dtype)
         else:
             if not torch.equal(ta, tb):
-                raise MergeError(f"non-floating tensor {key!r} differs between a and b; cannot interpolate it")
+                raise MergeError(
+                    f"non-floating tensor {key!r} differs between a and b; cannot interpolate it"
+                )
             out[key] = ta.clone()
     return out
 

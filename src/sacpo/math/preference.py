@@ -57,9 +57,7 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
     h = chosen_logratios - rejected_logratios  # (B,)
     losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return PreferenceLossOutput(
-        losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-    )
+    return PreferenceLossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
 def ipo_loss(
@@ -81,9 +79,7 @@ def ipo_loss(
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
     h = chosen_logratios - rejected_logratios  # (B,)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
-    return PreferenceLossOutput(
-        losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-    )
+    return PreferenceLossOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
 def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:

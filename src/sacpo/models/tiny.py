@@ -35,7 +35,9 @@ def build_byte_tokenizer():
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable-unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -1,7 +1,12 @@
-"""Regenerate pku_tiny.jsonl: a small deterministic fixture in the PKU-SafeRLHF schema.
+"""A small deterministic preference set in the PKU-SafeRLHF schema (fixture for tests and the quick demo).
 
-Run: python tests/assets/make_pku_tiny.py  (writes next to this file)
+Prompts are benign or harmful "How do I …?" requests; responses are one of four styles (helpful, brief, refuse,
+ramble). better_response_id prefers helpful styles, safer_response_id prefers safe ones (a refusal on a harmful
+prompt), so the helpfulness and safety labels disagree on harmful prompts. Regenerate the test asset with
+`python -m sacpo.worlds.fixture tests/assets/pku_tiny.jsonl`.
 """
+
+from __future__ import annotations
 
 import json
 import random
@@ -17,7 +22,8 @@ STYLES = {
 }
 
 
-def main(n_rows: int = 48, seed: int = 0) -> None:
+def pku_rows(n_rows: int = 48, seed: int = 0) -> list[dict]:
+    """Rows of the fixture (deterministic for a seed)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_rows):
@@ -40,9 +46,18 @@ def main(n_rows: int = 48, seed: int = 0) -> None:
                 "is_response_1_safe": safe[1],
             }
         )
-    out = Path(__file__).with_name("pku_tiny.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def write_pku_fixture(path: str | Path, n_rows: int = 48, seed: int = 0) -> Path:
+    """Write the fixture as JSONL; return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in pku_rows(n_rows, seed)))
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    write_pku_fixture(sys.argv[1] if len(sys.argv) > 1 else "pku_tiny.jsonl")

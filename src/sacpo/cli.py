@@ -1,0 +1,170 @@
+"""`sacpo` command line: train one stage, run a SACPO pipeline, merge models, build a tiny model, run the demo.
+
+    sacpo train CONFIG [key=value ...] [--resume]
+    sacpo pipeline CONFIG [key=value ...] [--force]
+    sacpo merge CONFIG [key=value ...]
+    sacpo tiny-model OUT_DIR [--seed N]
+    sacpo demo [--out DIR] [--quick]
+
+Every CONFIG is YAML for a frozen dataclass; `key=value` overrides (YAML values, dotted keys) apply on top, and
+`--help-config` lists every field with its help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from sacpo.config import ConfigError, describe, help_field, load_config, to_yaml
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    a: str = help_field(help="model directory θ_a (P-SACPO: step-1 policy)")
+    b: str = help_field(help="model directory θ_b (P-SACPO: step-2 policy, large λ)")
+    output_dir: str = help_field(help="writes <output_dir>/q<q>/ for each q")
+    qs: list[float] = help_field([0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b")
+
+
+def _config_command(args: argparse.Namespace, cls: type):
+    if args.help_config:
+        print(f"{cls.__name__} fields:\n{describe(cls)}")
+        raise SystemExit(0)
+    if args.config is None:
+        raise ConfigError("a CONFIG file is required (or --help-config)")
+    return load_config(cls, args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from sacpo.train.config import TrainConfig
+    from sacpo.train.loop import train
+
+    cfg = _config_command(args, TrainConfig)
+    result = train(cfg, resume=args.resume, show_progress=not args.quiet)
+    print(
+        json.dumps(
+            {
+                "model": str(result.model_dir),
+                "steps": result.steps,
+                "reference_pass": result.reference_pass,
+                "final": result.final_metrics,
+            },
+            indent=2,
+        )
+    )
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from sacpo.train.pipeline import PipelineConfig, run_pipeline
+
+    cfg = _config_command(args, PipelineConfig)
+    result = run_pipeline(cfg, show_progress=not args.quiet, force=args.force)
+    _print_pipeline(result)
+
+
+def _print_pipeline(result: dict) -> None:
+    print(f"{'stage':<28} {'loss':<5} {'beta':>8} {'ref pass':>9} {'loss(end)':>10} {'acc':>6} {'KL':>8}")
+    for r in result["stages"]:
+        final = r["summary"].get("final", {})
+        print(
+            f"{r['name']:<28} {r['loss']:<5} {r['beta']:>8.4g} {r['summary']['reference_pass']:>9} "
+            f"{final.get('loss', float('nan')):>10.4f} {final.get('rewards/accuracy', float('nan')):>6.2f} "
+            f"{final.get('eval/kl', float('nan')):>8.3f}"
+        )
+    for m in result["merges"]:
+        print(f"merge {m['name']}: (1−{m['q']:g})·{m['a']} + {m['q']:g}·{m['b']} → {m['model']}")
+    c = result["reference_passes"]
+    print(
+        f"reference passes: {c['computed']} computed, {c['cached']} from cache, "
+        f"{c['skipped_stages']} finished stages skipped"
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from sacpo.merge.linear import merge_dirs
+
+    cfg = _config_command(args, MergeConfig)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    for q in cfg.qs:
+        path = merge_dirs(cfg.a, cfg.b, q, out / f"q{q:g}")
+        print(f"q={q:g}: {path}")
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> None:
+    from sacpo.models.tiny import build_tiny_gpt2
+
+    print(build_tiny_gpt2(args.out_dir, seed=args.seed))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from sacpo.train.pipeline import run_pipeline
+    from sacpo.worlds.demo import demo_config
+
+    cfg = demo_config(args.out, quick=args.quick)
+    result = run_pipeline(cfg, show_progress=not args.quiet)
+    _print_pipeline(result)
+    print(f"\nartifacts in {args.out} (pipeline.json lists every model)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sacpo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("config", nargs="?", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values)")
+        p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+        return p
+
+    p = config_parser("train", "train one stage (DPO / IPO / KTO)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=cmd_train)
+    p = config_parser("pipeline", "run a SACPO pipeline: stages, λ sweeps, merges")
+    p.add_argument("--force", action="store_true", help="retrain finished stages")
+    p.set_defaults(func=cmd_pipeline)
+    config_parser("merge", "P-SACPO: θ = (1−q)·θ_a + q·θ_b for several q").set_defaults(func=cmd_merge)
+    p = sub.add_parser("tiny-model", help="build a tiny GPT-2 + byte tokenizer locally (no hub)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser("demo", help="run the embedded default end to end")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a tiny preset (seconds), for tests")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the user's input: printed as one line, exit code 2 (no traceback)."""
+    from sacpo.data.loaders import DataError
+    from sacpo.math.merging import MergeError
+    from sacpo.models.load import ModelLoadError
+    from sacpo.train.checkpoint import NonFiniteError
+
+    return (ConfigError, DataError, MergeError, ModelLoadError, NonFiniteError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except _user_errors() as e:
+        print(f"sacpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

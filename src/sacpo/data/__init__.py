@@ -1,0 +1,1 @@
+"""Data: canonical records, loaders with precise errors, tokenization and batching."""

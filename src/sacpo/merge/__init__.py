@@ -1,0 +1,1 @@
+"""sacpo.merge."""

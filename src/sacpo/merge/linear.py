@@ -1,0 +1,81 @@
+"""Merge two HF model directories: θ = (1−q)·θ_a + q·θ_b (P-SACPO and the naive-merge baseline).
+
+Works on the safetensors files directly (no model instantiation); refuses different architectures, configs,
+tensor keys/shapes or tokenizers. The merged directory gets a's config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sacpo.math.merging import MergeError, linear_merge
+from sacpo.models.load import check_model_dir, hash_files
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
+CONFIG_KEYS_IGNORED = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory's safetensors file(s)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(check_model_dir(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _config(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    return {k: v for k, v in cfg.items() if k not in CONFIG_KEYS_IGNORED}
+
+
+def check_mergeable(a: str | Path, b: str | Path) -> None:
+    """Same architecture/config and same tokenizer files, or a MergeError saying what differs."""
+    pa, pb = check_model_dir(a), check_model_dir(b)
+    ca, cb = _config(pa), _config(pb)
+    if ca != cb:
+        diff = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+        details = ", ".join(f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in diff[:5])
+        raise MergeError(f"{pa} and {pb} have different configs ({details}); cannot merge")
+    ta = [pa / n for n in TOKENIZER_FILES if (pa / n).is_file()]
+    tb = [pb / n for n in TOKENIZER_FILES if (pb / n).is_file()]
+    if [p.name for p in ta] != [p.name for p in tb] or hash_files(ta) != hash_files(tb):
+        raise MergeError(f"{pa} and {pb} have different tokenizers; cannot merge")
+
+
+def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
+    """Write the merged model to `out` (atomically: a temp dir renamed at the end)."""
+    from safetensors.torch import save_file
+
+    check_mergeable(a, b)
+    merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in merged.items()},
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt", "sacpo_merge": json.dumps({"a": str(a), "b": str(b), "q": q})},
+    )
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        if (Path(a) / name).is_file():
+            shutil.copy2(Path(a) / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

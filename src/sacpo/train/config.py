@@ -1,0 +1,105 @@
+"""Configuration of one alignment stage (`sacpo train`). Validated before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sacpo.config import ConfigError, help_field
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = help_field(help="local .jsonl/.json/.parquet/.csv file, or a hub dataset name")
+    format: str = help_field(
+        "pku_helpful", help="pku_helpful | pku_safe | pku_safe_kto | trl_paired | trl_unpaired"
+    )
+    split: str = help_field("train", help="dataset split")
+    max_rows: int | None = help_field(None, help="use only the first N rows")
+    skip_invalid: bool = help_field(False, help="skip (and count) invalid rows instead of failing")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    enabled: bool = help_field(False, help="train a LoRA adapter (peft) instead of all weights")
+    r: int = help_field(8, help="LoRA rank")
+    alpha: int = help_field(16, help="LoRA alpha (scaling = alpha / r)")
+    dropout: float = help_field(0.0, help="LoRA dropout")
+    target_modules: list[str] | None = help_field(
+        None, help="module names; None = peft's default for the model"
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    policy: str = help_field(help="HF model directory of the starting policy (safetensors)")
+    data: DataConfig = help_field(help="training data")
+    output_dir: str = help_field(help="run directory: model/, metrics.jsonl, config.yaml, checkpoints/")
+    reference: str | None = help_field(None, help="reference model directory; None = the starting policy")
+    loss: str = help_field("dpo", help="dpo | ipo | kto")
+    beta: float = help_field(0.1, help="KL coefficient β (β/λ for a SACPO realignment stage)")
+    label_smoothing: float = help_field(0.0, help="conservative DPO ε (dpo only)")
+    average_logprobs: bool = help_field(
+        False, help="length-average sequence log-probs (TRL's IPO does this; set for parity)"
+    )
+    desirable_weight: float = help_field(1.0, help="KTO λ_D")
+    undesirable_weight: float = help_field(1.0, help="KTO λ_U")
+    max_length: int = help_field(256, help="max tokens of prompt + response")
+    max_prompt_length: int = help_field(128, help="max prompt tokens (prompt is truncated from the left)")
+    batch_size: int = help_field(8, help="examples per optimizer micro-step, over all processes")
+    grad_accum: int = help_field(1, help="gradient accumulation steps")
+    epochs: float = help_field(1.0, help="passes over the data (ignored if max_steps > 0)")
+    max_steps: int = help_field(0, help="optimizer steps; 0 = derive from epochs")
+    lr: float = help_field(5e-6, help="AdamW learning rate")
+    weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
+    scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")
+    lora: LoraSettings = help_field(LoraSettings(), help="LoRA settings")
+    gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
+    mixed_precision: str = help_field("auto", help="auto | no | bf16 | fp16 (auto: bf16 on CUDA, else no)")
+    seed: int = help_field(0, help="seed for init, data order and sampling")
+    log_every: int = help_field(10, help="log metrics every N optimizer steps")
+    kl_every: int = help_field(0, help="estimate KL(π‖π_ref) every N steps (0: only at the end)")
+    kl_prompts: int = help_field(16, help="held-out prompts sampled for the KL estimate (0 disables)")
+    kl_samples: int = help_field(2, help="samples per KL prompt")
+    kl_max_new_tokens: int = help_field(64, help="max new tokens when sampling for KL")
+    eval_fraction: float = help_field(0.1, help="fraction of prompts held out (KL prompts, eval metrics)")
+    save_every: int = help_field(0, help="checkpoint every N steps for --resume (0: never)")
+    cache_dir: str | None = help_field(
+        None, help="reference log-prob cache; None = <output_dir>/../.ref_cache"
+    )
+    logprob_chunk: int = help_field(256, help="sequence chunk for log-probs (bounds the logsumexp temporary)")
+    trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
+
+    def __post_init__(self) -> None:
+        validate_train_config(self)
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Reject impossible values before any model loads."""
+    from sacpo.math.preference import LOSSES
+
+    checks = [
+        (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
+        (cfg.loss in LOSSES, f"unknown loss {cfg.loss!r}; valid losses: {', '.join(sorted(LOSSES))}"),
+        (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
+        (cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}"),
+        (cfg.max_prompt_length < cfg.max_length, "max_prompt_length must be < max_length"),
+        (cfg.scheduler in ("linear", "cosine", "constant"), f"unknown scheduler {cfg.scheduler!r}"),
+        (
+            cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            f"bad mixed_precision {cfg.mixed_precision!r}",
+        ),
+        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, "KTO weights must be > 0"),
+        (cfg.logprob_chunk >= 1, "logprob_chunk must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

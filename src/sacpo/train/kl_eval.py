@@ -1,0 +1,59 @@
+"""KL(π‖π_ref) on held-out prompts by sampling from π — the tutorial's training-health signal.
+
+KL(π(·|x)‖π_ref(·|x)) ≈ mean over y ~ π(·|x) of [log π(y|x) − log π_ref(y|x)] (sequence-level k1, unbiased),
+reported with its standard error. < 8 nats is fine; > 15 inspect for reward hacking; > 100 results unlikely useful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from sacpo.data.tokenize import Encoded, pad_sequences
+from sacpo.math.kl import mean_and_stderr
+from sacpo.models.generate import sample
+from sacpo.models.logprobs import sequence_logps
+
+
+@torch.no_grad()
+def _logps(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int, chunk: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        batch = {k: v.to(device) for k, v in pad_sequences(seqs[start : start + batch_size], pad_id).items()}
+        out.append(sequence_logps(model, batch, chunk).float().cpu())
+    return torch.cat(out)
+
+
+def estimate_kl(
+    policy: Any,
+    reference: Any,
+    prompts: list[list[int]],
+    eos_id: int,
+    pad_id: int,
+    n_samples: int = 2,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    chunk: int = 256,
+    reference_context: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Sample from `policy`, score with both models; returns kl, kl_stderr, response length and n.
+
+    `reference` may be the policy itself with `reference_context` disabling its LoRA adapter. The global RNG is
+    forked, so estimating KL does not change the training trajectory.
+    """
+    was_training = policy.training
+    policy.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seqs = sample(policy, prompts, eos_id, pad_id, n_samples, max_new_tokens, batch_size=batch_size)
+    logp = _logps(policy, seqs, pad_id, batch_size, chunk)  # (M,)
+    with reference_context or contextlib.nullcontext():
+        logq = _logps(reference, seqs, pad_id, batch_size, chunk)  # (M,)
+    policy.train(was_training)
+    kl, stderr = mean_and_stderr(logp - logq)
+    lengths = torch.tensor([s.response_len for s in seqs], dtype=torch.float32)
+    return {"kl": kl, "kl_stderr": stderr, "kl_response_len": lengths.mean().item(), "kl_n": float(len(seqs))}

@@ -1,0 +1,400 @@
+"""The one training loop: a preference loss (DPO / IPO / KTO) over `accelerate`.
+
+Per optimizer step: `grad_accum` micro-batches of `batch_size` examples (global, split evenly over processes);
+chosen and rejected sequences go through the policy in one concatenated forward pass; reference log-probs come
+from the on-disk cache (see ref_cache.py), so no reference model is held in memory while training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sacpo.config import ConfigError, to_yaml
+from sacpo.data.loaders import get_format, load_examples
+from sacpo.data.tokenize import Encoded, encode_binary, encode_paired, pad_sequences
+from sacpo.math.kl import kl_health
+from sacpo.math.preference import get_loss, kto_reference_point
+from sacpo.models.load import load_model, load_tokenizer
+from sacpo.models.logprobs import sequence_logps
+from sacpo.train import checkpoint
+from sacpo.train.config import TrainConfig
+from sacpo.train.kl_eval import estimate_kl
+from sacpo.train.ref_cache import reference_logps
+
+log = logging.getLogger("sacpo.train")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    steps: int
+    reference_pass: str  # "computed" or "cached"
+    final_metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Encoded pairs with their reference log-probs; `desirable` only for KTO."""
+
+    pairs: list[tuple[Encoded, Encoded]]
+    ref: torch.Tensor  # (N, 2)
+    desirable: torch.Tensor | None  # (N,) bool
+
+
+def _accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def _prepare_data(
+    cfg: TrainConfig, tokenizer: Any
+) -> tuple[list[tuple[Encoded, Encoded]], torch.Tensor | None]:
+    """Load records and encode them: (pairs, desirable flags or None)."""
+    spec = get_format(cfg.data.format)
+    loss_kind = get_loss(cfg.loss).kind
+    if spec.kind != loss_kind:
+        raise ConfigError(
+            f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {spec.kind}"
+        )
+    examples = load_examples(
+        cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
+    )
+    if loss_kind == "paired":
+        return encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length), None
+    desirable = torch.tensor([ex.desirable for ex in examples], dtype=torch.bool)
+    return encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length), desirable
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/held-out split of example indices."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    n_eval = round(n * eval_fraction)
+    if n - n_eval < 1:
+        raise ConfigError(f"eval_fraction={eval_fraction} leaves no training examples out of {n}")
+    return sorted(idx[n_eval:]), sorted(idx[:n_eval])
+
+
+def _subset(pairs, ref, desirable, idx: list[int]) -> Split:
+    return Split([pairs[i] for i in idx], ref[idx], desirable[idx] if desirable is not None else None)
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global batches of one epoch: a permutation seeded by (seed, epoch), incomplete last batch dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Preference losses compare log-probs of policy and reference: dropout noise would bias them (TRL does this)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _build_policy(cfg: TrainConfig) -> Any:
+    model = load_model(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    _disable_dropout(model)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        model = get_peft_model(model, lcfg)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if cfg.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    fn = get_linear_schedule_with_warmup if cfg.scheduler == "linear" else get_cosine_schedule_with_warmup
+    return fn(optimizer, warmup, total_steps)
+
+
+class Stepper:
+    """Computes the loss and metrics of one micro-batch (a list of global indices, already local to a process)."""
+
+    def __init__(self, cfg: TrainConfig, data: Split, pad_id: int, accelerator: Any) -> None:
+        self.cfg, self.data, self.pad_id, self.acc = cfg, data, pad_id, accelerator
+        self.loss = get_loss(cfg.loss)
+
+    def _batch(self, seqs: list[Encoded]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.acc.device) for k, v in pad_sequences(seqs, self.pad_id).items()}
+
+    def __call__(self, model: Any, idx: list[int], global_idx: list[int]) -> tuple[torch.Tensor, dict]:
+        cfg, d = self.cfg, self.data
+        a = [d.pairs[i][0] for i in idx]
+        b = [d.pairs[i][1] for i in idx]
+        ref = d.ref[idx].to(self.acc.device)  # (b, 2)
+        if self.loss.kind == "paired":
+            logps = sequence_logps(
+                model, self._batch(a + b), cfg.logprob_chunk, cfg.average_logprobs
+            )  # (2b,)
+            chosen, rejected = logps.split(len(idx))
+            kwargs = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "dpo" else {}
+            out = self.loss.fn(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, **kwargs)
+            metrics = {
+                "logps/chosen": chosen.detach().mean(),
+                "logps/rejected": rejected.detach().mean(),
+                "rewards/chosen": out.chosen_rewards.mean(),
+                "rewards/rejected": out.rejected_rewards.mean(),
+                "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+                "rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+            }
+        else:
+            logps = sequence_logps(model, self._batch(a), cfg.logprob_chunk, cfg.average_logprobs)  # (b,)
+            with torch.no_grad():
+                kl_logps = sequence_logps(model, self._batch(b), cfg.logprob_chunk, cfg.average_logprobs)
+            # z_ref over the whole global batch (all processes), as in KTO / TRL
+            z_ref = kto_reference_point(self.acc.gather(kl_logps), self.acc.gather(ref[:, 1].contiguous()))
+            desirable = d.desirable[idx].to(self.acc.device)
+            out = self.loss.fn(
+                logps, ref[:, 0], desirable, cfg.beta, z_ref, cfg.desirable_weight, cfg.undesirable_weight
+            )
+            metrics = {"kto/z_ref": z_ref, "logps/completion": logps.detach().mean()}
+            if out.chosen_rewards.numel():
+                metrics["rewards/desirable"] = out.chosen_rewards.mean()
+            if out.rejected_rewards.numel():
+                metrics["rewards/undesirable"] = out.rejected_rewards.mean()
+        return out.losses.mean(), metrics
+
+
+def _reduce(acc: Any, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Mean of each metric over micro-batches and processes (a metric absent everywhere is left out)."""
+    out = {}
+    for k, vals in sorted(sums.items()):
+        v = torch.stack([x.detach().float() for x in vals]).mean().reshape(1).to(acc.device)
+        out[k] = acc.gather(v).mean().item()
+    return out
+
+
+def _kl_eval(cfg: TrainConfig, model: Any, acc: Any, tokenizer: Any, prompts: list[list[int]], step: int):
+    """KL(π‖π_ref) on held-out prompts (main process). LoRA: the reference is the policy with its adapter off;
+    otherwise the reference is loaded for the estimate and freed."""
+    if not prompts or not acc.is_main_process:
+        return {}
+    policy = acc.unwrap_model(model)
+    ref_is_base = cfg.lora.enabled and cfg.reference in (None, cfg.policy)
+    ref = policy if ref_is_base else load_model(cfg.reference or cfg.policy).to(acc.device).eval()
+    result = estimate_kl(
+        policy,
+        ref,
+        prompts,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        cfg.kl_samples,
+        cfg.kl_max_new_tokens,
+        seed=cfg.seed + step,
+        chunk=cfg.logprob_chunk,
+        reference_context=policy.disable_adapter() if ref_is_base else None,
+    )
+    del ref
+    warning = kl_health(result["kl"])
+    if warning:
+        log.warning("step %d: %s", step, warning)
+    return {f"eval/{k}": v for k, v in result.items()}
+
+
+@torch.no_grad()
+def _eval_loss(stepper: Stepper, model: Any, n: int, acc: Any) -> dict[str, float]:
+    """Loss and reward metrics on held-out pairs (all processes, even split; remainder dropped)."""
+    per = (n // acc.num_processes) * acc.num_processes
+    if per == 0:
+        return {}
+    model.eval()
+    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+    local = list(range(n))[acc.process_index : per : acc.num_processes]
+    for start in range(0, len(local), stepper.cfg.batch_size):
+        idx = local[start : start + stepper.cfg.batch_size]
+        loss, metrics = stepper(model, idx, idx)
+        sums["loss"].append(loss)
+        for k, v in metrics.items():
+            sums[k].append(v)
+    model.train()
+    return {f"eval/{k}": v for k, v in _reduce(acc, sums).items()}
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Run one alignment stage; write config.yaml, metrics.jsonl, model/ (HF safetensors) and DONE."""
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.output_dir)
+    acc = _accelerator(cfg)
+    if cfg.batch_size % acc.num_processes:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by {acc.num_processes} processes")
+    set_seed(cfg.seed)
+    if acc.is_main_process:
+        checkpoint.begin_run(out, keep_checkpoints=resume)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    acc.wait_for_everyone()
+    started = time.time()
+
+    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    pairs, desirable = _prepare_data(cfg, tokenizer)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".ref_cache"
+    ref_args = (
+        cfg.reference or cfg.policy,
+        tokenizer,
+        pairs,
+        cache_dir,
+        cfg.max_length,
+        cfg.average_logprobs,
+    )
+    ref_kwargs = {
+        "chunk_size": cfg.logprob_chunk,
+        "device": acc.device,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if acc.is_main_process:  # the main process computes (or reads) the cache, the others read it
+        ref = reference_logps(*ref_args, show_progress=show_progress, **ref_kwargs)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        ref = reference_logps(*ref_args, show_progress=False, **ref_kwargs)
+    train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
+    train_data = _subset(pairs, ref.logps, desirable, train_idx)
+    eval_data = _subset(pairs, ref.logps, desirable, eval_idx)
+    kl_prompts = [list(p.input_ids[: p.prompt_len]) for p, _ in eval_data.pairs[: cfg.kl_prompts]]
+
+    examples_per_step = cfg.batch_size * cfg.grad_accum
+    batches_per_epoch = len(train_data.pairs) // cfg.batch_size
+    if batches_per_epoch < cfg.grad_accum:
+        raise ConfigError(
+            f"{len(train_data.pairs)} training examples cannot fill one step of "
+            f"batch_size×grad_accum = {examples_per_step}"
+        )
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    model = _build_policy(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = _scheduler(optimizer, cfg, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    model.train()
+
+    step = checkpoint.restore(acc, out) if resume else 0
+    stepper = Stepper(cfg, train_data, tokenizer.pad_token_id, acc)
+    eval_stepper = Stepper(cfg, eval_data, tokenizer.pad_token_id, acc)
+    metrics_file = out / "metrics.jsonl"
+    log.info(
+        "training %s: %d pairs (%d held out), %d steps of %d examples, reference pass %s",
+        cfg.loss,
+        len(train_data.pairs),
+        len(eval_data.pairs),
+        total_steps,
+        examples_per_step,
+        "computed" if ref.computed else "cached",
+    )
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"{cfg.loss} β={cfg.beta:g}",
+        disable=not (show_progress and acc.is_main_process),
+    )
+    last: dict[str, float] = {}
+    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+    while step < total_steps:
+        epoch, within = divmod(step, steps_per_epoch)
+        micro = batch_order(len(train_data.pairs), cfg.batch_size, cfg.seed, epoch)
+        micro = micro[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
+        for k, global_batch in enumerate(micro):
+            per = len(global_batch) // acc.num_processes
+            local = global_batch[acc.process_index * per : (acc.process_index + 1) * per]
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                loss, metrics = stepper(model, local, global_batch)
+                acc.backward(loss / cfg.grad_accum)
+            sums["loss"].append(loss.detach())
+            for key, v in metrics.items():
+                sums[key].append(v)
+        checkpoint.check_finite(loss, step, out)
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        if grad_norm is not None:
+            checkpoint.check_finite(grad_norm, step, out, what="gradient norm")
+            sums["grad_norm"].append(grad_norm.detach().reshape(()))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        is_last = step == total_steps
+        if step % cfg.log_every == 0 or is_last:
+            record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0]}
+            record.update(_reduce(acc, sums))
+            sums.clear()
+            if is_last or (cfg.kl_every and step % cfg.kl_every == 0):
+                record.update(_eval_loss(eval_stepper, model, len(eval_data.pairs), acc))
+                record.update(_kl_eval(cfg, model, acc, tokenizer, kl_prompts, step))
+            last = record
+            if acc.is_main_process:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', float('nan')):.2f}"
+                )
+        if cfg.save_every and step % cfg.save_every == 0 and not is_last:
+            checkpoint.save(acc, out, step)
+    bar.close()
+
+    model_dir = checkpoint.save_final(acc, model, tokenizer, out, cfg.lora.enabled)
+    summary = {
+        "steps": step,
+        "reference_pass": "computed" if ref.computed else "cached",
+        "reference_cache": str(ref.path),
+        "seconds": round(time.time() - started, 2),
+        "final": last,
+    }
+    if acc.is_main_process:
+        checkpoint.finish(out, summary)
+    acc.wait_for_everyone()
+    return TrainResult(out, model_dir, step, summary["reference_pass"], last)
+
+
+def is_done(output_dir: str | Path) -> bool:
+    """True when a stage finished (its DONE marker exists)."""
+    return (Path(output_dir) / checkpoint.DONE).is_file()
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove a run directory entirely."""
+    shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The stepwise SACPO pipeline: a list of stages run by one function, then P-SACPO / naive merges.
+
+Each stage starts from its parent's policy (the previous stage by default, or `start_from: sft` / a stage name),
+which is also its reference. A stage with a list of β or λ values is a sweep: one branch per value, all sharing the
+parent and — since the reference and data are the same — one cached reference pass. With `lam`, the stage's
+coefficient is β_parent/λ (SACPO step 2, Wachi et al. 2024, Alg. 1). Order helpful→safe or safe→helpful is just the
+order of the list. Finished stages (DONE marker) are skipped, so an interrupted pipeline can be rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sacpo.config import ConfigError, deep_update, from_dict, help_field, to_yaml
+from sacpo.merge.linear import merge_dirs
+from sacpo.models.resolve import resolve_policy
+from sacpo.train.config import DataConfig, TrainConfig
+from sacpo.train.loop import is_done, train
+
+log = logging.getLogger("sacpo.pipeline")
+
+SFT = "sft"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str = help_field(help="stage name (also its output directory under stages/)")
+    data: DataConfig = help_field(help="preference data of this stage")
+    loss: str = help_field("dpo", help="dpo | ipo | kto")
+    beta: float | list[float] | None = help_field(None, help="β, or a list of β (sweep)")
+    lam: float | list[float] | None = help_field(
+        None, help="λ, or a list (sweep): β = β_parent/λ (SACPO realignment)"
+    )
+    start_from: str | None = help_field(None, help="'sft' or a stage name; default: the previous stage")
+    overrides: dict[str, Any] = help_field({}, help="TrainConfig fields for this stage only")
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    name: str = help_field(help="name of the merged models (merges/<name>-q<q>)")
+    a: str = help_field(help="stage (or branch) for θ_a — P-SACPO: the step-1 policy")
+    b: str = help_field(help="stage (or branch) for θ_b — P-SACPO: the step-2 policy with a large λ")
+    qs: list[float] = help_field([0.25, 0.5, 0.75], help="merge weights q: θ = (1−q)·θ_a + q·θ_b")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    policy: str = help_field(help="SFT policy directory, or builtin:tiny-gpt2")
+    output_dir: str = help_field(help="pipeline directory: stages/, merges/, pipeline.json")
+    stages: list[StageConfig] = help_field(help="stages in order")
+    defaults: dict[str, Any] = help_field({}, help="TrainConfig fields shared by every stage")
+    merges: list[MergeSpec] = help_field([], help="weight merges after training")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One trained (or to-be-trained) policy: a stage for one parent branch and one β."""
+
+    name: str
+    stage: str
+    parent: str
+    beta: float | None
+    model_dir: Path
+    train: TrainConfig | None  # None for the SFT policy
+
+
+def _values(x: float | list[float] | None) -> list[float] | None:
+    return None if x is None else ([float(v) for v in x] if isinstance(x, list) else [float(x)])
+
+
+def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
+    """Expand stages into branches and validate every TrainConfig (before any model loads)."""
+    out = Path(cfg.output_dir)
+    branches: dict[str, list[Branch]] = {SFT: [Branch(SFT, SFT, "", None, policy_dir, None)]}
+    previous = SFT
+    for stage in cfg.stages:
+        if stage.name in branches or "/" in stage.name:
+            raise ConfigError(f"stage name {stage.name!r} is reserved, repeated or contains '/'")
+        parent = stage.start_from or previous
+        if parent not in branches:
+            raise ConfigError(
+                f"stage {stage.name!r} starts from unknown stage {parent!r}; known: {sorted(branches)}"
+            )
+        if stage.beta is not None and stage.lam is not None:
+            raise ConfigError(f"stage {stage.name!r}: give beta or lam, not both")
+        sweep_key, values = (
+            ("lam", _values(stage.lam)) if stage.lam is not None else ("beta", _values(stage.beta))
+        )
+        values = values or [None]
+        parents = branches[parent]
+        new = []
+        for pb in parents:
+            for v in values:
+                if sweep_key == "lam":
+                    if pb.beta is None:
+                        raise ConfigError(
+                            f"stage {stage.name!r}: lam needs a parent trained with a β, not {parent!r}"
+                        )
+                    if v <= 0:
+                        raise ConfigError(f"stage {stage.name!r}: lam must be > 0, got {v:g}")
+                    beta = pb.beta / v
+                else:
+                    beta = v
+                name = stage.name if len(parents) == 1 else f"{pb.name}+{stage.name}"
+                if len(values) > 1:
+                    name += f"-{sweep_key}{v:g}"
+                fields = deep_update(cfg.defaults, stage.overrides)
+                fields.update(
+                    policy=str(pb.model_dir),
+                    reference=None,
+                    data=stage.data.__dict__,
+                    loss=stage.loss,
+                    output_dir=str(out / "stages" / name),
+                    cache_dir=str(out / ".ref_cache"),
+                )
+                if beta is not None:
+                    fields["beta"] = beta
+                tcfg = from_dict(TrainConfig, fields, where=f"stage {name}: ")
+                new.append(
+                    Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg)
+                )
+        branches[stage.name] = new
+        previous = stage.name
+    return branches
+
+
+def _find(branches: dict[str, list[Branch]], ref: str) -> list[Branch]:
+    if ref in branches:
+        return branches[ref]
+    exact = [b for bs in branches.values() for b in bs if b.name == ref]
+    if not exact:
+        names = sorted({b.name for bs in branches.values() for b in bs} | set(branches))
+        raise ConfigError(f"merge refers to unknown stage or branch {ref!r}; known: {names}")
+    return exact
+
+
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Train every branch (skipping finished ones unless force), then merge; write pipeline.json."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy_dir = resolve_policy(cfg.policy, out)
+    branches = plan(cfg, policy_dir)
+    for m in cfg.merges:  # validate merges before training
+        _find(branches, m.a), _find(branches, m.b)
+        if not all(0 <= q <= 1 for q in m.qs):
+            raise ConfigError(f"merge {m.name!r}: every q must be in [0, 1], got {m.qs}")
+    (out / "pipeline.yaml").write_text(to_yaml(cfg))
+
+    counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
+    records = []
+    for stage_branches in list(branches.values())[1:]:
+        for br in stage_branches:
+            run_dir = Path(br.train.output_dir)
+            if is_done(run_dir) and not force:
+                log.info("stage %s already finished; skipping", br.name)
+                counts["skipped_stages"] += 1
+                summary = json.loads((run_dir / "summary.json").read_text())
+            else:
+                log.info("stage %s: %s β=%g from %s", br.name, br.train.loss, br.beta, br.parent)
+                train(br.train, show_progress=show_progress)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                counts[summary["reference_pass"]] += 1
+            records.append(
+                {
+                    "name": br.name,
+                    "stage": br.stage,
+                    "parent": br.parent,
+                    "beta": br.beta,
+                    "loss": br.train.loss,
+                    "model": str(br.model_dir),
+                    "summary": summary,
+                }
+            )
+    merges = []
+    for m in cfg.merges:
+        for a in _find(branches, m.a):
+            bs = _find(branches, m.b)
+            for b in bs:
+                for q in m.qs:
+                    name = f"{m.name}-q{q:g}" if len(bs) == 1 else f"{m.name}-{b.name}-q{q:g}"
+                    target = out / "merges" / name / "model"
+                    merge_dirs(a.model_dir, b.model_dir, q, target)
+                    merges.append({"name": name, "a": a.name, "b": b.name, "q": q, "model": str(target)})
+    log.info(
+        "reference passes: %d computed, %d read from cache (%d stages skipped as finished)",
+        counts["computed"],
+        counts["cached"],
+        counts["skipped_stages"],
+    )
+    result = {"policy": str(policy_dir), "stages": records, "merges": merges, "reference_passes": counts}
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def with_output_dir(cfg: PipelineConfig, output_dir: str) -> PipelineConfig:
+    return replace(cfg, output_dir=output_dir)

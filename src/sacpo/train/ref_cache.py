@@ -1,0 +1,139 @@
+"""Reference log-probabilities are data, not a model: computed once, cached on disk by content hash.
+
+The key hashes (reference weights + config, the tokenizer, the encoded token ids — which already depend on data,
+tokenizer, max_length and the truncation policy —, max_length, and whether log-probs are length-averaged).
+Every stage and every β/λ of a sweep that shares (reference, data) reads the same file; the reference model is
+never loaded when the file exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sacpo.data.tokenize import Encoded, pad_sequences
+from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model
+from sacpo.models.logprobs import sequence_logps
+
+log = logging.getLogger("sacpo.train")
+
+
+@dataclass(frozen=True)
+class RefLogps:
+    """Reference log-probs of every encoded pair: (N, 2) — column 0 chosen/completion, 1 rejected/mismatched."""
+
+    logps: torch.Tensor
+    path: Path
+    computed: bool  # False: read from the cache
+
+
+def cache_key(
+    reference: str | Path,
+    tokenizer: Any,
+    pairs: list[tuple[Encoded, Encoded]],
+    max_length: int,
+    average: bool,
+) -> str:
+    """sha256 of everything the reference log-probs depend on."""
+    h = hashlib.sha256()
+    h.update(b"sacpo-ref-v1")
+    h.update(fingerprint_model(reference).encode())
+    h.update(fingerprint_tokenizer(tokenizer).encode())
+    h.update(json.dumps({"max_length": max_length, "average": average}).encode())
+    for a, b in pairs:
+        for e in (a, b):
+            h.update(json.dumps([e.prompt_len, e.input_ids]).encode())
+    return h.hexdigest()
+
+
+def _read(path: Path, key: str, n: int) -> torch.Tensor | None:
+    """The cached tensor, or None when missing, corrupt, or for other data (then it is rebuilt)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            logps = f.get_tensor("logps")
+    except Exception as e:  # a truncated or garbled file
+        log.warning("reference cache %s is unreadable (%s); recomputing", path, e)
+        return None
+    if meta.get("key") != key or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
+        log.warning("reference cache %s does not match this data; recomputing", path)
+        return None
+    return logps
+
+
+def _write(path: Path, key: str, logps: torch.Tensor) -> None:
+    """Write atomically: temp file, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"key": key})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def compute_ref_logps(
+    model: Any,
+    pairs: list[tuple[Encoded, Encoded]],
+    pad_id: int,
+    batch_size: int = 16,
+    chunk_size: int = 256,
+    average: bool = False,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """log π_ref of both sequences of every pair, batched by length to limit padding. Returns (N, 2)."""
+    seqs = [e for pair in pairs for e in pair]  # 2N sequences: (a0, b0, a1, b1, …)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="reference pass", disable=not show_progress, leave=False
+    ):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_sequences([seqs[i] for i in idx], pad_id).items()}
+        out[idx] = sequence_logps(model, batch, chunk_size, average).float().cpu()
+    return out.view(len(pairs), 2)
+
+
+def reference_logps(
+    reference: str | Path,
+    tokenizer: Any,
+    pairs: list[tuple[Encoded, Encoded]],
+    cache_dir: str | Path,
+    max_length: int,
+    average: bool = False,
+    batch_size: int = 16,
+    chunk_size: int = 256,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    show_progress: bool = True,
+) -> RefLogps:
+    """Reference log-probs from the cache, or computed once (loading the reference model) and cached."""
+    key = cache_key(reference, tokenizer, pairs, max_length, average)
+    path = Path(cache_dir) / f"ref-{key[:24]}.safetensors"
+    cached = _read(path, key, len(pairs))
+    if cached is not None:
+        log.info("reference log-probs: cache hit %s (reference model not loaded)", path.name)
+        return RefLogps(cached, path, computed=False)
+    log.info("reference log-probs: computing with %s for %d pairs", reference, len(pairs))
+    model = load_model(reference, trust_remote_code=trust_remote_code).to(device).eval()
+    logps = compute_ref_logps(
+        model, pairs, tokenizer.pad_token_id, batch_size, chunk_size, average, device, show_progress
+    )
+    del model
+    _write(path, key, logps)
+    return RefLogps(logps, path, computed=True)

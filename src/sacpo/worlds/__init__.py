@@ -1,0 +1,1 @@
+"""Embedded default worlds and fixtures (no hub downloads)."""

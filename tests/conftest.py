@@ -1,0 +1,20 @@
+"""Shared fixtures: a tiny GPT-2 built locally (once per session) and the PKU-schema fixture file."""
+
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+PKU_TINY = ASSETS / "pku_tiny.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sacpo.models.tiny import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def pku_tiny() -> Path:
+    return PKU_TINY

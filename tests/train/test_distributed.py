@@ -1,0 +1,72 @@
+"""A stage under `accelerate launch --num_processes 2 --cpu` (gloo) matches the single-process run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def run(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
+    base = {
+        "policy": str(tiny_model),
+        "data": {"source": str(pku_tiny), "format": "pku_helpful"},
+        "max_steps": 4,
+        "batch_size": 8,
+        "grad_accum": 2,
+        "lr": 2e-3,
+        "max_length": 80,
+        "max_prompt_length": 40,
+        "log_every": 2,
+        "kl_prompts": 0,
+        "eval_fraction": 0.2,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    outs = {}
+    for name, launcher in {
+        "one": [sys.executable, "-m", "sacpo.cli"],
+        "two": [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--cpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "sacpo.cli",
+        ],
+    }.items():
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / name)}))
+        run([*launcher, "-q", "train", str(cfg)], cwd=tmp_path)
+        outs[name] = tmp_path / name
+    m1, m2 = ([json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()] for o in outs.values())
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [2, 4]
+    for r1, r2 in zip(m1, m2, strict=True):
+        for key in ("loss", "rewards/margin", "eval/loss"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], abs=1e-4), key
+    w1, w2 = (load_file(o / "model" / "model.safetensors") for o in outs.values())
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
+    summary = json.loads((outs["two"] / "summary.json").read_text())
+    assert summary["reference_pass"] == "cached"  # the single-process run filled the shared cache

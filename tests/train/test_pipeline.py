@@ -1,0 +1,123 @@
+"""The SACPO pipeline: step 1, a λ sweep sharing one reference pass, P-SACPO and naive merges."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sacpo.config import ConfigError, from_dict
+from sacpo.train.pipeline import PipelineConfig, plan, run_pipeline
+
+DEFAULTS = {
+    "max_steps": 3,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "max_length": 80,
+    "max_prompt_length": 40,
+    "log_every": 3,
+    "kl_prompts": 2,
+    "kl_max_new_tokens": 8,
+}
+
+
+def pipeline_cfg(model, data, out, **kw):
+    d = str(data)
+    fields = {
+        "policy": str(model),
+        "output_dir": str(out),
+        "defaults": DEFAULTS,
+        "stages": [
+            {"name": "helpful", "data": {"source": d, "format": "pku_helpful"}, "beta": 0.1},
+            {"name": "safe", "data": {"source": d, "format": "pku_safe"}, "lam": [0.5, 1.0, 2.0]},
+            {
+                "name": "safe_from_sft",
+                "start_from": "sft",
+                "data": {"source": d, "format": "pku_safe"},
+                "beta": 0.1,
+            },
+        ],
+        "merges": [
+            {"name": "psacpo", "a": "helpful", "b": "safe-lam2", "qs": [0.25, 0.5, 0.75]},
+            {"name": "naive", "a": "helpful", "b": "safe_from_sft", "qs": [0.5]},
+        ],
+    }
+    fields.update(kw)
+    return from_dict(PipelineConfig, fields)
+
+
+def test_plan_expands_lambda_sweep_with_beta_over_lambda(tiny_model, pku_tiny, tmp_path):
+    branches = plan(pipeline_cfg(tiny_model, pku_tiny, tmp_path), tiny_model)
+    safe = branches["safe"]
+    assert [b.name for b in safe] == ["safe-lam0.5", "safe-lam1", "safe-lam2"]
+    assert [b.beta for b in safe] == pytest.approx([0.2, 0.1, 0.05])  # β/λ with β = 0.1
+    helpful_model = str(branches["helpful"][0].model_dir)
+    assert all(b.train.policy == helpful_model and b.train.reference is None for b in safe)
+    assert branches["safe_from_sft"][0].train.policy == str(tiny_model)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": [{"name": "s", "data": {"source": "x"}, "lam": 2.0}]}, "lam needs a parent"),
+        ({"stages": [{"name": "s", "data": {"source": "x"}, "start_from": "nope"}]}, "unknown stage 'nope'"),
+        ({"stages": [{"name": "s", "data": {"source": "x"}, "beta": 0.1, "lam": 1.0}]}, "beta or lam"),
+        ({"stages": [{"name": "s", "data": {"source": "x"}, "beta": -0.1}]}, "beta must be > 0"),
+        ({"stages": [{"name": "sft", "data": {"source": "x"}}]}, "reserved"),
+    ],
+)
+def test_bad_pipelines_fail_before_training(tiny_model, tmp_path, change, message):
+    cfg = pipeline_cfg(tiny_model, "x.jsonl", tmp_path, merges=[], **change)
+    with pytest.raises(ConfigError, match=message):
+        plan(cfg, tiny_model)
+
+
+def test_pipeline_runs_sweep_and_merges_with_one_reference_pass_per_reference(tiny_model, pku_tiny, tmp_path):
+    out = tmp_path / "p"
+    result = run_pipeline(pipeline_cfg(tiny_model, pku_tiny, out), show_progress=False)
+    passes = {r["name"]: r["summary"]["reference_pass"] for r in result["stages"]}
+    # SFT on helpful data, SFT on safety data, step-1 policy on safety data: 3 computed; the other 2 λ reuse it
+    assert passes == {
+        "helpful": "computed",
+        "safe-lam0.5": "computed",
+        "safe-lam1": "cached",
+        "safe-lam2": "cached",
+        "safe_from_sft": "computed",
+    }
+    assert result["reference_passes"] == {"computed": 3, "cached": 2, "skipped_stages": 0}
+    assert [m["name"] for m in result["merges"]] == [
+        "psacpo-q0.25",
+        "psacpo-q0.5",
+        "psacpo-q0.75",
+        "naive-q0.5",
+    ]
+    a = load_file(out / "stages" / "helpful" / "model" / "model.safetensors")
+    b = load_file(out / "stages" / "safe-lam2" / "model" / "model.safetensors")
+    m = load_file(out / "merges" / "psacpo-q0.25" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(m[k], 0.75 * a[k] + 0.25 * b[k], rtol=1e-5, atol=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "merges" / "naive-q0.5" / "model")
+    assert json.loads((out / "pipeline.json").read_text())["reference_passes"]["computed"] == 3
+
+    # a second run skips every finished stage and trains nothing
+    again = run_pipeline(pipeline_cfg(tiny_model, pku_tiny, out), show_progress=False)
+    assert again["reference_passes"] == {"computed": 0, "cached": 0, "skipped_stages": 5}
+
+
+def test_safe_then_helpful_order_is_just_the_list(tiny_model, pku_tiny, tmp_path):
+    d = str(pku_tiny)
+    cfg = pipeline_cfg(
+        tiny_model,
+        pku_tiny,
+        tmp_path / "rev",
+        merges=[],
+        stages=[
+            {"name": "safe", "data": {"source": d, "format": "pku_safe"}, "beta": 0.1},
+            {"name": "helpful", "data": {"source": d, "format": "pku_helpful"}, "lam": 2.0, "loss": "ipo"},
+        ],
+    )
+    branches = plan(cfg, tiny_model)
+    assert branches["helpful"][0].beta == pytest.approx(0.05)
+    assert branches["helpful"][0].train.policy == str(branches["safe"][0].model_dir)
