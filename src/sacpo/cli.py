@@ -67,13 +67,13 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def _print_pipeline(result: dict) -> None:
-    print(f"{'stage':<28} {'loss':<5} {'beta':>8} {'ref pass':>9} {'loss(end)':>10} {'acc':>6} {'KL':>8}")
+    print(f"{'stage':<28} {'loss':<5} {'beta':>8} {'ref pass':>9} {'loss(end)':>10} {'acc':>6} {'KL(π‖π_ref) ± se':>17}")
     for r in result["stages"]:
         final = r["summary"].get("final", {})
         print(
             f"{r['name']:<28} {r['loss']:<5} {r['beta']:>8.4g} {r['summary']['reference_pass']:>9} "
             f"{final.get('loss', float('nan')):>10.4f} {final.get('rewards/accuracy', float('nan')):>6.2f} "
-            f"{final.get('eval/kl', float('nan')):>8.3f}"
+            f"{final.get('eval/kl', float('nan')):>8.3f} ± {final.get('eval/kl_stderr', float('nan')):<6.3f}"
         )
     for m in result["merges"]:
         print(f"merge {m['name']}: (1−{m['q']:g})·{m['a']} + {m['q']:g}·{m['b']} → {m['model']}")
@@ -153,11 +153,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, MergeError, ModelLoadError, NonFiniteError)
 
 
+def _quiet_libraries() -> None:
+    """sacpo shows its own progress; silence per-file progress bars of transformers/datasets when loaded."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    _quiet_libraries()
     try:
         args.func(args)
     except _user_errors() as e:
