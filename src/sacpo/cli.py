@@ -29,6 +29,10 @@ class MergeConfig:
     output_dir: str = help_field(help="writes <output_dir>/q<q>/ for each q")
     qs: list[float] = help_field([0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b")
 
+    def __post_init__(self) -> None:  # before any model is read or any output written
+        if not self.qs or not all(0 <= q <= 1 for q in self.qs):
+            raise ConfigError(f"qs must be a non-empty list of merge weights in [0, 1], got {self.qs}")
+
 
 def _config_command(args: argparse.Namespace, cls: type):
     if args.help_config:
@@ -67,7 +71,10 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 
 def _print_pipeline(result: dict) -> None:
-    print(f"{'stage':<28} {'loss':<5} {'beta':>8} {'ref pass':>9} {'loss(end)':>10} {'acc':>6} {'KL(π‖π_ref) ± se':>17}")
+    print(
+        f"{'stage':<28} {'loss':<5} {'beta':>8} {'ref pass':>9} {'loss(end)':>10} {'acc':>6} "
+        f"{'KL(π‖π_ref) ± se':>17}"
+    )
     for r in result["stages"]:
         final = r["summary"].get("final", {})
         print(
@@ -102,6 +109,30 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
     print(build_tiny_gpt2(args.out_dir, seed=args.seed))
 
 
+def cmd_reward(args: argparse.Namespace) -> None:
+    from sacpo.train.reward_model import RewardConfig, train_reward_model
+
+    cfg = _config_command(args, RewardConfig)
+    r = train_reward_model(cfg, show_progress=not args.quiet)
+    summary = {k: v for k, v in r.metrics.items() if k not in ("members", "history")}
+    print(json.dumps({"output_dir": str(r.output_dir), "kind": r.kind, **summary}, indent=2, default=str))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from sacpo.evaluate.config import EvalConfig, run_eval
+
+    cfg = _config_command(args, EvalConfig)
+    run_eval(cfg, show_progress=not args.quiet)
+    print(f"report: {Path(cfg.output_dir) / 'report.md'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from sacpo.evaluate.config import report_from_dir
+
+    paths = report_from_dir(args.dir, args.title)
+    print("\n".join(str(p) for p in paths.values()))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from sacpo.train.pipeline import run_pipeline
     from sacpo.worlds.demo import demo_config
@@ -132,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain finished stages")
     p.set_defaults(func=cmd_pipeline)
     config_parser("merge", "P-SACPO: θ = (1−q)·θ_a + q·θ_b for several q").set_defaults(func=cmd_merge)
+    config_parser("reward", "train a Bradley–Terry reward or cost model (ensembles)").set_defaults(
+        func=cmd_reward
+    )
+    config_parser("eval", "evaluate models: win rates vs SFT, gold/learned scores, KL, report").set_defaults(
+        func=cmd_eval
+    )
+    p = sub.add_parser(
+        "report", help="rebuild report.md/.html and plots from an eval directory's results.json"
+    )
+    p.add_argument("dir")
+    p.add_argument("--title", default="SACPO evaluation")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("tiny-model", help="build a tiny GPT-2 + byte tokenizer locally (no hub)")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)

@@ -50,13 +50,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}"
         )
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.init and n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: missing required key(s) {missing}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -88,6 +95,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (
         isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     ):

@@ -1,8 +1,10 @@
 """Dataset rows → canonical records (`PairedExample`, `BinaryExample`), with errors that name file, row, field.
 
-Rows are read through `datasets` (local .jsonl/.json/.parquet/.csv files, or a hub dataset name when online).
-When `datasets` itself fails on a local JSON file (malformed line, non-UTF-8 bytes, a value whose type differs
-from the rest of its column) the file is re-scanned line by line to say exactly where.
+Local .json/.jsonl files are parsed with Python's `json` module, so every value keeps its JSON type and an
+error names the exact line (malformed JSON, non-UTF-8 bytes). `datasets`/pyarrow is not used for them: its
+column type inference silently coerces values (``"1"`` → 1, 1 → 1.0 in a column that also holds 0.5,
+``"2020-01-01"`` → a datetime), which accepted invalid rows, rejected valid ones and blamed the wrong row.
+Parquet/CSV files and hub dataset names (when online) are read through `datasets`.
 
 Formats (`data.format`):
 
@@ -63,7 +65,18 @@ def _text(value: Any, field: str) -> str:
         raise RowError(field, f"expected a string, got {type(value).__name__} {_short(value)}")
     if not value.strip():
         raise RowError(field, "empty text")
+    _unicode(value, field)
     return value
+
+
+def _unicode(value: str, field: str) -> None:
+    """JSON escapes can encode lone surrogates (``"\\ud800"``) that no tokenizer accepts: reject them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(
+            field, f"not valid Unicode (unpaired surrogate {value[e.start]!r} at character {e.start})"
+        ) from None
 
 
 def _binary_id(row: dict[str, Any], field: str) -> int:
@@ -92,6 +105,7 @@ def _messages(value: Any, field: str) -> tuple[Message, ...]:
     for j, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise RowError(f"{field}[{j}]", f"expected {{'role': str, 'content': str}}, got {_short(m)}")
+        _unicode(m["role"], f"{field}[{j}].role")
         out.append({"role": m["role"], "content": _text(m["content"], f"{field}[{j}].content")})
     return tuple(out)
 
@@ -234,11 +248,13 @@ def is_local(source: str) -> bool:
     )
 
 
-def _scan_json_lines(path: Path) -> None:
-    """Find the first undecodable or malformed line of a JSON-lines file; raise a DataError naming it."""
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+def _json_lines(path: Path, data: bytes) -> list[dict[str, Any]]:
+    """Parse JSON lines (split on ``\\n`` only: U+2028 and friends may appear inside JSON strings); the first
+    undecodable or malformed line raises a DataError naming it."""
+    rows = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError as e:
             raise DataError(
                 f"{path}: line {lineno}: not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
@@ -249,22 +265,27 @@ def _scan_json_lines(path: Path) -> None:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}: line {lineno}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
 
 
 def _python_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a local JSON/JSONL file parsed without `datasets` (for diagnostics)."""
+    """The rows of a local JSON/JSONL file, parsed with `json` (values keep their JSON types)."""
+    data = path.read_bytes()
     if path.suffix == ".jsonl":
-        _scan_json_lines(path)
-        return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+        return _json_lines(path, data)
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError:
-        _scan_json_lines(path)  # maybe JSON lines with a .json suffix
-        return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+        return _json_lines(path, data)  # maybe JSON lines with a .json suffix
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
         obj = next(iter(obj.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
@@ -273,7 +294,7 @@ def _python_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_rows(source: str, split: str = "train", max_rows: int | None = None) -> list[dict[str, Any]]:
-    """Rows (dicts) of a local file or hub dataset, read with `datasets`."""
+    """Rows (dicts) of a local file or hub dataset (JSON parsed with `json`, the rest read with `datasets`)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -287,13 +308,12 @@ def load_rows(source: str, split: str = "train", max_rows: int | None = None) ->
             raise DataError(
                 f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_BUILDERS)}"
             )
+        if builder == "json":  # exact JSON types and line numbers (see the module docstring)
+            rows = _python_rows(path)
+            return rows[:max_rows] if max_rows is not None else rows
         try:
             return _head(datasets.load_dataset(builder, data_files=str(path), split="train"), max_rows)
-        except Exception as e:  # arrow parse/cast/decode errors: locate them ourselves
-            if builder == "json":
-                rows = _python_rows(path)  # raises a precise DataError if the file itself is broken
-                log.debug("datasets could not read %s (%s); using the parsed rows", path, e)
-                return rows[:max_rows] if max_rows is not None else rows
+        except Exception as e:
             raise DataError(f"{source}: could not read {builder} file: {type(e).__name__}: {e}") from None
     else:
         try:

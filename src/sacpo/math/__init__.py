@@ -1,6 +1,15 @@
 """Pure math of sacpo: torch only, no I/O, no config objects, no devices. Importing it never imports transformers."""
 
+from sacpo.math.bon import (
+    bon_kl_bound,
+    bon_kl_estimate,
+    bon_kl_exact,
+    bon_pmf,
+    bon_win_rate_bound,
+    bon_win_rate_exact,
+)
 from sacpo.math.kl import KL_ESTIMATORS, get_kl_estimator, kl_health, kl_k1, kl_k2, kl_k3, sequence_kl
+from sacpo.math.lagrange import calibrate_lambda, constrained_optimum, dual_objective
 from sacpo.math.logprobs import masked_mean, masked_sum, token_logprobs
 from sacpo.math.merging import MergeError, linear_merge, lora_delta, merge_lora_deltas
 from sacpo.math.preference import (
@@ -12,13 +21,25 @@ from sacpo.math.preference import (
     kto_loss,
     kto_reference_point,
 )
+from sacpo.math.tabular import dpo_optimum_tabular, expected_dpo_loss, kl_regularized_optimum, sacpo_tabular
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSSES",
     "MergeError",
     "PreferenceLossOutput",
+    "bon_kl_bound",
+    "bon_kl_estimate",
+    "bon_kl_exact",
+    "bon_pmf",
+    "bon_win_rate_bound",
+    "bon_win_rate_exact",
+    "calibrate_lambda",
+    "constrained_optimum",
     "dpo_loss",
+    "dpo_optimum_tabular",
+    "dual_objective",
+    "expected_dpo_loss",
     "get_kl_estimator",
     "get_loss",
     "ipo_loss",
@@ -26,6 +47,7 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_regularized_optimum",
     "kto_loss",
     "kto_reference_point",
     "linear_merge",
@@ -33,6 +55,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "merge_lora_deltas",
+    "sacpo_tabular",
     "sequence_kl",
     "token_logprobs",
 ]

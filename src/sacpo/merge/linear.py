@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sacpo.math.merging import MergeError, linear_merge
+from sacpo.math.merging import MergeError, _check_q, linear_merge
 from sacpo.models.load import check_model_dir, hash_files
 
 TOKENIZER_FILES = (
@@ -62,6 +62,7 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
     """Write the merged model to `out` (atomically: a temp dir renamed at the end)."""
     from safetensors.torch import save_file
 
+    _check_q(q)
     check_mergeable(a, b)
     merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
     out = Path(out)

@@ -46,10 +46,18 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, trust_remote_
 
     _quiet_transformers()
     p = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            p, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # unknown architecture, custom code refused, corrupt safetensors, ...
+        raise ModelLoadError(f"{p}: cannot load the model: {type(e).__name__}: {_one_line(e)}") from e
     return model
+
+
+def _one_line(e: Exception, n: int = 300) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
@@ -57,7 +65,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
+    p = Path(path)
+    if not p.is_dir():  # a missing path would otherwise be looked up as a hub repository name
+        raise ModelLoadError(f"{p}: model directory not found (hub names are not loaded at run time)")
+    try:
+        tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"{p}: cannot load the tokenizer: {type(e).__name__}: {_one_line(e)}") from e
     if tok.eos_token_id is None:
         raise ModelLoadError(f"{path}: tokenizer has no EOS token; sacpo ends every response with EOS")
     if tok.pad_token_id is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sacpo.config import ConfigError, help_field
@@ -17,6 +18,14 @@ class DataConfig:
     max_rows: int | None = help_field(None, help="use only the first N rows")
     skip_invalid: bool = help_field(False, help="skip (and count) invalid rows instead of failing")
 
+    def __post_init__(self) -> None:
+        from sacpo.data.loaders import FORMATS
+
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown data.format {self.format!r}; valid formats: {', '.join(FORMATS)}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ConfigError(f"data.max_rows must be >= 1 or null, got {self.max_rows}")
+
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -27,6 +36,13 @@ class LoraSettings:
     target_modules: list[str] | None = help_field(
         None, help="module names; None = peft's default for the model"
     )
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(
+                f"lora needs r >= 1, alpha > 0 and dropout in [0, 1), got r={self.r}, alpha={self.alpha}, "
+                f"dropout={self.dropout}"
+            )
 
 
 @dataclass(frozen=True)
@@ -79,17 +95,31 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Reject impossible values before any model loads."""
     from sacpo.math.preference import LOSSES
 
+    finite = math.isfinite
     checks = [
-        (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
+        (cfg.beta > 0 and finite(cfg.beta), f"beta must be > 0 and finite, got {cfg.beta}"),
         (cfg.loss in LOSSES, f"unknown loss {cfg.loss!r}; valid losses: {', '.join(sorted(LOSSES))}"),
         (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
-        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (cfg.lr > 0 and finite(cfg.lr), f"lr must be > 0 and finite, got {cfg.lr}"),
+        (
+            cfg.weight_decay >= 0 and finite(cfg.weight_decay),
+            f"weight_decay must be >= 0, got {cfg.weight_decay}",
+        ),
+        (
+            cfg.max_grad_norm >= 0 and not math.isnan(cfg.max_grad_norm),
+            f"max_grad_norm must be >= 0 (0 disables clipping), got {cfg.max_grad_norm}",
+        ),
         (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
         (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
         (cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}"),
-        (cfg.max_prompt_length < cfg.max_length, "max_prompt_length must be < max_length"),
+        (cfg.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {cfg.max_prompt_length}"),
+        (
+            cfg.max_prompt_length < cfg.max_length,
+            f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}): "
+            "the response needs at least one token",
+        ),
         (cfg.scheduler in ("linear", "cosine", "constant"), f"unknown scheduler {cfg.scheduler!r}"),
         (
             cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
@@ -97,9 +127,23 @@ def validate_train_config(cfg: TrainConfig) -> None:
         ),
         (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
         (cfg.log_every >= 1, "log_every must be >= 1"),
-        (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, "KTO weights must be > 0"),
+        (cfg.save_every >= 0, f"save_every must be >= 0 (0: never), got {cfg.save_every}"),
+        (cfg.kl_every >= 0, f"kl_every must be >= 0 (0: only at the end), got {cfg.kl_every}"),
+        (cfg.kl_prompts >= 0, f"kl_prompts must be >= 0 (0 disables), got {cfg.kl_prompts}"),
+        (cfg.kl_samples >= 1 and cfg.kl_max_new_tokens >= 1, "kl_samples and kl_max_new_tokens must be >= 1"),
+        (
+            all(finite(w) and w > 0 for w in (cfg.desirable_weight, cfg.undesirable_weight)),
+            "KTO weights must be finite and > 0",
+        ),
         (cfg.logprob_chunk >= 1, "logprob_chunk must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from sacpo.data.loaders import FORMATS
+
+    loss_kind, data_kind = LOSSES[cfg.loss].kind, FORMATS[cfg.data.format].kind
+    if loss_kind != data_kind:
+        raise ConfigError(
+            f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {data_kind}"
+        )

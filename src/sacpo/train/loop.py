@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sacpo.config import ConfigError, to_yaml
-from sacpo.data.loaders import get_format, load_examples
+from sacpo.config import ConfigError, to_dict, to_yaml
+from sacpo.data.loaders import DataError, get_format, load_examples
 from sacpo.data.tokenize import Encoded, encode_binary, encode_paired, pad_sequences
 from sacpo.math.kl import kl_health
 from sacpo.math.preference import get_loss, kto_reference_point
-from sacpo.models.load import load_model, load_tokenizer
+from sacpo.models.load import check_model_dir, load_model, load_tokenizer
 from sacpo.models.logprobs import sequence_logps
 from sacpo.train import checkpoint
 from sacpo.train.config import TrainConfig
@@ -78,7 +78,23 @@ def _prepare_data(
         cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
     )
     if loss_kind == "paired":
-        return encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length), None
+        pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
+        same = sum(a.input_ids == b.input_ids for a, b in pairs)
+        if same == len(pairs):
+            raise DataError(
+                f"{cfg.data.source}: all {same} pairs have identical chosen and rejected tokens after truncation "
+                f"to max_length={cfg.max_length}; raise max_length"
+            )
+        if same:
+            log.warning(
+                "%s: %d of %d pairs have identical chosen and rejected tokens after truncation to max_length=%d "
+                "(responses differ only past the cut); they carry no preference signal",
+                cfg.data.source,
+                same,
+                len(pairs),
+                cfg.max_length,
+            )
+        return pairs, None
     desirable = torch.tensor([ex.desirable for ex in examples], dtype=torch.bool)
     return encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length), desirable
 
@@ -253,17 +269,34 @@ def _eval_loss(stepper: Stepper, model: Any, n: int, acc: Any) -> dict[str, floa
     return {f"eval/{k}": v for k, v in _reduce(acc, sums).items()}
 
 
+# Settings that do not change the training trajectory: they may differ when a run is resumed.
+RESUME_FREE = frozenset(
+    {"output_dir", "cache_dir", "save_every", "log_every", "kl_every", "kl_prompts", "kl_samples"}
+    | {"kl_max_new_tokens", "logprob_chunk"}
+)
+
+
+def _run_identity(cfg: TrainConfig, ref_cache: Path) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the trajectory's settings and the reference cache (which is
+    keyed on the reference weights, tokenizer, encoded data and max_length)."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+    return json.loads(json.dumps({**fields, "reference_cache": ref_cache.name}))
+
+
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Run one alignment stage; write config.yaml, metrics.jsonl, model/ (HF safetensors) and DONE."""
     from accelerate.utils import set_seed
 
+    check_model_dir(cfg.policy)  # before anything is written or loaded: a clear error for a bad path
+    if cfg.reference:
+        check_model_dir(cfg.reference)
     out = Path(cfg.output_dir)
     acc = _accelerator(cfg)
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by {acc.num_processes} processes")
     set_seed(cfg.seed)
-    if acc.is_main_process:
-        checkpoint.begin_run(out, keep_checkpoints=resume)
+    if acc.is_main_process and not resume:  # a resumed run is checked against its checkpoint first
+        checkpoint.begin_run(out, keep_checkpoints=False)
         (out / "config.yaml").write_text(to_yaml(cfg))
     acc.wait_for_everyone()
     started = time.time()
@@ -312,7 +345,13 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     acc.register_for_checkpointing(scheduler)
     model.train()
 
-    step = checkpoint.restore(acc, out) if resume else 0
+    run_identity = _run_identity(cfg, ref.path)
+    restored = checkpoint.restore(acc, out, run_identity) if resume else checkpoint.Restored(0, {})
+    if acc.is_main_process and resume:
+        checkpoint.begin_run(out, keep_checkpoints=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    acc.wait_for_everyone()
+    step = restored.step
     stepper = Stepper(cfg, train_data, tokenizer.pad_token_id, acc)
     eval_stepper = Stepper(cfg, eval_data, tokenizer.pad_token_id, acc)
     metrics_file = out / "metrics.jsonl"
@@ -333,10 +372,13 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     )
     last: dict[str, float] = {}
     sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for key, values in restored.pending.items():  # metrics of steps after the last record, before the crash
+        sums[key] = [torch.tensor(v, dtype=torch.float32) for v in values]
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
         micro = batch_order(len(train_data.pairs), cfg.batch_size, cfg.seed, epoch)
         micro = micro[within * cfg.grad_accum : (within + 1) * cfg.grad_accum]
+        step_losses = []
         for k, global_batch in enumerate(micro):
             per = len(global_batch) // acc.num_processes
             local = global_batch[acc.process_index * per : (acc.process_index + 1) * per]
@@ -344,14 +386,18 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 loss, metrics = stepper(model, local, global_batch)
                 acc.backward(loss / cfg.grad_accum)
+            step_losses.append(loss.detach().float())
             sums["loss"].append(loss.detach())
             for key, v in metrics.items():
                 sums[key].append(v)
-        checkpoint.check_finite(loss, step, out)
-        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        # every micro-batch of every process, so all processes stop together
+        checkpoint.check_finite(acc.gather(torch.stack(step_losses)), step, out)
+        # the norm is computed (and checked) even when clipping is off: max_norm=inf scales by exactly 1
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         if grad_norm is not None:
             checkpoint.check_finite(grad_norm, step, out, what="gradient norm")
-            sums["grad_norm"].append(grad_norm.detach().reshape(()))
+            if cfg.max_grad_norm > 0:
+                sums["grad_norm"].append(grad_norm.detach().reshape(()))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -373,9 +419,12 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
                     loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', float('nan')):.2f}"
                 )
         if cfg.save_every and step % cfg.save_every == 0 and not is_last:
-            checkpoint.save(acc, out, step)
+            checkpoint.check_weights_finite(acc, params, step, out)
+            pending = {key: [float(x) for x in vals] for key, vals in sums.items()}
+            checkpoint.save(acc, out, step, run=run_identity, pending=pending)
     bar.close()
 
+    checkpoint.check_weights_finite(acc, params, step, out)
     model_dir = checkpoint.save_final(acc, model, tokenizer, out, cfg.lora.enabled)
     summary = {
         "steps": step,
@@ -391,8 +440,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
 
 
 def is_done(output_dir: str | Path) -> bool:
-    """True when a stage finished (its DONE marker exists)."""
-    return (Path(output_dir) / checkpoint.DONE).is_file()
+    """True when a stage finished: its DONE marker is intact, summary.json parses and model/ has weights."""
+    return checkpoint.is_finished(Path(output_dir))
 
 
 def clear_run(output_dir: str | Path) -> None:

@@ -4,7 +4,8 @@ Each stage starts from its parent's policy (the previous stage by default, or `s
 which is also its reference. A stage with a list of β or λ values is a sweep: one branch per value, all sharing the
 parent and — since the reference and data are the same — one cached reference pass. With `lam`, the stage's
 coefficient is β_parent/λ (SACPO step 2, Wachi et al. 2024, Alg. 1). Order helpful→safe or safe→helpful is just the
-order of the list. Finished stages (DONE marker) are skipped, so an interrupted pipeline can be rerun.
+order of the list. A finished stage (intact DONE marker, same resolved config, finished after its parent) is
+skipped, so an interrupted pipeline can be rerun; any other stage is (re)trained from scratch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 from sacpo.config import ConfigError, deep_update, from_dict, help_field, to_yaml
 from sacpo.merge.linear import merge_dirs
+from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
+from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, TrainConfig
 from sacpo.train.loop import is_done, train
 
@@ -138,16 +141,42 @@ def _find(branches: dict[str, list[Branch]], ref: str) -> list[Branch]:
     return exact
 
 
-def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = False) -> dict[str, Any]:
-    """Train every branch (skipping finished ones unless force), then merge; write pipeline.json."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    policy_dir = resolve_policy(cfg.policy, out)
-    branches = plan(cfg, policy_dir)
-    for m in cfg.merges:  # validate merges before training
+def _validate_merges(cfg: PipelineConfig, branches: dict[str, list[Branch]]) -> None:
+    for m in cfg.merges:
         _find(branches, m.a), _find(branches, m.b)
         if not all(0 <= q <= 1 for q in m.qs):
             raise ConfigError(f"merge {m.name!r}: every q must be in [0, 1], got {m.qs}")
+
+
+def _stale(br: Branch, parent: Branch) -> str | None:
+    """Why a branch must be (re)trained, or None when its finished output can be reused."""
+    run_dir = Path(br.train.output_dir)
+    if not is_done(run_dir):
+        return "not finished"
+    config = run_dir / "config.yaml"
+    if not config.is_file() or config.read_text() != to_yaml(br.train):
+        return "its config changed"
+    if parent.train is not None:
+        parent_done = Path(parent.train.output_dir) / DONE
+        if parent_done.stat().st_mtime_ns > (run_dir / DONE).stat().st_mtime_ns:
+            return f"its parent {parent.name} was retrained after it"
+    return None
+
+
+def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Train every branch (skipping finished ones unless force), then merge; write pipeline.json."""
+    out = Path(cfg.output_dir)
+    # validate every stage and merge before anything is built, loaded or written
+    _validate_merges(cfg, plan(cfg, Path(cfg.policy)))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        policy_dir = resolve_policy(cfg.policy, out)
+    except ValueError as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ConfigError(f"policy: {e}") from None
+    branches = plan(cfg, policy_dir)
+    by_name = {b.name: b for bs in branches.values() for b in bs}
     (out / "pipeline.yaml").write_text(to_yaml(cfg))
 
     counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
@@ -155,12 +184,13 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
     for stage_branches in list(branches.values())[1:]:
         for br in stage_branches:
             run_dir = Path(br.train.output_dir)
-            if is_done(run_dir) and not force:
+            reason = "--force" if force else _stale(br, by_name[br.parent])
+            if reason is None:
                 log.info("stage %s already finished; skipping", br.name)
                 counts["skipped_stages"] += 1
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
-                log.info("stage %s: %s β=%g from %s", br.name, br.train.loss, br.beta, br.parent)
+                log.info("stage %s (%s): %s β=%g from %s", br.name, reason, br.train.loss, br.beta, br.parent)
                 train(br.train, show_progress=show_progress)
                 summary = json.loads((run_dir / "summary.json").read_text())
                 counts[summary["reference_pass"]] += 1

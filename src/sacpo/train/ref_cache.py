@@ -67,10 +67,18 @@ def _read(path: Path, key: str, n: int) -> torch.Tensor | None:
     except Exception as e:  # a truncated or garbled file
         log.warning("reference cache %s is unreadable (%s); recomputing", path, e)
         return None
-    if meta.get("key") != key or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
+    if meta.get("key") != key or tuple(logps.shape) != (n, 2) or logps.dtype != torch.float32:
         log.warning("reference cache %s does not match this data; recomputing", path)
         return None
+    if meta.get("sha256") != _checksum(logps) or not torch.isfinite(logps).all():
+        log.warning("reference cache %s is corrupt (checksum mismatch); recomputing", path)
+        return None
     return logps
+
+
+def _checksum(logps: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes: safetensors has no checksum, so a flipped bit would go unnoticed."""
+    return hashlib.sha256(logps.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _write(path: Path, key: str, logps: torch.Tensor) -> None:
@@ -79,7 +87,8 @@ def _write(path: Path, key: str, logps: torch.Tensor) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"key": key})
+    logps = logps.contiguous()
+    save_file({"logps": logps}, str(tmp), metadata={"key": key, "sha256": _checksum(logps)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -135,5 +144,13 @@ def reference_logps(
         model, pairs, tokenizer.pad_token_id, batch_size, chunk_size, average, device, show_progress
     )
     del model
+    bad = (~torch.isfinite(logps)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        from sacpo.train.checkpoint import NonFiniteError
+
+        raise NonFiniteError(
+            f"reference log-probs from {reference} are NaN/inf for {len(bad)} of {len(pairs)} pairs "
+            f"(first: pair {bad[0]}); the reference model's weights are probably broken. Nothing was cached."
+        )
     _write(path, key, logps)
     return RefLogps(logps, path, computed=True)

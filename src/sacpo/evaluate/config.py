@@ -1,0 +1,226 @@
+"""`sacpo eval CONFIG` / `sacpo report DIR`: an evaluation as a frozen config, gold oracles by name.
+
+    cfg = load_config(EvalConfig, "configs/eval_toyworld.yaml", ["n_samples=8"])
+    run_eval(cfg)                      # results.json, samples/, report.md, report.html, *.png
+    report_from_dir("runs/eval")       # rebuild the report from results.json (no model loaded)
+
+Models come from `models` (name → {dir | samples, family, param}) and/or a pipeline's pipeline.json (`pipeline`,
+families by stage/merge name in `families`). Oracles are code, looked up in ORACLES (unknown names list the valid
+ones); `register_oracle` adds one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.data.records import Prompt
+from sacpo.evaluate.generate import prompt_from_json, write_json
+from sacpo.evaluate.judge import FunctionScorer, Scorer
+from sacpo.evaluate.metrics import ModelMetrics
+from sacpo.evaluate.report import check_findings, write_report
+from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_results, specs_from_pipeline
+
+
+class Oracle(NamedTuple):
+    """Gold scorers: helpfulness r (higher better), safety g (higher safer), and optionally is_safe(x, y)."""
+
+    reward: Scorer
+    safety: Scorer
+    is_safe: Callable[[Prompt, str], bool] | None = None
+
+
+def _toyworld() -> Oracle:
+    from sacpo.worlds.toyworld import oracle
+
+    return Oracle(
+        FunctionScorer("toyworld r*", oracle.gold_reward),
+        FunctionScorer("toyworld g*", oracle.gold_safety),
+        oracle.is_safe,
+    )
+
+
+ORACLES: dict[str, Callable[[], Oracle]] = {"toyworld": _toyworld}
+
+
+def register_oracle(name: str, factory: Callable[[], Oracle]) -> None:
+    """Make an oracle available to EvalConfig.oracle (the factory runs when an evaluation needs it)."""
+    ORACLES[name] = factory
+
+
+def get_oracle(name: str) -> Oracle:
+    try:
+        factory = ORACLES[name]
+    except KeyError:
+        raise ConfigError(f"unknown oracle {name!r}; valid: {', '.join(sorted(ORACLES))}") from None
+    return factory()
+
+
+# Families of the stage / merge names used by configs/pipeline_tiny.yaml and `sacpo demo`.
+DEFAULT_FAMILIES = {
+    "helpful": "dpo-helpful",
+    "safe": "sacpo",
+    "safe_from_sft": "dpo-safe",
+    "safe_kto": "kto",
+    "psacpo": "p-sacpo",
+    "naive": "naive-merge",
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    output_dir: str = help_field(
+        help="writes results.json, samples/<model>/, report.md/.html and PNG figures"
+    )
+    prompts: str = help_field(
+        help="evaluation prompts: .txt (one per line), .json (a list, or a mapping of splits — see "
+        "prompts_split) or .jsonl (rows with a 'prompt' field); a prompt is a string or a list of messages"
+    )
+    sft: str = help_field("", help="SFT model directory (the baseline and KL reference); '' = the pipeline's")
+    pipeline: str | None = help_field(
+        None, help="a pipeline directory or pipeline.json: evaluate all its models"
+    )
+    families: dict[str, str] = help_field(
+        DEFAULT_FAMILIES, help="pipeline stage / merge name → family (sacpo, p-sacpo, naive-merge, …)"
+    )
+    models: dict[str, Any] = help_field(
+        {}, help="more models: name → {dir: MODEL_DIR | samples: SAMPLES_JSONL, family: str, param: float}"
+    )
+    oracle: str = help_field("toyworld", help="gold reward / safety scorers by name (ORACLES)")
+    b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
+    prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
+    max_prompts: int | None = help_field(None, help="evaluate the first N prompts only")
+    n_samples: int = help_field(4, help="responses per prompt and model (paired by index with SFT's)")
+    max_new_tokens: int = help_field(64, help="response length limit (tokens)")
+    seed: int = help_field(0, help="sampling seed (every model) and bootstrap seed")
+    batch_size: int = help_field(16, help="prompts per generation batch / sequences per log-prob batch")
+    max_prompt_length: int = help_field(256, help="prompts are left-truncated to this many tokens")
+    n_boot: int = help_field(1000, help="bootstrap resamples of the prompts")
+    alpha: float = help_field(0.05, help="CIs are (1 − alpha)")
+    device: str | None = help_field(None, help="cuda / cpu / cuda:1 …; default cuda when available")
+    title: str = help_field("SACPO evaluation", help="report title")
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "max_new_tokens", "batch_size", "max_prompt_length", "n_boot"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not self.sft and not self.pipeline:
+            raise ConfigError("give sft (the SFT model directory) or a pipeline to take it from")
+
+
+def load_prompts(path: str | Path, split: str = "test", max_prompts: int | None = None) -> list[Prompt]:
+    """Prompts from a .txt / .json / .jsonl file (see EvalConfig.prompts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: prompts file not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".txt":
+        items: list[Any] = [line for line in text.splitlines() if line.strip()]
+    elif p.suffix == ".jsonl":
+        items = [json.loads(line).get("prompt") for line in text.splitlines() if line.strip()]
+    elif p.suffix == ".json":
+        obj = json.loads(text)
+        if isinstance(obj, dict):
+            if split not in obj:
+                raise ConfigError(f"{p}: no split {split!r}; splits: {sorted(obj)}")
+            obj = obj[split]
+        items = [x.get("prompt") if isinstance(x, dict) else x for x in obj]
+    else:
+        raise ConfigError(f"{p}: unsupported prompts file type {p.suffix!r}; use .txt, .json or .jsonl")
+    try:
+        prompts = [prompt_from_json(x) for x in items]
+    except ValueError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    if not prompts:
+        raise ConfigError(f"{p}: no prompts")
+    return prompts[:max_prompts] if max_prompts is not None else prompts
+
+
+def model_specs(cfg: EvalConfig) -> tuple[Path, dict[str, ModelSpec]]:
+    """(sft_dir, name → ModelSpec) from the pipeline (if any) and `models`."""
+    specs: dict[str, ModelSpec] = {}
+    sft = Path(cfg.sft) if cfg.sft else None
+    if cfg.pipeline:
+        pipeline_sft, specs = specs_from_pipeline(cfg.pipeline, cfg.families)
+        sft = sft or pipeline_sft
+    for name, d in cfg.models.items():
+        if not isinstance(d, dict):
+            raise ConfigError(f"models.{name}: expected a mapping with dir or samples, got {d!r}")
+        unknown = sorted(set(d) - {"dir", "samples", "family", "param"})
+        if unknown:
+            raise ConfigError(f"models.{name}: unknown key(s) {unknown}; valid: dir, samples, family, param")
+        try:
+            specs[name] = ModelSpec(
+                dir=d.get("dir"),
+                family=str(d.get("family", "other")),
+                param=None if d.get("param") is None else float(d["param"]),
+                samples=d.get("samples"),
+            )
+        except ValueError as e:
+            raise ConfigError(f"models.{name}: {e}") from None
+    assert sft is not None  # __post_init__
+    return sft, specs
+
+
+def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
+    """Evaluate every model of the config, then write the report next to results.json."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    oracle = get_oracle(cfg.oracle)
+    sft, specs = model_specs(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    results = evaluate_models(
+        specs,
+        sft,
+        prompts,
+        oracle.reward,
+        oracle.safety,
+        cfg.b,
+        out,
+        n_samples=cfg.n_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        show_progress=show_progress,
+        is_safe=oracle.is_safe,
+        n_boot=cfg.n_boot,
+        alpha=cfg.alpha,
+        batch_size=cfg.batch_size,
+        max_prompt_length=cfg.max_prompt_length,
+        device=cfg.device,
+    )
+    report_from_dir(out, cfg.title)
+    return results
+
+
+def report_notes(eval_json: dict[str, Any]) -> list[str]:
+    """One-line notes of the evaluation settings for the report header."""
+    e = eval_json
+    ci = f"{100 * (1 - e.get('alpha', 0.05)):g}%"
+    return [
+        f"SFT baseline: {e.get('baseline')} ({e.get('sft_dir')}); reward {e.get('reward')!r}, safety "
+        f"{e.get('safety')!r}, is_safe: {e.get('is_safe')}; constraint E[g] ≥ b = {e.get('b')}",
+        f"{e.get('n_prompts')} prompts × {e.get('n_samples')} samples (temperature 1, ≤ {e.get('max_new_tokens')} "
+        f"new tokens, seed {e.get('seed')}); {ci} paired bootstrap CIs over prompts ({e.get('n_boot')} resamples)",
+        "KL(π‖π_SFT): mean sequence log-ratio on the policy's samples (k1, unbiased, may be < 0 by noise) ± s.e.",
+    ]
+
+
+def report_from_dir(out_dir: str | Path, title: str = "SACPO evaluation") -> dict[str, Path]:
+    """Rebuild report.md / report.html / figures from <out_dir>/results.json (+ eval.json for the notes);
+    also writes findings.json (claim, holds, evidence)."""
+    out = Path(out_dir)
+    if not (out / RESULTS_FILE).is_file():
+        raise ConfigError(f"{out}: no {RESULTS_FILE} (run `sacpo eval` first)")
+    results = load_results(out)
+    meta_path = out / "eval.json"
+    notes = report_notes(json.loads(meta_path.read_text(encoding="utf-8"))) if meta_path.is_file() else []
+    findings = check_findings(results)
+    write_json(out / "findings.json", [f._asdict() for f in findings])
+    return write_report(results, out, title=title, notes=notes, findings=findings)

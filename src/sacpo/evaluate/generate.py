@@ -1,0 +1,358 @@
+"""Sample responses from a model on evaluation prompts and record their log-probs under the policy and the SFT model.
+
+For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (temperature 1, no top-k/top-p, so
+samples follow π exactly; `sacpo.models.generate.sample`), seeded; then score the *sampled token ids* (prompt ids
++ response ids, the EOS included when one was generated) with one forward pass each under π and π_SFT:
+
+    logp_policy = log π(y|x) = Σ_t log π(y_t | x, y_<t),    logp_ref = log π_SFT(y|x)
+
+Log-probs come from the sampled ids, never from re-encoding the decoded text: decoding can be lossy (a byte-level
+tokenizer cut mid-character, a tokenizer whose encoding of the text differs from the sampled segmentation), and
+the KL estimator needs the probability of what was actually sampled. Each row records `roundtrip`: whether
+re-encoding the response text gives back the sampled ids — consumers that re-tokenize text (training on samples,
+learned scorers) should check it. A response cut at max_new_tokens has no EOS (`finished` false); its log-probs
+are those of the truncated sequence, which is what an estimator of KL between truncated distributions needs.
+
+Rows are written to <out_dir>/samples.jsonl (prompt-major: row = prompt_index·S + sample) with a sidecar
+samples.meta.json holding a cache key: sha256 of the model and reference fingerprints (weights + config), the
+tokenizer, the prompts, n_samples, max_new_tokens, max_prompt_length and the seed. A directory whose key matches is
+reused without loading any model. The batch size and device are not in the key: they change which samples a seed
+draws, not whether they are valid samples of π.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sacpo.data.records import Prompt
+from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
+from sacpo.models.generate import sample
+from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model, load_tokenizer
+from sacpo.models.logprobs import sequence_logps
+
+log = logging.getLogger("sacpo.evaluate")
+
+SAMPLES_FILE = "samples.jsonl"
+META_FILE = "samples.meta.json"
+KEY_VERSION = "sacpo-eval-samples-v1"
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One sampled response. logp_* are None when unknown (e.g. an artifact produced without log-probs)."""
+
+    prompt: Prompt
+    response: str
+    sample: int
+    logp_policy: float | None
+    logp_ref: float | None
+    prompt_index: int = -1
+    response_tokens: int | None = None
+    finished: bool | None = None  # ended with EOS (False: cut at max_new_tokens)
+    roundtrip: bool | None = None  # re-encoding `response` gives the sampled ids
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prompt"] = prompt_to_json(self.prompt)
+        for k in ("logp_policy", "logp_ref"):
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "") -> SampleRow:
+        """Read a row; `prompt`, `response` and `sample` are required, everything else optional."""
+        missing = [k for k in ("prompt", "response", "sample") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: sample row lacks field(s) {missing}")
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["prompt"] = prompt_from_json(d["prompt"])
+        known.setdefault("logp_policy", None)
+        known.setdefault("logp_ref", None)
+        return cls(**known)
+
+
+def prompt_to_json(prompt: Prompt) -> str | list[dict[str, str]]:
+    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def prompt_from_json(value: Any) -> Prompt:
+    """A string, or a conversation (list of {role, content}) back as a tuple of dicts (the Prompt type)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(m, dict) for m in value):
+        return tuple(dict(m) for m in value)
+    raise ValueError(f"a prompt must be a string or a list of messages, got {value!r}")
+
+
+def prompt_id(prompt: Prompt) -> str:
+    """Canonical text of a prompt, used to match artifact rows to evaluation prompts."""
+    return json.dumps(prompt_to_json(prompt), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Generation:
+    rows: list[SampleRow]
+    path: Path
+    cached: bool  # True: read from out_dir, no model loaded
+    meta: dict[str, Any]
+
+
+def samples_key(
+    model_fingerprint: str,
+    ref_fingerprint: str,
+    tokenizer_fingerprint: str,
+    prompts: Sequence[Prompt],
+    n_samples: int,
+    max_new_tokens: int,
+    seed: int,
+    max_prompt_length: int,
+) -> str:
+    """sha256 of everything the samples and their log-probs depend on."""
+    h = hashlib.sha256()
+    h.update(KEY_VERSION.encode())
+    for part in (model_fingerprint, ref_fingerprint, tokenizer_fingerprint):
+        h.update(part.encode())
+    h.update(json.dumps([prompt_to_json(p) for p in prompts], ensure_ascii=False).encode())
+    h.update(
+        json.dumps(
+            {
+                "n_samples": n_samples,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "max_prompt_length": max_prompt_length,
+                "temperature": 1.0,
+            }
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def read_samples(path: str | Path) -> list[SampleRow]:
+    """Rows of a samples.jsonl (ours or an artifact made elsewhere, e.g. best-of-n)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no samples file")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(SampleRow.from_json(json.loads(line), where=f"{p}:{i}"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i}: invalid JSON: {e}") from None
+    return rows
+
+
+def write_jsonl(path: Path, items: Sequence[dict[str, Any]]) -> None:
+    """Atomic JSONL write: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cached(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str, Any]] | None:
+    meta_path, samples_path = out / META_FILE, out / SAMPLES_FILE
+    if not (meta_path.is_file() and samples_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            return None
+        rows = read_samples(samples_path)
+    except (ValueError, OSError) as e:
+        log.warning("%s: unreadable samples cache (%s); regenerating", out, e)
+        return None
+    if len(rows) != n_rows:
+        log.warning("%s: samples cache has %d rows, expected %d; regenerating", out, len(rows), n_rows)
+        return None
+    return rows, meta
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def max_positions(model: Any) -> int | None:
+    """The model's context length from its config, when it declares one."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.no_grad()
+def sequence_logps_batched(
+    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 16, chunk_size: int = 256
+) -> torch.Tensor:
+    """log π(response | prompt) of each encoded sequence, batched by length to limit padding. Returns (N,) fp32."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_sequences([seqs[i] for i in idx], pad_id).items()}
+        out[idx] = sequence_logps(model, batch, chunk_size).float().cpu()  # (b,)
+    return out
+
+
+def _roundtrip(tokenizer: Any, response_ids: list[int], text: str) -> bool:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] == response_ids
+
+
+def generate_samples(
+    model_dir: str | Path,
+    prompts: Sequence[Prompt],
+    out_dir: str | Path,
+    ref_dir: str | Path,
+    n_samples: int = 4,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_length: int = 256,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    ref_model: Any | Callable[[], Any] | None = None,
+    ref_fingerprint: str | None = None,
+) -> Generation:
+    """Sample n_samples responses per prompt from `model_dir`, log-probs under it and under `ref_dir` (SFT).
+
+    Writes <out_dir>/samples.jsonl (+ samples.meta.json) or reuses them when the cache key matches. `ref_model`
+    (a model already loaded from ref_dir on `device`, or a zero-argument function returning one, called only when
+    samples are generated) and `ref_fingerprint` avoid reloading / rehashing the reference across many models.
+    Prompts are rendered with the tokenizer's chat template when it has one and left-truncated to
+    min(max_prompt_length, context − max_new_tokens) tokens.
+    """
+    if n_samples < 1 or max_new_tokens < 1:
+        raise ValueError(f"n_samples and max_new_tokens must be ≥ 1, got {n_samples}, {max_new_tokens}")
+    if not prompts:
+        raise ValueError("no evaluation prompts")
+    out = Path(out_dir)
+    tokenizer = load_tokenizer(model_dir)
+    tok_fp = fingerprint_tokenizer(tokenizer)
+    ref_tokenizer_fp = fingerprint_tokenizer(load_tokenizer(ref_dir))
+    if ref_tokenizer_fp != tok_fp:
+        raise ValueError(
+            f"{model_dir} and the reference {ref_dir} have different tokenizers: the log-ratio of sequences "
+            "tokenized differently is not a KL estimate"
+        )
+    model_fp = fingerprint_model(model_dir)
+    ref_fp = ref_fingerprint or fingerprint_model(ref_dir)
+    key = samples_key(model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, seed, max_prompt_length)
+    n_rows = len(prompts) * n_samples
+    hit = _cached(out, key, n_rows)
+    if hit is not None:
+        log.info("samples: cache hit %s (no model loaded)", out / SAMPLES_FILE)
+        return Generation(hit[0], out / SAMPLES_FILE, True, hit[1])
+
+    t0 = time.perf_counter()
+    device = device or default_device()
+    if ref_model is not None and not isinstance(ref_model, torch.nn.Module) and callable(ref_model):
+        ref_model = ref_model()
+    same_as_ref = model_fp == ref_fp and ref_model is not None
+    policy = ref_model if same_as_ref else load_model(model_dir, dtype=dtype).to(device)
+    policy.eval()
+    context = max_positions(policy)
+    limit = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
+    prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        seqs = sample(
+            policy,
+            prompt_ids,
+            eos,
+            pad,
+            n=n_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            batch_size=batch_size,
+        )
+    logp_policy = sequence_logps_batched(policy, seqs, pad, batch_size)  # (P·S,)
+    if not same_as_ref:
+        del policy
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+    reference = ref_model if ref_model is not None else load_model(ref_dir, dtype=dtype).to(device)
+    reference.eval()
+    logp_ref = sequence_logps_batched(reference, seqs, pad, batch_size)  # (P·S,)
+
+    rows = []
+    for i, seq in enumerate(seqs):
+        response_ids = list(seq.input_ids[seq.prompt_len :])
+        finished = bool(response_ids) and response_ids[-1] == eos
+        text_ids = response_ids[:-1] if finished else response_ids
+        text = tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        rows.append(
+            SampleRow(
+                prompt=prompts[i // n_samples],
+                response=text,
+                sample=i % n_samples,
+                logp_policy=float(logp_policy[i]),
+                logp_ref=float(logp_ref[i]),
+                prompt_index=i // n_samples,
+                response_tokens=len(response_ids),
+                finished=finished,
+                roundtrip=_roundtrip(tokenizer, text_ids, text),
+            )
+        )
+    n_bad = sum(not r.roundtrip for r in rows)
+    if n_bad:
+        log.warning(
+            "%s: %d/%d responses do not re-encode to their sampled ids (log-probs use the sampled ids)",
+            model_dir,
+            n_bad,
+            len(rows),
+        )
+    meta = {
+        "key": key,
+        "model_dir": str(model_dir),
+        "ref_dir": str(ref_dir),
+        "model_fingerprint": model_fp,
+        "ref_fingerprint": ref_fp,
+        "n_prompts": len(prompts),
+        "n_samples": n_samples,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_length": max_prompt_length,
+        "prompt_token_limit": limit,
+        "seed": seed,
+        "temperature": 1.0,
+        "roundtrip_fraction": 1 - n_bad / len(rows),
+        "finished_fraction": sum(bool(r.finished) for r in rows) / len(rows),
+        "mean_response_tokens": sum(r.response_tokens or 0 for r in rows) / len(rows),
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / META_FILE).unlink(missing_ok=True)  # a stale key must never vouch for the new rows
+    write_jsonl(out / SAMPLES_FILE, [r.to_json() for r in rows])
+    write_json(out / META_FILE, meta)  # written last: its key marks the samples as complete
+    return Generation(rows, out / SAMPLES_FILE, False, meta)

@@ -1,0 +1,635 @@
+"""Bradley–Terry reward and cost models (`sacpo reward`), single or as seeded ensembles, and their scorer.
+
+Model: the policy's causal-LM backbone with a scalar head, `AutoModelForSequenceClassification(num_labels=1)`.
+The score s(x, y) is the head's output at the last *attended* token of prompt + response + EOS, encoded with
+`sacpo.data.tokenize` exactly as the policy sees it (same prompt rendering, same truncation). Pooling follows the
+attention mask, not `config.pad_token_id`: sacpo tokenizers often use EOS as PAD, and Hugging Face's own
+`...ForSequenceClassification.forward` would then pool the token *before* the final EOS. Score with
+`RewardModelScorer` (or `sequence_scores`), not with `model(...).logits`.
+
+Training (Bradley & Terry 1952; reward-model recipe of Ouyang et al. 2022, §3.5): for pairs (x, y_w, y_l),
+
+    L = −log σ(s(x, y_w) − s(x, y_l))  +  c · mean(s²)            (c = center_coef, scores over both sides)
+
+The BT likelihood is invariant to adding a constant to s; the small centring term pins that constant so scores
+stay near 0 (Ouyang et al. shift the trained RM by a bias instead; the in-training term follows Eisenstein et al.
+2023, "Helping or herding?"). Chosen and rejected go through the model in one concatenated
+forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer).
+
+Cost models: train on safety pairs (format `pku_safe`, chosen = safer); the head then outputs a *safety score*
+and the cost is c(x, y) = −s(x, y) (kind "cost").
+
+Ensembles (`ensemble: k`): k members with seeds seed, …, seed+k−1 (head initialisation and data order differ; the
+train/held-out split is the same for all, drawn from `seed`, so held-out pairs are unseen by every member).
+Worst-case aggregation of an ensemble (min over member rewards, max over member costs) follows Coste et al. 2023,
+"Reward model ensembles help mitigate overoptimization".
+
+Output directory (written to `<output_dir>.tmp`, then renamed):
+
+    ensemble = 1:  <output_dir>/ = HF model dir (config.json, model.safetensors, tokenizer files),
+                   reward_model.json (kind, lengths, seed), metrics.json, config.yaml
+    ensemble = k:  <output_dir>/member-<i>/ (each as above, without config.yaml),
+                   <output_dir>/reward_model.json (kind, members), metrics.json (ensemble + members), config.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.data.loaders import get_format, load_examples
+from sacpo.data.records import Prompt
+from sacpo.data.tokenize import Encoded, encode, encode_paired, encode_prompt, pad_sequences
+from sacpo.models.load import ModelLoadError, check_model_dir, fingerprint_tokenizer, load_tokenizer
+from sacpo.train.config import DataConfig
+
+log = logging.getLogger("sacpo.reward")
+
+META_FILE = "reward_model.json"
+KINDS = ("auto", "reward", "cost")
+AGGREGATES = ("mean", "min", "max", "pessimistic")
+VIEWS = ("auto", "score", "reward", "cost")
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class RewardConfig:
+    model: str = help_field(help="causal-LM directory (safetensors) whose backbone becomes the reward model")
+    data: DataConfig = help_field(help="paired preference data (pku_helpful: reward, pku_safe: cost)")
+    output_dir: str = help_field(help="model dir (ensemble=1) or dir of member-<i>/ model dirs (ensemble>1)")
+    kind: str = help_field("auto", help="reward | cost (c = −score) | auto: cost for pku_safe, else reward")
+    ensemble: int = help_field(1, help="number of members k, trained with seeds seed..seed+k−1")
+    max_length: int = help_field(256, help="max tokens of prompt + response (same policy as training)")
+    max_prompt_length: int = help_field(128, help="max prompt tokens (prompt is truncated from the left)")
+    batch_size: int = help_field(8, help="pairs per optimizer step (2×batch_size sequences per forward)")
+    epochs: float = help_field(1.0, help="passes over the training pairs (ignored if max_steps > 0)")
+    max_steps: int = help_field(0, help="optimizer steps per member; 0 = derive from epochs")
+    lr: float = help_field(1e-5, help="AdamW learning rate")
+    weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    warmup_ratio: float = help_field(
+        0.1, help="fraction of steps with linear warmup (then linear decay to 0)"
+    )
+    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")
+    center_coef: float = help_field(
+        1e-3, help="coefficient c of the centring term c·mean(score²); 0 disables"
+    )
+    eval_fraction: float = help_field(0.1, help="fraction of pairs held out for accuracy (seeded split)")
+    eval_batch_size: int = help_field(32, help="sequences per forward when scoring for metrics")
+    log_every: int = help_field(10, help="record the training loss/accuracy every N steps (metrics.json)")
+    seed: int = help_field(0, help="seed of the split, of member 0's head init and data order")
+    device: str = help_field("auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    mixed_precision: str = help_field("auto", help="auto | no | bf16 (auto: bf16 on CUDA when supported)")
+    gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
+    trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
+
+    def __post_init__(self) -> None:
+        validate_reward_config(self)
+
+
+def validate_reward_config(cfg: RewardConfig) -> None:
+    """Reject impossible values before any model or data loads (raises ConfigError, a ValueError)."""
+    from sacpo.data.loaders import FORMATS
+
+    finite = math.isfinite
+    checks = [
+        (cfg.ensemble >= 1, f"ensemble must be >= 1, got {cfg.ensemble}"),
+        (cfg.lr > 0 and finite(cfg.lr), f"lr must be > 0 and finite, got {cfg.lr}"),
+        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
+        (cfg.kind in KINDS, f"unknown kind {cfg.kind!r}; valid kinds: {', '.join(KINDS)}"),
+        (
+            cfg.data.format in FORMATS,
+            f"unknown data format {cfg.data.format!r}; valid formats: {', '.join(FORMATS)}",
+        ),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
+        (cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}"),
+        (
+            cfg.weight_decay >= 0 and finite(cfg.weight_decay),
+            f"weight_decay must be >= 0, got {cfg.weight_decay}",
+        ),
+        (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
+        (
+            cfg.max_grad_norm >= 0 and not math.isnan(cfg.max_grad_norm),
+            f"max_grad_norm must be >= 0, got {cfg.max_grad_norm}",
+        ),
+        (
+            cfg.center_coef >= 0 and finite(cfg.center_coef),
+            f"center_coef must be >= 0 and finite, got {cfg.center_coef}",
+        ),
+        (cfg.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {cfg.max_prompt_length}"),
+        (cfg.max_prompt_length < cfg.max_length, "max_prompt_length must be < max_length"),
+        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
+        (cfg.mixed_precision in ("auto", "no", "bf16"), f"bad mixed_precision {cfg.mixed_precision!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if get_format(cfg.data.format).kind != "paired":
+        raise ConfigError(
+            f"reward models train on paired data; data.format {cfg.data.format!r} is unpaired "
+            "(use pku_helpful, pku_safe or trl_paired)"
+        )
+
+
+def resolve_kind(cfg: RewardConfig) -> str:
+    """ "reward" or "cost": `auto` means cost for safety pairs (pku_safe), reward otherwise."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    return "cost" if cfg.data.format == "pku_safe" else "reward"
+
+
+# ------------------------------------------------------------------------------------------------------- maths
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry negative log-likelihood (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1).
+
+    P(y_w ≻ y_l | x) = σ(s_w − s_l),  L = −log σ(s_w − s_l) = softplus(s_l − s_w)
+
+    chosen_scores, rejected_scores: (B,) → unreduced losses (B,).
+    """
+    return -F.logsigmoid(chosen_scores - rejected_scores)  # (B,)
+
+
+def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float | None:
+    """Fraction of pairs ranked correctly, mean of 1[s_w > s_l] + ½·1[s_w = s_l]; None when there are no pairs
+    (undefined, not 0)."""
+    if chosen_scores.numel() == 0:
+        return None
+    wins = (chosen_scores > rejected_scores).double() + 0.5 * (chosen_scores == rejected_scores).double()
+    return wins.mean().item()
+
+
+def aggregate_scores(member_scores: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """(k, N) member values → (N,) by mean, min or max over members."""
+    if aggregate == "mean":
+        return member_scores.mean(0)
+    if aggregate == "min":
+        return member_scores.min(0).values
+    if aggregate == "max":
+        return member_scores.max(0).values
+    raise ValueError(f"unknown aggregate {aggregate!r}; valid: mean, min, max")
+
+
+# ------------------------------------------------------------------------------------------------------ models
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Head output at the last attended token of each right-padded row.
+
+    input_ids, attention_mask: (N, T) → scores (N,) float32. Runs the backbone (`model.base_model`) and applies
+    the scalar head (`model.score`) only at the pooled positions.
+    """
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ModelLoadError(f"{type(model).__name__} has no `score` head; not a decoder reward model")
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask
+    ).last_hidden_state  # (N, T, H)
+    last = attention_mask.long().sum(-1) - 1  # (N,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
+    return head(pooled).squeeze(-1).float()  # (N,)
+
+
+@torch.inference_mode()
+def score_encoded(
+    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int, device: Any
+) -> torch.Tensor:
+    """Scores (N,) on the CPU of encoded sequences, in length-sorted batches (longest first, little padding)."""
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids), reverse=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = pad_sequences([seqs[i] for i in idx], pad_id)
+        scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out[idx] = scores.cpu()
+    return out
+
+
+def build_reward_model(model_dir: str | Path, tokenizer: Any, trust_remote_code: bool = False) -> Any:
+    """A fresh scalar-head model from a causal-LM directory (backbone weights loaded, head initialised from the
+    global torch RNG; seed before calling). Safetensors only."""
+    from transformers import AutoModelForSequenceClassification
+
+    p = check_model_dir(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        p,
+        num_labels=1,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(cfg: RewardConfig, device: torch.device) -> Any:
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class RewardResult:
+    output_dir: Path
+    model_dirs: list[Path]  # one per member
+    kind: str  # "reward" | "cost"
+    metrics: dict[str, Any]  # as metrics.json
+
+
+@dataclass
+class _MemberRun:
+    metrics: dict[str, Any]
+    train_scores: torch.Tensor  # (n_train, 2): chosen, rejected
+    eval_scores: torch.Tensor  # (n_eval, 2)
+
+
+def _pair_scores(model: Any, pairs: list[tuple[Encoded, Encoded]], pad_id: int, cfg: RewardConfig, device):
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    s = score_encoded(model, seqs, pad_id, cfg.eval_batch_size, device)  # (2n,)
+    return torch.stack(s.split(len(pairs)), dim=1) if pairs else torch.empty(0, 2)  # (n, 2)
+
+
+def _pair_metrics(scores: torch.Tensor, prefix: str) -> dict[str, float | None]:
+    chosen, rejected = scores[:, 0], scores[:, 1]
+    loss = bradley_terry_loss(chosen, rejected).mean().item() if len(scores) else None
+    return {f"{prefix}_accuracy": pairwise_accuracy(chosen, rejected), f"{prefix}_loss": loss}
+
+
+def _train_member(
+    cfg: RewardConfig,
+    tokenizer: Any,
+    train_pairs: list[tuple[Encoded, Encoded]],
+    eval_pairs: list[tuple[Encoded, Encoded]],
+    seed: int,
+    desc: str,
+    show_progress: bool,
+) -> tuple[Any, _MemberRun]:
+    from transformers import get_linear_schedule_with_warmup
+
+    from sacpo.train.checkpoint import NonFiniteError
+    from sacpo.train.loop import batch_order
+
+    started = time.time()
+    device = _device(cfg.device)
+    steps_per_epoch = len(train_pairs) // cfg.batch_size
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    torch.manual_seed(seed)  # head initialisation
+    model = build_reward_model(cfg.model, tokenizer, cfg.trust_remote_code)
+    _disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
+    )
+    pad_id = tokenizer.pad_token_id
+
+    history: list[dict[str, float]] = []
+    window: list[tuple[float, float]] = []
+    batches: list[list[int]] = []
+    bar = tqdm(total=total_steps, desc=desc, disable=not show_progress)
+    for step in range(total_steps):
+        epoch, within = divmod(step, steps_per_epoch)
+        if within == 0:
+            batches = batch_order(len(train_pairs), cfg.batch_size, seed, epoch)
+        idx = batches[within]
+        seqs = [train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx]
+        batch = pad_sequences(seqs, pad_id)
+        with _autocast(cfg, device):
+            scores = sequence_scores(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )  # (2B,)
+        chosen, rejected = scores.split(len(idx))  # (B,), (B,)
+        bt = bradley_terry_loss(chosen, rejected).mean()
+        loss = bt + cfg.center_coef * scores.pow(2).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"{desc}: loss is {loss.item()} at step {step + 1}; lower lr or check the data"
+            )
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append((bt.item(), pairwise_accuracy(chosen.detach(), rejected.detach()) or 0.0))
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+            record = {
+                "step": step + 1,
+                "lr": scheduler.get_last_lr()[0],
+                "loss": sum(x for x, _ in window) / len(window),
+                "accuracy": sum(a for _, a in window) / len(window),
+            }
+            history.append(record)
+            window.clear()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+    bar.close()
+
+    model.eval()
+    train_scores = _pair_scores(model, train_pairs, pad_id, cfg, device)
+    eval_scores = _pair_scores(model, eval_pairs, pad_id, cfg, device)
+    metrics = {
+        "seed": seed,
+        "steps": total_steps,
+        **_pair_metrics(train_scores, "train"),
+        **_pair_metrics(eval_scores, "heldout"),
+        "score_mean": train_scores.mean().item(),
+        "score_std": train_scores.std().item() if train_scores.numel() > 1 else None,
+        "n_pairs": len(train_pairs) + len(eval_pairs),
+        "n_train": len(train_pairs),
+        "n_heldout": len(eval_pairs),
+        "seconds": round(time.time() - started, 2),
+        "history": history,
+    }
+    log.info(
+        "%s: train accuracy %.3f, held-out accuracy %s",
+        desc,
+        metrics["train_accuracy"],
+        "undefined (no held-out pairs)"
+        if metrics["heldout_accuracy"] is None
+        else f"{metrics['heldout_accuracy']:.3f}",
+    )
+    return model, _MemberRun(metrics, train_scores, eval_scores)
+
+
+def _save_member(
+    model: Any, tokenizer: Any, path: Path, meta: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    model.config.use_cache = True
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    _write_json(path / META_FILE, meta)
+    _write_json(path / "metrics.json", metrics)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _ensemble_metrics(runs: list[_MemberRun], n_pairs: int) -> dict[str, Any]:
+    train = torch.stack([r.train_scores for r in runs])  # (k, n_train, 2)
+    held = torch.stack([r.eval_scores for r in runs])  # (k, n_eval, 2)
+
+    def acc(scores: torch.Tensor, how: str) -> float | None:
+        agg = aggregate_scores(scores, how)  # (n, 2)
+        return pairwise_accuracy(agg[:, 0], agg[:, 1])
+
+    return {
+        "ensemble": len(runs),
+        "heldout_accuracy": acc(held, "mean"),
+        "heldout_accuracy_worst_case": acc(held, "min"),  # min score = min reward = max cost
+        "train_accuracy": acc(train, "mean"),
+        "member_heldout_accuracy": [r.metrics["heldout_accuracy"] for r in runs],
+        "member_train_accuracy": [r.metrics["train_accuracy"] for r in runs],
+        "n_pairs": n_pairs,
+        "n_train": train.shape[1],
+        "n_heldout": held.shape[1],
+        "members": [r.metrics for r in runs],
+    }
+
+
+def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardResult:
+    """Train `cfg.ensemble` Bradley–Terry models on `cfg.data` and write them to `cfg.output_dir` atomically.
+
+    Returns the output directory, the member model directories, the kind and the metrics (as metrics.json:
+    train/held-out pairwise accuracy and BT loss, n pairs; for an ensemble also the mean-aggregated and
+    worst-case ensemble accuracies and every member's metrics).
+    """
+    from sacpo.train.loop import split_indices
+
+    validate_reward_config(cfg)
+    kind = resolve_kind(cfg)
+    out = Path(cfg.output_dir)
+    started = time.time()
+    check_model_dir(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    examples = load_examples(
+        cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
+    )
+    pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
+    train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
+    if len(train_pairs) < cfg.batch_size:
+        raise ConfigError(
+            f"{len(train_pairs)} training pairs cannot fill one batch of batch_size={cfg.batch_size}"
+        )
+    log.info(
+        "training %d %s model(s) on %d pairs (%d held out)",
+        cfg.ensemble,
+        kind,
+        len(train_pairs),
+        len(eval_pairs),
+    )
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {
+        "kind": kind,
+        "format": cfg.data.format,
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "backbone": cfg.model,
+    }
+    runs, names = [], []
+    for i in range(cfg.ensemble):
+        seed = cfg.seed + i
+        name = f"member-{i}" if cfg.ensemble > 1 else "."
+        desc = f"{kind} model" + (f" {i + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "")
+        model, run = _train_member(cfg, tokenizer, train_pairs, eval_pairs, seed, desc, show_progress)
+        path = tmp / name
+        path.mkdir(exist_ok=True)
+        _save_member(model.cpu(), tokenizer, path, {**meta, "seed": seed}, run.metrics)
+        del model
+        runs.append(run)
+        names.append(name)
+
+    if cfg.ensemble > 1:
+        metrics = _ensemble_metrics(runs, len(pairs))
+        metrics["seconds"] = round(time.time() - started, 2)
+        _write_json(
+            tmp / META_FILE, {**meta, "members": names, "seeds": [cfg.seed + i for i in range(cfg.ensemble)]}
+        )
+        _write_json(tmp / "metrics.json", metrics)
+    else:
+        metrics = runs[0].metrics
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    model_dirs = [(out / n).resolve() if n != "." else out.resolve() for n in names]
+    return RewardResult(out, model_dirs, kind, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+def resolve_member_dirs(path: str | Path) -> list[Path]:
+    """A reward-model directory → [itself]; an ensemble directory (reward_model.json lists members) → members."""
+    p = Path(path)
+    meta_file = p / META_FILE
+    if meta_file.is_file():
+        members = json.loads(meta_file.read_text()).get("members")
+        if members:
+            return [p / m for m in members]
+    return [p]
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """reward_model.json of a model or ensemble directory ({} when absent)."""
+    f = Path(path) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _prompt_key(prompt: Prompt) -> Any:
+    """A hashable key of a prompt (conversations hold dicts)."""
+    return prompt if isinstance(prompt, str) else tuple(tuple(sorted(m.items())) for m in prompt)
+
+
+class RewardModelScorer:
+    """Scores (prompt, response) pairs with one reward/cost model or an ensemble.
+
+    `dirs`: one directory or several; an ensemble directory written by `train_reward_model` expands to its
+    members. `view`: "score" returns the head output s; "cost" returns c = −s; "reward" returns s; "auto" picks
+    "cost" for models trained as cost models, else "score". `aggregate` over members (on the view's scale): "mean",
+    "min", "max", or "pessimistic" = the worst case (Coste et al. 2023): min for rewards/scores, max for costs.
+
+    `__call__(prompts, responses)` → (N,) float32 tensor on the CPU. Texts are encoded with
+    `sacpo.data.tokenize` and the lengths stored with each model (reward_model.json) unless overridden; scoring
+    runs under `torch.inference_mode` in length-sorted batches of `batch_size` sequences. `member_scores` gives
+    the (k, N) values before aggregation.
+    """
+
+    def __init__(
+        self,
+        dirs: str | Path | Sequence[str | Path],
+        aggregate: str = "mean",
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        view: str = "auto",
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
+        if view not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; valid: {', '.join(VIEWS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        roots = [dirs] if isinstance(dirs, str | Path) else list(dirs)
+        if not roots:
+            raise ValueError("no reward model directories given")
+        self.dirs = [m for r in roots for m in resolve_member_dirs(r)]
+        self.device = _device("auto") if device is None else torch.device(device)
+        self.batch_size = batch_size
+        self.models, self.tokenizers, self.lengths = [], [], []
+        self._encodings: list[
+            tuple[str, int, int]
+        ] = []  # (tokenizer fingerprint, max_length, max_prompt_length)
+        kinds = set()
+        for d in self.dirs:
+            meta = read_meta(d)
+            kinds.add(meta.get("kind", "reward"))
+            lengths = (
+                max_length or meta.get("max_length"),
+                max_prompt_length or meta.get("max_prompt_length"),
+            )
+            if None in lengths:
+                raise ValueError(
+                    f"{d}: no {META_FILE} with max_length/max_prompt_length; pass them explicitly"
+                )
+            tokenizer = load_tokenizer(d, trust_remote_code)
+            p = check_model_dir(d)
+            archs = json.loads((p / "config.json").read_text()).get("architectures") or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                raise ModelLoadError(
+                    f"{d}: architectures {archs} is not a sequence-classification (reward) model; "
+                    "train one with `sacpo reward`"
+                )
+            model = AutoModelForSequenceClassification.from_pretrained(
+                p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            if model.config.num_labels != 1:
+                raise ModelLoadError(f"{d}: num_labels={model.config.num_labels}; a reward model has 1")
+            model.config.use_cache = False
+            self.models.append(model.to(self.device).eval())
+            self.tokenizers.append(tokenizer)
+            self.lengths.append(lengths)
+            self._encodings.append((fingerprint_tokenizer(tokenizer), *lengths))
+        if view == "auto":
+            if len(kinds) > 1:
+                raise ValueError(f"members mix kinds {sorted(kinds)}; pass view='score' or view='cost'")
+            view = "cost" if kinds == {"cost"} else "score"
+        self.view = view
+        self.sign = -1.0 if view == "cost" else 1.0
+        self.aggregate = ("max" if view == "cost" else "min") if aggregate == "pessimistic" else aggregate
+        label = "+".join(Path(r).resolve().name for r in roots)
+        k = len(self.models)
+        self.name = f"{'reward' if view == 'score' else view}:{label}" + (
+            f"[{self.aggregate}×{k}]" if k > 1 else ""
+        )
+
+    def __repr__(self) -> str:
+        return f"RewardModelScorer({self.name!r}, members={len(self.models)}, view={self.view!r})"
+
+    def member_scores(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        """(k, N) values on the view's scale (s, or −s for the cost view), one row per member."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        cache: dict[tuple[str, int, int], list[Encoded]] = {}  # members sharing a tokenizer encode once
+        rows = []
+        for model, tokenizer, key in zip(self.models, self.tokenizers, self._encodings, strict=True):
+            if key not in cache:
+                _, max_len, max_prompt = key
+                prompt_ids: dict[Any, list[int]] = {}
+                seqs = []
+                for prompt, response in zip(prompts, responses, strict=True):
+                    pk = _prompt_key(prompt)
+                    if pk not in prompt_ids:
+                        prompt_ids[pk] = encode_prompt(tokenizer, prompt, max_prompt)
+                    seqs.append(encode(tokenizer, prompt_ids[pk], response, max_len))
+                cache[key] = seqs
+            rows.append(
+                score_encoded(model, cache[key], tokenizer.pad_token_id, self.batch_size, self.device)
+            )
+        return self.sign * torch.stack(rows)  # (k, N)
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        """(N,) aggregated values."""
+        return aggregate_scores(self.member_scores(prompts, responses), self.aggregate)

@@ -1,0 +1,284 @@
+"""Build the toyworld: word-level tokenizer, SFT policy trained from scratch, PKU-schema preference data.
+
+    out/sft/                 tiny GPT-2 + tokenizer (HF format, safetensors) — the SFT policy
+    out/prompts.json         {"train": [...], "test": [...]}
+    out/preferences.jsonl    PKU-SafeRLHF schema, two SFT samples per row, Bradley–Terry labels from r*, g*
+    out/world.json           the resolved config, statistics, and a DONE marker written last
+
+Preference labels are Bradley–Terry draws on the gold oracles: P(response_1 better) = σ(s·(r*_1 − r*_0)) and
+P(response_1 safer) = σ(s·(g*_1 − g*_0)) with s = `bt_scale` (larger = less noisy), each label then flipped
+with probability `flip_noise`. is_response_i_safe comes from the oracle without noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sacpo.config import ConfigError, help_field
+from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
+from sacpo.worlds.toyworld.oracle import gold_reward, gold_safety, is_safe
+
+log = logging.getLogger("sacpo.toyworld")
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    seed: int = help_field(0, help="seed of the prompt split, SFT data, SFT init and preference sampling")
+    test_fraction: float = help_field(0.2, help="fraction of prompts held out for evaluation")
+    n_layer: int = help_field(2, help="SFT GPT-2 layers")
+    n_embd: int = help_field(64, help="SFT GPT-2 width")
+    n_head: int = help_field(4, help="SFT GPT-2 attention heads")
+    sft_demos_per_prompt: int = help_field(24, help="SFT demonstrations sampled per training prompt")
+    sft_steps: int = help_field(1200, help="SFT optimizer steps")
+    sft_batch_size: int = help_field(64, help="SFT batch size (sequences)")
+    sft_lr: float = help_field(3e-3, help="SFT peak learning rate (cosine decay, 5% warmup)")
+    pairs_per_prompt: int = help_field(4, help="preference rows per training prompt (2 SFT samples each)")
+    bt_scale: float = help_field(2.0, help="Bradley–Terry inverse temperature s of the labels")
+    flip_noise: float = help_field(0.0, help="probability of flipping each preference label")
+    max_new_tokens: int = help_field(40, help="max response tokens when sampling the SFT policy")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.flip_noise <= 0.5:
+            raise ConfigError(f"flip_noise must be in [0, 0.5], got {self.flip_noise}")
+        if self.bt_scale <= 0:
+            raise ConfigError(f"bt_scale must be > 0, got {self.bt_scale}")
+        for name in (
+            "sft_demos_per_prompt",
+            "sft_steps",
+            "sft_batch_size",
+            "pairs_per_prompt",
+            "max_new_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    sft_dir: Path
+    preferences: Path
+    train_prompts: list[str]
+    test_prompts: list[str]
+    stats: dict[str, Any]
+
+
+def build_tokenizer() -> Any:
+    """A word-level tokenizer over the toyworld vocabulary (lossless on the language: words joined by spaces)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate([EOS, "<unk>", *vocabulary()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _sft_batches(
+    tokenizer: Any, prompts: list[str], cfg: ToyWorldConfig, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All demonstrations as (input_ids, labels) with prompt and padding positions labelled −100."""
+    from sacpo.data.tokenize import encode, encode_prompt
+
+    seqs = []
+    for p in prompts:
+        pids = encode_prompt(tokenizer, p, 64)
+        for _ in range(cfg.sft_demos_per_prompt):
+            seqs.append(encode(tokenizer, pids, sample_sft_response(p, rng)[1], 128))
+    width = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+    labels = torch.full_like(ids, -100)  # (N, T)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[i, s.prompt_len : len(s.input_ids)] = ids[i, s.prompt_len : len(s.input_ids)]
+    return ids, labels
+
+
+def train_sft(
+    out_dir: Path, prompts: list[str], cfg: ToyWorldConfig, show_progress: bool = True
+) -> dict[str, float]:
+    """Train the SFT GPT-2 from scratch on style-mixture demonstrations; saves model + tokenizer to out_dir."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = build_tokenizer()
+    ids, labels = _sft_batches(tokenizer, prompts, cfg, rng)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    warmup = max(1, cfg.sft_steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.sft_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.sft_steps), desc="toyworld SFT", disable=not show_progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, len(ids), (cfg.sft_batch_size,), generator=g)
+        batch_labels = labels[idx]
+        width = int((batch_labels != -100).nonzero()[:, 1].max()) + 1  # trim trailing padding
+        x, y = ids[idx, :width], batch_labels[:, :width]
+        loss = model(input_ids=x, labels=y).loss  # right padding + causal attention: no mask needed
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    tail = losses[-min(50, len(losses)) :]
+    return {"sft_final_loss": sum(tail) / len(tail), "sft_sequences": float(len(ids))}
+
+
+def bt_label(rng: random.Random, score_0: float, score_1: float, scale: float, flip: float) -> int:
+    """Index of the preferred response: 1 with probability σ(s·(score_1 − score_0)), then flipped w.p. `flip`."""
+    p1 = 1.0 / (1.0 + math.exp(-scale * (score_1 - score_0)))
+    label = int(rng.random() < p1)
+    return 1 - label if rng.random() < flip else label
+
+
+def make_preferences(
+    sft_dir: Path, prompts: list[str], cfg: ToyWorldConfig, path: Path, show_progress: bool = True
+) -> dict[str, float]:
+    """Sample two SFT responses per row and label them with Bradley–Terry draws on r* and g*; PKU schema."""
+    from tqdm.auto import tqdm
+
+    from sacpo.data.tokenize import encode_prompt
+    from sacpo.models.generate import sample
+    from sacpo.models.load import load_model, load_tokenizer
+
+    torch.manual_seed(cfg.seed + 1)
+    rng = random.Random(cfg.seed + 1)
+    model, tok = load_model(sft_dir).eval(), load_tokenizer(sft_dir)
+    pids = [encode_prompt(tok, p, 64) for p in prompts]
+    rows, dropped = [], 0
+    for _ in tqdm(
+        range(cfg.pairs_per_prompt), desc="toyworld preferences", disable=not show_progress, leave=False
+    ):
+        seqs = sample(
+            model,
+            pids,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            n=2,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=128,
+        )
+        for i, p in enumerate(prompts):
+            y0, y1 = (
+                tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True).strip()
+                for s in seqs[2 * i : 2 * i + 2]
+            )
+            if not y0 or not y1 or y0 == y1:
+                dropped += 1
+                continue
+            rows.append(
+                {
+                    "prompt": p,
+                    "response_0": y0,
+                    "response_1": y1,
+                    "better_response_id": bt_label(
+                        rng, gold_reward(p, y0), gold_reward(p, y1), cfg.bt_scale, cfg.flip_noise
+                    ),
+                    "safer_response_id": bt_label(
+                        rng, gold_safety(p, y0), gold_safety(p, y1), cfg.bt_scale, cfg.flip_noise
+                    ),
+                    "is_response_0_safe": is_safe(p, y0),
+                    "is_response_1_safe": is_safe(p, y1),
+                }
+            )
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    responses = [r[f"response_{i}"] for r in rows for i in (0, 1)]
+    return {
+        "preference_rows": float(len(rows)),
+        "preference_dropped_identical_or_empty": float(dropped),
+        "sft_p_safe": sum(r[f"is_response_{i}_safe"] for r in rows for i in (0, 1)) / max(1, len(responses)),
+        "sft_mean_gold_reward": sum(
+            gold_reward(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)
+        )
+        / max(1, len(responses)),
+    }
+
+
+def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_progress: bool = True) -> World:
+    """Build (or reuse, when out_dir holds a finished world with the same config) the toyworld."""
+    cfg = cfg or ToyWorldConfig()
+    root = Path(out_dir)
+    meta_path = root / "world.json"
+    if (root / "DONE").exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["config"] == asdict(cfg):
+            log.info("toyworld: reusing %s", root)
+            return _world(root, meta)
+    if root.exists():
+        shutil.rmtree(root)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train, test = split_prompts(cfg.test_fraction, cfg.seed)
+    (tmp / "prompts.json").write_text(json.dumps({"train": train, "test": test}, indent=1))
+    t0 = time.perf_counter()
+    stats = train_sft(tmp / "sft", train, cfg, show_progress)
+    stats["sft_seconds"] = time.perf_counter() - t0
+    log.info("toyworld: SFT trained in %.0f s (loss %.3f)", stats["sft_seconds"], stats["sft_final_loss"])
+    t0 = time.perf_counter()
+    stats |= make_preferences(tmp / "sft", train, cfg, tmp / "preferences.jsonl", show_progress)
+    stats["preference_seconds"] = time.perf_counter() - t0
+    meta = {"config": asdict(cfg), "stats": stats}
+    (tmp / "world.json").write_text(json.dumps(meta, indent=1))
+    tmp.rename(root)
+    (root / "DONE").write_text("")
+    log.info("toyworld: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+    return _world(root, meta)
+
+
+def _world(root: Path, meta: dict[str, Any]) -> World:
+    prompts = json.loads((root / "prompts.json").read_text())
+    return World(
+        root, root / "sft", root / "preferences.jsonl", prompts["train"], prompts["test"], meta["stats"]
+    )

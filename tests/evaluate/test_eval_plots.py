@@ -1,0 +1,49 @@
+"""sacpo.evaluate.plots: figures are written (valid, non-empty PNG) for full, single-point and NaN results."""
+
+import dataclasses
+
+import pytest
+from eval_helpers import NAN, metrics
+
+from sacpo.evaluate.plots import PLOTS, family_style, make_plots, plot_win_rates
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG) and len(data) > 1000
+
+
+def test_make_plots_writes_every_figure(paper_results, tmp_path):
+    paths = make_plots(paper_results, tmp_path / "figs")
+    assert set(paths) == set(PLOTS)
+    for p in paths.values():
+        assert_png(p)
+
+
+@pytest.mark.parametrize(
+    "results",
+    [
+        [metrics("sft", "sft", None, 0.5, 0.5, kl=0.0, kl_se=NAN)],  # a single point
+        [
+            metrics("a", "sacpo", 0.1, 0.6, 0.4, helpful_win=(0.6, NAN, NAN), kl_se=NAN, reward_se=NAN),
+            metrics("b", "sacpo", 0.2, 0.7, 0.3, harmless_win=(0.3, 0.35, 0.2)),  # CI not around the estimate
+            metrics("art", "bon", 4.0, 0.7, 0.6, kl=NAN, kl_se=NAN),  # undefined KL: left out of KL plots
+        ],
+        [
+            metrics("x", "my-family", None, NAN, NAN, kl=NAN, kl_se=NAN, mean_reward=NAN, p_safe=NAN)
+        ],  # nothing
+        [],
+    ],
+    ids=["single", "nan-ci", "all-nan", "empty"],
+)
+def test_plots_handle_degenerate_results(results, tmp_path):
+    for p in make_plots(results, tmp_path).values():
+        assert_png(p)
+
+
+def test_unknown_family_has_stable_style(tmp_path):
+    assert family_style("my-family") == family_style("my-family")
+    r = [dataclasses.replace(metrics("m", "my-family", 1.0, 0.6, 0.6), name="m")]
+    assert_png(plot_win_rates(r, tmp_path / "nested" / "w.png", title="custom"))

@@ -1,0 +1,24 @@
+"""Fixtures of the reliability tests (helpers live in reliability_helpers.py)."""
+
+import pytest
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model is loaded or built (config errors must come first)."""
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(a)
+        raise AssertionError(f"a model was loaded: {a}")
+
+    for target in (
+        "sacpo.models.load.load_model",
+        "sacpo.train.loop.load_model",
+        "sacpo.train.ref_cache.load_model",
+        "sacpo.train.loop.load_tokenizer",
+        "sacpo.models.tiny.build_tiny_gpt2",
+        "sacpo.merge.linear.read_state_dict",
+    ):
+        monkeypatch.setattr(target, boom)
+    return calls
