@@ -19,7 +19,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sacpo.config import ConfigError, describe, help_field, load_config, to_yaml
+from sacpo.config import (
+    ConfigError,
+    deep_update,
+    describe,
+    from_dict,
+    help_field,
+    load_config,
+    parse_overrides,
+    to_yaml,
+)
 
 
 @dataclass(frozen=True)
@@ -134,13 +143,18 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from sacpo.train.pipeline import run_pipeline
-    from sacpo.worlds.demo import demo_config
+    from sacpo.worlds.demo import DemoConfig, quick, run_demo
 
-    cfg = demo_config(args.out, quick=args.quick)
-    result = run_pipeline(cfg, show_progress=not args.quiet)
-    _print_pipeline(result)
-    print(f"\nartifacts in {args.out} (pipeline.json lists every model)")
+    if args.help_config:
+        print(f"DemoConfig fields:\n{describe(DemoConfig)}")
+        return
+    cfg = from_dict(DemoConfig, deep_update({"out": args.out}, parse_overrides(args.overrides)))
+    cfg = quick(cfg) if args.quick else cfg
+    summary = run_demo(cfg, show_progress=not args.quiet)
+    for f in summary["findings"]:
+        print(f"{'✓' if f['holds'] else '✗'} {f['claim']}\n    {f['evidence']}")
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["times"].items()))
+    print(f"report: {summary['report']['report.md']} (and report.html)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
     p = sub.add_parser("demo", help="run the embedded default end to end")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--quick", action="store_true", help="a tiny preset (seconds), for tests")
+    p.add_argument("--quick", action="store_true", help="a small preset (about a minute), for tests")
+    p.add_argument("overrides", nargs="*", help="DemoConfig key=value overrides (e.g. lams='[0.5,1]')")
+    p.add_argument("--help-config", action="store_true", help="list every demo setting and exit")
     p.set_defaults(func=cmd_demo)
     return parser
 

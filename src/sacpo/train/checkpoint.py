@@ -136,12 +136,13 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def check_finite(value: torch.Tensor, step: int, out: Path, what: str = "loss") -> None:
     """Stop with a clear message on NaN/inf, pointing at the last good checkpoint."""
-    if not torch.isfinite(value).all():
+    finite = torch.isfinite(value)
+    if not finite.all():
         last = latest_checkpoint(out)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (set save_every)"
+        first_bad = value[~finite].flatten()[0].item()
         raise NonFiniteError(
-            f"{what} is {value.item() if value.numel() == 1 else 'non-finite'} at step {step + 1}; stopping — "
-            f"{where}. Lower lr or beta, or check the data."
+            f"{what} is {first_bad} at step {step + 1}; stopping — {where}. Lower lr or beta, or check the data."
         )
 
 

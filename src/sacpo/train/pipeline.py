@@ -122,7 +122,11 @@ def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
                 )
                 if beta is not None:
                     fields["beta"] = beta
-                tcfg = from_dict(TrainConfig, fields, where=f"stage {name}: ")
+                try:
+                    tcfg = from_dict(TrainConfig, fields, where=f"stage {name}: ")
+                except ConfigError as e:
+                    msg = str(e)
+                    raise ConfigError(msg if msg.startswith("stage ") else f"stage {name}: {msg}") from None
                 new.append(
                     Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg)
                 )

@@ -1,0 +1,1 @@
+"""Inference-time alignment: best-of-n, controlled decoding and prefix scorers."""

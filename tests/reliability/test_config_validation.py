@@ -1,0 +1,124 @@
+"""Impossible settings are rejected before any model (or tokenizer) is loaded or any output is written: exit code 2
+and a one-line message naming the setting."""
+
+import pytest
+from reliability_helpers import assert_user_error, run_cli, stage_fields, write_yaml
+
+TRAIN_ERRORS = {
+    "beta=0": "beta must be > 0",
+    "beta=-0.1": "beta must be > 0",
+    "beta=.nan": "beta must be > 0",
+    "beta=.inf": "beta must be > 0",
+    "lr=0": "lr must be > 0",
+    "lr=-1e-5": "lr must be > 0",
+    "lr=.inf": "lr must be > 0",
+    "label_smoothing=0.5": "label_smoothing",
+    "label_smoothing=-0.1": "label_smoothing",
+    "batch_size=0": "batch_size",
+    "grad_accum=0": "grad_accum",
+    "warmup_ratio=1.0": "warmup_ratio",
+    "max_steps=-1": "max_steps",
+    "epochs=0 max_steps=0": "epochs > 0 or max_steps > 0",
+    "max_prompt_length=0": "max_prompt_length must be >= 1",
+    "max_prompt_length=80": "max_prompt_length (80) must be < max_length (80)",
+    "eval_fraction=1.0": "eval_fraction",
+    "loss=orpo": "unknown loss 'orpo'; valid losses: dpo, ipo, kto",
+    "loss=kto": "loss 'kto' needs unpaired data but data.format 'pku_helpful' is paired",
+    "scheduler=exp": "unknown scheduler",
+    "mixed_precision=fp8": "mixed_precision",
+    "log_every=0": "log_every",
+    "save_every=-1": "save_every",
+    "kl_every=-2": "kl_every",
+    "kl_prompts=-1": "kl_prompts",
+    "kl_samples=0": "kl_samples",
+    "desirable_weight=0": "KTO weights",
+    "undesirable_weight=.inf": "KTO weights",
+    "weight_decay=-0.1": "weight_decay",
+    "max_grad_norm=-1": "max_grad_norm",
+    "logprob_chunk=0": "logprob_chunk",
+    "lora.r=0": "lora needs r >= 1",
+    "lora.dropout=1.0": "lora needs",
+    "data.format=alpaca": "unknown data.format 'alpaca'; valid formats: pku_helpful",
+    "data.max_rows=0": "data.max_rows",
+    "beta=high": "beta: expected float",
+    "bogus=1": "unknown key(s) ['bogus']",
+}
+
+
+@pytest.mark.parametrize("override", list(TRAIN_ERRORS))
+def test_bad_train_setting_is_rejected_before_loading_anything(tmp_path, capsys, no_model_loads, override):
+    out = tmp_path / "run"
+    cfg = write_yaml(
+        tmp_path / "stage.yaml", stage_fields("/no/model/needed", "/no/data.jsonl", out, max_length=80)
+    )
+    rc, _, err = run_cli(["-q", "train", str(cfg), *override.split()], capsys)
+    assert_user_error(rc, err, TRAIN_ERRORS[override])
+    assert no_model_loads == [] and not out.exists()
+
+
+def _pipeline(tmp_path, stages=None, merges=None):
+    stages = stages or [
+        {"name": "helpful", "data": {"source": "/d.jsonl", "format": "pku_helpful"}, "beta": 0.1},
+        {"name": "safe", "data": {"source": "/d.jsonl", "format": "pku_safe"}, "lam": [0.5, 2.0]},
+    ]
+    return {
+        "policy": "builtin:tiny-gpt2",
+        "output_dir": str(tmp_path / "p"),
+        "stages": stages,
+        "merges": merges or [{"name": "psacpo", "a": "helpful", "b": "safe-lam2", "qs": [0.5]}],
+    }
+
+
+def _safe(**kw):
+    return {"name": "safe", "data": {"source": "/d.jsonl", "format": "pku_safe"}, **kw}
+
+
+HELPFUL = {"name": "helpful", "data": {"source": "/d.jsonl", "format": "pku_helpful"}, "beta": 0.1}
+PIPELINE_ERRORS = {
+    "lam < 0": ({"stages": [HELPFUL, _safe(lam=-1.0)]}, "lam must be > 0"),
+    "lam = 0": ({"stages": [HELPFUL, _safe(lam=[1.0, 0.0])]}, "lam must be > 0"),
+    "lam = inf (β/λ = 0)": ({"stages": [HELPFUL, _safe(lam=float("inf"))]}, "beta must be > 0"),
+    "beta < 0": ({"stages": [{**HELPFUL, "beta": -0.1}]}, "beta must be > 0"),
+    "q > 1": (
+        {"merges": [{"name": "m", "a": "helpful", "b": "safe-lam2", "qs": [0.5, 1.5]}]},
+        "q must be in [0, 1]",
+    ),
+    "q < 0": (
+        {"merges": [{"name": "m", "a": "helpful", "b": "safe-lam2", "qs": [-0.1]}]},
+        "q must be in [0, 1]",
+    ),
+    "q = nan": (
+        {"merges": [{"name": "m", "a": "helpful", "b": "safe-lam2", "qs": [float("nan")]}]},
+        "q must be",
+    ),
+    "merge of unknown stage": (
+        {"merges": [{"name": "m", "a": "helpful", "b": "nope"}]},
+        "unknown stage or branch",
+    ),
+    "unknown start_from": ({"stages": [HELPFUL, _safe(beta=0.1, start_from="nope")]}, "unknown stage 'nope'"),
+    "beta and lam": ({"stages": [HELPFUL, _safe(beta=0.1, lam=1.0)]}, "give beta or lam"),
+    "stage-level bad setting": (
+        {"stages": [{**HELPFUL, "overrides": {"max_prompt_length": 0}}]},
+        "stage helpful: ",
+    ),
+    "unknown builtin": ({"policy": "builtin:gpt5"}, "unknown builtin model"),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_ERRORS))
+def test_bad_pipeline_is_rejected_before_building_or_loading_anything(tmp_path, capsys, no_model_loads, case):
+    change, message = PIPELINE_ERRORS[case]
+    fields = {**_pipeline(tmp_path), **change}
+    cfg = write_yaml(tmp_path / "pipeline.yaml", fields)
+    rc, _, err = run_cli(["-q", "pipeline", str(cfg)], capsys)
+    assert_user_error(rc, err, message)
+    assert no_model_loads == []
+    assert not (tmp_path / "p" / "stages").exists()
+
+
+@pytest.mark.parametrize("qs", ["[1.5]", "[-0.5, 0.5]", "[]", "[.nan]"])
+def test_bad_merge_weights_are_rejected_before_reading_models(tmp_path, capsys, no_model_loads, qs):
+    cfg = write_yaml(tmp_path / "merge.yaml", {"a": "/a", "b": "/b", "output_dir": str(tmp_path / "m")})
+    rc, _, err = run_cli(["-q", "merge", str(cfg), f"qs={qs}"], capsys)
+    assert_user_error(rc, err, "qs must be a non-empty list of merge weights in [0, 1]")
+    assert no_model_loads == [] and not (tmp_path / "m").exists()
