@@ -53,7 +53,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     missing = [
         n
         for n, f in fields.items()
-        if f.init and n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init
+        and n not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: missing required key(s) {missing}")

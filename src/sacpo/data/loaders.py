@@ -295,10 +295,6 @@ def _python_rows(path: Path) -> list[dict[str, Any]]:
 
 def load_rows(source: str, split: str = "train", max_rows: int | None = None) -> list[dict[str, Any]]:
     """Rows (dicts) of a local file or hub dataset (JSON parsed with `json`, the rest read with `datasets`)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     if is_local(source):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -311,11 +307,13 @@ def load_rows(source: str, split: str = "train", max_rows: int | None = None) ->
         if builder == "json":  # exact JSON types and line numbers (see the module docstring)
             rows = _python_rows(path)
             return rows[:max_rows] if max_rows is not None else rows
+        datasets = _datasets()
         try:
             return _head(datasets.load_dataset(builder, data_files=str(path), split="train"), max_rows)
         except Exception as e:
             raise DataError(f"{source}: could not read {builder} file: {type(e).__name__}: {e}") from None
     else:
+        datasets = _datasets()
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:
@@ -324,6 +322,14 @@ def load_rows(source: str, split: str = "train", max_rows: int | None = None) ->
                 "Offline? Pass a local .jsonl/.json/.parquet/.csv file instead."
             ) from None
     return _head(ds, max_rows)
+
+
+def _datasets() -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
 
 
 def _head(ds: Any, max_rows: int | None) -> list[dict[str, Any]]:

@@ -50,8 +50,10 @@ from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.infer.prefix_scorer import (
     META_FILE,
     PrefixScorer,
+    cache_kwargs,
     decode_response,
     load_prompt_list,
+    output_cache,
     positions_from_mask,
     resolve_device,
     resolve_reward,
@@ -210,11 +212,11 @@ def _base_forward(model: Any) -> Callable[..., tuple[torch.Tensor, Any]]:
             input_ids=ids,
             attention_mask=attn,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwargs(model, cache),
         )
-        return out.logits.float(), out.past_key_values  # (B, 1, V)
+        return out.logits.float(), output_cache(out)  # (B, 1, V)
 
     return forward
 

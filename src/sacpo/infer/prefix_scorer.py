@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import logging
 import math
@@ -167,6 +169,23 @@ def resolve_reward(spec: str, device: str | torch.device | None = None) -> Any:
     return RewardModelScorer(spec, device=resolve_device(device))
 
 
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """The KV-cache argument under the name the model's forward takes (`cache` in recent transformers 5.x,
+    `past_key_values` before)."""
+    return {_cache_name(type(module)): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output (field `cache`, or `past_key_values` in older transformers)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 # ----------------------------------------------------------------------------------------------------- model
 class PrefixOutput(NamedTuple):
     values: torch.Tensor  # (B, T) float32: V(x, ids[:, :t+1])
@@ -262,15 +281,16 @@ class PrefixScorer:
         and the new tokens (B, past + T); position_ids default to those of a padded batch without a cache."""
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        out = self.model.base_model(
+        backbone = self.model.base_model
+        out = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(backbone, past_key_values),
         )
         values = self.model.score(out.last_hidden_state).squeeze(-1).float()  # (B, T)
-        return PrefixOutput(values, out.past_key_values if use_cache else None)
+        return PrefixOutput(values, output_cache(out) if use_cache else None)
 
     @torch.inference_mode()
     def final_values(self, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 32) -> torch.Tensor:

@@ -39,11 +39,10 @@ def token_logprobs(
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t values[b, t]·mask[b, t]. values, mask: (B, T) → (B,)."""
-    return (values * mask.to(values.dtype)).sum(dim=-1)
+    """Σ_t values[b, t]·mask[b, t]. values, mask: (B, T) → (B,). Masked positions are ignored even if inf/NaN."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum(dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Masked average over the sequence: Σ_t v·m / max(1, Σ_t m). (B, T) → (B,)."""
-    m = mask.to(values.dtype)
-    return (values * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+    return masked_sum(values, mask) / mask.to(values.dtype).sum(dim=-1).clamp(min=1.0)

@@ -41,7 +41,7 @@ def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
 def linear_merge(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], q: float
 ) -> dict[str, torch.Tensor]:
-    """θ = (1−q)·θ_a + q·θ_b for every floating tensor, computed in float32 and cast back.
+    """θ = (1−q)·θ_a + q·θ_b for every floating tensor, computed in at least float32 and cast back.
 
     Non-floating tensors (integer buffers such as position ids) must be equal in a and b and are copied.
     """
@@ -51,7 +51,8 @@ def linear_merge(
     for key, ta in a.items():
         tb = b[key]
         if ta.is_floating_point():
-            merged = torch.lerp(ta.float(), tb.float(), q)  # (1−q)·a + q·b
+            work = torch.promote_types(ta.dtype, torch.float32)  # fp16/bf16 → fp32, fp64 stays fp64
+            merged = torch.lerp(ta.to(work), tb.to(work), q)  # (1−q)·a + q·b
             out[key] = merged.to(ta.dtype)
         else:
             if not torch.equal(ta, tb):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import from_dict, help_field, to_yaml
+from sacpo.config import ConfigError, from_dict, help_field, to_yaml
 from sacpo.train.pipeline import PipelineConfig
 from sacpo.worlds.toyworld.build import ToyWorldConfig, World
 
@@ -49,6 +49,19 @@ class DemoConfig:
     eval_prompts: int | None = help_field(None, help="evaluate on the first N held-out prompts (None: all)")
     max_new_tokens: int = help_field(40, help="response length limit when sampling")
     seed: int = help_field(0, help="seed of alignment, reward models and evaluation")
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not self.lams or any(not lam > 0 for lam in self.lams):
+            raise ConfigError(f"lams must be a non-empty list of λ > 0 (step 2 uses β/λ), got {self.lams}")
+        if any(not 0.0 <= q <= 1.0 for q in self.qs):
+            raise ConfigError(f"qs must lie in [0, 1], got {self.qs}")
+        for name in ("rm_ensemble", "eval_samples", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.rm_lr > 0 or not self.epochs > 0 or not self.rm_epochs > 0:
+            raise ConfigError("lr, rm_lr, epochs and rm_epochs must be > 0")
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:
