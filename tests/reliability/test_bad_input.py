@@ -212,8 +212,8 @@ def test_all_rows_invalid_is_an_error_even_when_skipping(tiny_model, tmp_path, c
 
 
 def test_values_are_read_with_their_json_types(tmp_path):
-    """Regression: pyarrow/pandas inference turned the prompt "2020-01-01" into a datetime (row rejected), and a
-    U+2028 inside a JSON string split the line in two (a raw JSONDecodeError)."""
+    """Regression: pyarrow/pandas inference turned the prompt "2020-01-01" into a datetime (row rejected). Also
+    valid: U+2028/U+0085 inside JSON strings (lines are split on \\n only) and a UTF-8 byte-order mark."""
     data = tmp_path / "ok.jsonl"
     data.write_bytes(
         b"\xef\xbb\xbf"
@@ -263,7 +263,7 @@ def test_pairs_identical_after_truncation_are_reported(tiny_model, tmp_path, cap
 def test_the_console_command_prints_one_line_and_no_traceback(tiny_model, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_bytes(FILE_ERRORS["not UTF-8"][1])
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     for argv, fragments in [
         (_train_argv(tiny_model, tmp_path, data), (str(data), "line 2", "UTF-8")),
         (

@@ -45,7 +45,12 @@ RESUME = {
 
 
 def _env() -> dict:
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "SACPO_TEST_STEP_DELAY": "0.25"}
+    return {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "SACPO_TEST_STEP_DELAY": "0.25",
+    }
 
 
 def _complete_checkpoints(out: Path) -> list[int]:

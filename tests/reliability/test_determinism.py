@@ -26,16 +26,26 @@ def _run(tiny_model, pku_tiny, root, **kw):
     return (out / "metrics.jsonl").read_text(), weights(out / "model")
 
 
-@pytest.mark.parametrize("loss, fmt", [("dpo", "pku_helpful"), ("kto", "pku_safe_kto")])
-def test_same_config_and_seed_give_identical_runs(tiny_model, pku_tiny, tmp_path, loss, fmt):
-    m1, w1 = _run(tiny_model, pku_tiny, tmp_path / "a", loss=loss, fmt=fmt)
-    m2, w2 = _run(tiny_model, pku_tiny, tmp_path / "b", loss=loss, fmt=fmt)
+@pytest.fixture(scope="module")
+def first_runs(tiny_model, pku_tiny, tmp_path_factory):
+    return {
+        loss: _run(tiny_model, pku_tiny, tmp_path_factory.mktemp(loss), loss=loss, fmt=fmt)
+        for loss, fmt in LOSSES
+    }
+
+
+LOSSES = [("dpo", "pku_helpful"), ("kto", "pku_safe_kto")]
+
+
+@pytest.mark.parametrize("loss, fmt", LOSSES)
+def test_same_config_and_seed_give_identical_runs(tiny_model, pku_tiny, tmp_path, first_runs, loss, fmt):
+    m1, w1 = first_runs[loss]
+    m2, w2 = _run(tiny_model, pku_tiny, tmp_path, loss=loss, fmt=fmt)
     assert m1 == m2 and len(m1.splitlines()) == 3 and "eval/kl" in m1
     assert set(w1) == set(w2) and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_another_seed_gives_other_metrics(tiny_model, pku_tiny, tmp_path):
+def test_another_seed_gives_other_metrics(tiny_model, pku_tiny, tmp_path, first_runs):
     """The control: the comparison above can fail."""
-    m1, _ = _run(tiny_model, pku_tiny, tmp_path / "a")
-    m2, _ = _run(tiny_model, pku_tiny, tmp_path / "b", seed=1)
-    assert m1 != m2
+    m2, _ = _run(tiny_model, pku_tiny, tmp_path, seed=1)
+    assert first_runs["dpo"][0] != m2

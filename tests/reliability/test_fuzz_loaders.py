@@ -78,7 +78,10 @@ TRL_ROW = st.fixed_dictionaries(
     {"chosen": TEXT | st.lists(MESSAGE, max_size=3), "rejected": TEXT | st.lists(MESSAGE, max_size=3)},
     optional={"prompt": TEXT | st.lists(MESSAGE, max_size=2), "completion": TEXT, "label": SCALARS},
 )
-ANY_ROW = ROW | PKU_ROW | TRL_ROW | VALUES
+UNPAIRED_ROW = st.fixed_dictionaries(
+    {"prompt": TEXT | st.lists(MESSAGE, max_size=2), "completion": TEXT, "label": st.booleans() | SCALARS}
+)
+ANY_ROW = ROW | PKU_ROW | TRL_ROW | UNPAIRED_ROW | VALUES
 
 _TOKENIZER = build_byte_tokenizer()
 
@@ -155,11 +158,13 @@ def test_load_examples_on_mutated_files(tmp_path, file, fmt):
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_the_strategies_reach_valid_records(fmt):
-    """The fuzzers are not vacuous: the row strategy yields loadable rows for every format."""
+    """The fuzzers are not vacuous: their row strategies (parts of ANY_ROW) yield loadable rows for every format."""
     found = []
 
-    @fuzz(300)
-    @given(rows=st.lists(ANY_ROW, min_size=1, max_size=4))
+    near_valid = {"trl_paired": TRL_ROW, "trl_unpaired": UNPAIRED_ROW}.get(fmt, PKU_ROW)
+
+    @settings(fuzz(300), derandomize=True)  # a fixed sequence: this check must not be flaky
+    @given(rows=st.lists(near_valid, min_size=1, max_size=4))
     def probe(rows):
         try:
             found.append(len(convert_rows(rows, fmt, skip_invalid=True).examples))

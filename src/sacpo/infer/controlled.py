@@ -69,7 +69,6 @@ from sacpo.models.load import (
 
 log = logging.getLogger("sacpo.cd")
 
-MODES = ("token", "block")
 ORACLES = {"toyworld": ("toyworld-gold", "toyworld-safety")}  # gold reward, gold safety (REWARDS names)
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -94,7 +93,7 @@ class CDConfig:
     K: int = help_field(4, help="blockwise: candidate blocks per step (best-of-K)")
     M: int = help_field(4, help="blockwise: tokens per block")
     safety_scorer: str | None = help_field(
-        None, help="second prefix scorer (safety g, or cost c with combine=cost)"
+        None, help="second prefix scorer (safety g, or cost c with combine=cost); not loaded when lam = 0"
     )
     lam: float = help_field(0.0, help="λ of V = V_r + λ·V_g (or V_r − λ·V_c); > 0 needs safety_scorer")
     combine: str = help_field("safety", help="safety: V_r + λ·V_g | cost: V_r − λ·V_c")
@@ -117,7 +116,7 @@ class CDConfig:
 def validate_cd_config(cfg: CDConfig) -> None:
     """Reject impossible values before any model loads (ConfigError)."""
     checks = [
-        (cfg.mode in MODES, f"unknown mode {cfg.mode!r}; valid: {', '.join(MODES)}"),
+        (cfg.mode in DECODERS, f"unknown mode {cfg.mode!r}; valid: {', '.join(DECODERS)}"),
         (cfg.beta > 0, f"beta must be > 0 (inf = no tilt), got {cfg.beta}"),
         (cfg.top_k >= 1, f"top_k must be >= 1, got {cfg.top_k}"),
         (cfg.K >= 1, f"K must be >= 1, got {cfg.K}"),
@@ -294,7 +293,7 @@ def token_cd(
         cost.scorer_forward_tokens += prompt_tokens * len(scorers)
         for t in range(max_new_tokens):
             b = len(rows)
-            logp = torch.log_softmax(base_s.last, -1)  # (b, V)
+            logp = torch.log_softmax(base_s.last.double(), -1)  # (b, V) float64: exact KLs to ~1e-12
             k = min(top_k, logp.shape[-1])
             top_logp, top_ids = logp.topk(k, dim=-1)  # (b, k)
             expand = torch.arange(b, device=device).repeat_interleave(k)  # (b·k,)
@@ -340,7 +339,7 @@ def token_cd(
                 base_s.reorder(keep)
                 for s in scorer_s:
                     s.reorder(keep)
-                rows, z = rows[keep], z[keep]
+                rows, z = rows[keep.cpu()], z[keep]
             base_s.step(z)
             cost.base_forward_tokens += len(rows)
     bar.close()
@@ -457,6 +456,23 @@ def base_logps(model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int
 
 
 # ----------------------------------------------------------------------------------------------------- entry
+def _decode_token(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts, eos, pad, show_progress):
+    return token_cd(
+        base, scorers, prompts, eos, pad, cfg.beta, cfg.top_k, cfg.max_new_tokens, cfg.lam, cfg.combine,
+        cfg.batch_size, show_progress=show_progress,
+    )  # fmt: skip
+
+
+def _decode_block(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts, eos, pad, show_progress):
+    return block_cd(
+        base, scorers, prompts, eos, pad, cfg.K, cfg.M, cfg.max_new_tokens, cfg.lam, cfg.combine,
+        cfg.batch_size, show_progress=show_progress,
+    )  # fmt: skip
+
+
+DECODERS: dict[str, Callable[..., CDOutput]] = {"token": _decode_token, "block": _decode_block}
+
+
 def _check_scorer_dir(path: str, base_tokenizer_fp: str | None = None) -> None:
     p = check_model_dir(path)
     if not (p / META_FILE).is_file():
@@ -513,36 +529,7 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
-        if cfg.mode == "token":
-            out = token_cd(
-                base,
-                scorers,
-                row_prompts,
-                eos,
-                pad,
-                cfg.beta,
-                cfg.top_k,
-                cfg.max_new_tokens,
-                cfg.lam,
-                cfg.combine,
-                cfg.batch_size,
-                show_progress=show_progress,
-            )
-        else:
-            out = block_cd(
-                base,
-                scorers,
-                row_prompts,
-                eos,
-                pad,
-                cfg.K,
-                cfg.M,
-                cfg.max_new_tokens,
-                cfg.lam,
-                cfg.combine,
-                cfg.batch_size,
-                show_progress=show_progress,
-            )
+        out = DECODERS[cfg.mode](cfg, base, scorers, row_prompts, eos, pad, show_progress)
     decode_seconds = time.perf_counter() - t0
     if cfg.mode == "block":
         out.logp_base = list(base_logps(base, out.seqs, pad, cfg.batch_size))

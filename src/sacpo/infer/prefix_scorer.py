@@ -719,7 +719,13 @@ def train_prefix_scorer(cfg: TrainScorerConfig, show_progress: bool = True) -> T
         tokenizer,
         {"metrics.json": json.dumps(metrics, indent=2) + "\n", "config.yaml": to_yaml(cfg)},
     )
-    log.info("prefix scorer (%s) → %s; held-out MSE to return %s → %s", cfg.method, out, before, after)
+    log.info(
+        "prefix scorer (%s) → %s; held-out MSE to the return: %s → %s",
+        cfg.method,
+        out,
+        before["mse_to_return"],
+        after["mse_to_return"],
+    )
     return TrainScorerResult(out, metrics)
 
 

@@ -215,11 +215,21 @@ class Stepper:
 
 
 def _reduce(acc: Any, sums: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean of each metric over micro-batches and processes (a metric absent everywhere is left out)."""
+    """Mean of each metric over micro-batches, then over the processes that have it (a KTO micro-batch without
+    desirable examples has no rewards/desirable; a metric absent everywhere is left out). The processes first
+    agree on the keys, so that all of them make the same gathers in the same order."""
+    keys = sorted(sums)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(keys)))
     out = {}
-    for k, vals in sorted(sums.items()):
-        v = torch.stack([x.detach().float() for x in vals]).mean().reshape(1).to(acc.device)
-        out[k] = acc.gather(v).mean().item()
+    for k in keys:
+        vals = sums.get(k, [])
+        mean = torch.stack([x.detach().float().cpu() for x in vals]).mean() if vals else torch.tensor(0.0)
+        local = torch.stack([mean, torch.tensor(1.0 if vals else 0.0)]).reshape(1, 2).to(acc.device)
+        gathered = acc.gather(local)  # (P, 2): value, present
+        out[k] = gathered[gathered[:, 1] > 0, 0].mean().item()
     return out
 
 

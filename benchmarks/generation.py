@@ -1,0 +1,208 @@
+"""Best-of-n sampling: one batched `sample` call (n=8 for 16 prompts) vs a per-prompt loop (16 calls of n=8);
+controlled decoding (token-wise and blockwise) cost per generated token relative to plain sampling.
+
+All arms use `sacpo.models.generate.sample` (ancestral, no truncation) on the same prompts and max_new_tokens, with
+the RNG reseeded before each arm; they alternate within this child after one untimed warm-up call each. Lengths are
+random (a response ends at EOS), so throughput is compared as generated tokens per second.
+
+Controlled decoding uses `sacpo.infer.controlled.token_cd` / `block_cd` with an untrained prefix scorer built from
+the same model (`PrefixScorer.from_base`: the cost of a scorer does not depend on its weights). If that module or
+API is missing, the result says so and the table shows a TODO row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+from benchmarks.common import child_main, paired_rows
+
+
+def _prompts(spec: dict[str, Any], tokenizer: Any) -> list[list[int]]:
+    from sacpo.data.tokenize import encode_prompt
+
+    rows = paired_rows(spec["n_prompts"], spec["model"], seed=2)
+    return [encode_prompt(tokenizer, r["prompt"], spec["max_prompt_length"]) for r in rows]
+
+
+def _timed(fn: Any, seed: int) -> tuple[float, Any]:
+    import torch
+
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+def _new_tokens(seqs: list[Any]) -> int:
+    return sum(s.response_len for s in seqs)
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def sample_shared_prefill(
+    model: Any,
+    prompts: list[list[int]],
+    eos_id: int,
+    pad_id: int,
+    n: int,
+    max_new_tokens: int,
+    timings: dict[str, float] | None = None,
+) -> list[Any]:
+    """PROTOTYPE (not in sacpo): the same ancestral sampling as `sample`, but each prompt is prefilled once and
+    its KV cache repeated n times, where `generate(num_return_sequences=n)` prefills every prompt n times."""
+    import torch
+
+    from sacpo.data.tokenize import Encoded
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P) left-padded
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (b, P)
+        # the KV-cache argument is `cache` in recent transformers 5.x, `past_key_values` before
+        cache_arg = (
+            "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+        )
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = _cache_of(out)
+        cache.batch_repeat_interleave(n)
+        if timings is not None:
+            timings["prefill_s"] = time.perf_counter() - started
+        logits = out.logits[:, -1].repeat_interleave(n, 0)  # (b·n, V)
+        attn = attn.repeat_interleave(n, 0)  # (b·n, P)
+        next_pos = pos[:, -1].repeat_interleave(n) + 1  # (b·n,)
+        done = torch.zeros(len(prompts) * n, dtype=torch.bool)
+        steps = []
+        for t in range(max_new_tokens):
+            z = torch.multinomial(torch.softmax(logits.float(), -1), 1).squeeze(-1)  # (b·n,)
+            z = torch.where(done, torch.full_like(z, pad_id), z)
+            steps.append(z)
+            done |= z == eos_id
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            out = model(
+                input_ids=z[:, None],
+                attention_mask=attn,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            cache = _cache_of(out)
+            logits, next_pos = out.logits[:, -1], next_pos + 1
+    new = torch.stack(steps, dim=1).tolist()  # (b·n, t)
+    seqs = []
+    for j, toks in enumerate(new):
+        if eos_id in toks:
+            toks = toks[: toks.index(eos_id) + 1]
+        seqs.append(Encoded(tuple(prompts[j // n]) + tuple(toks), len(prompts[j // n])))
+    return seqs
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    from sacpo.models.generate import sample
+    from sacpo.models.load import load_model, load_tokenizer
+
+    model = load_model(spec["policy"]).eval()
+    tokenizer = load_tokenizer(spec["policy"])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = _prompts(spec, tokenizer)
+    n, m = spec["n"], spec["max_new_tokens"]
+
+    def batched():
+        return sample(model, prompts, eos, pad, n=n, max_new_tokens=m, batch_size=len(prompts))
+
+    def loop():
+        return [s for p in prompts for s in sample(model, [p], eos, pad, n=n, max_new_tokens=m, batch_size=1)]
+
+    timings: dict[str, float] = {}
+
+    def shared_prefill():
+        return sample_shared_prefill(model, prompts, eos, pad, n=n, max_new_tokens=m, timings=timings)
+
+    arms = {"batched": batched, "loop": loop, "shared_prefill": shared_prefill}
+    result: dict[str, Any] = {"bon": {k: [] for k in arms}}
+    # untimed warm-up (allocator, kernels): every arm on 2 prompts, 2 samples, 4 tokens
+    sample(model, prompts[:2], eos, pad, n=2, max_new_tokens=4, batch_size=2)
+    sample(model, prompts[:1], eos, pad, n=2, max_new_tokens=4, batch_size=1)
+    sample_shared_prefill(model, prompts[:2], eos, pad, n=2, max_new_tokens=4)
+    for rep in range(spec["reps"]):
+        names = list(arms) if rep % 2 == 0 else list(arms)[::-1]  # the three arms alternate
+        for name in names:
+            seconds, seqs = _timed(arms[name], seed=rep)
+            row = {"seconds": seconds, "tokens": _new_tokens(seqs), "sequences": len(seqs)}
+            if name == "shared_prefill":
+                row["prefill_s"] = timings["prefill_s"]  # the 16 prompts, once
+            result["bon"][name].append(row)
+    if spec.get("cd", True):
+        result["cd"] = controlled(spec, model, tokenizer, prompts)
+    return result
+
+
+def controlled(spec: dict[str, Any], model: Any, tokenizer: Any, prompts: list[list[int]]) -> dict[str, Any]:
+    """Seconds per generated token of token-wise CD, blockwise CD and plain sampling (one response per prompt)."""
+    try:
+        from sacpo.infer.controlled import block_cd, token_cd
+        from sacpo.infer.prefix_scorer import PrefixScorer
+    except ImportError as e:
+        return {"error": f"controlled decoding module not available ({e})"}
+    from sacpo.models.generate import sample
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    m, bs = spec["max_new_tokens"], len(prompts)
+    try:
+        scorer = PrefixScorer.from_base(spec["policy"], tokenizer, seed=0)
+        scorer.model.eval()
+        arms = {
+            "plain": lambda: sample(model, prompts, eos, pad, n=1, max_new_tokens=m, batch_size=bs),
+            "token": lambda: token_cd(
+                model,
+                [scorer],
+                prompts,
+                eos,
+                pad,
+                beta=1.0,
+                top_k=spec["cd_top_k"],
+                max_new_tokens=m,
+                batch_size=bs,
+            ),
+            "block": lambda: block_cd(
+                model,
+                [scorer],
+                prompts,
+                eos,
+                pad,
+                K=spec["cd_K"],
+                M=spec["cd_M"],
+                max_new_tokens=m,
+                batch_size=bs,
+            ),
+        }
+        out: dict[str, Any] = {k: [] for k in arms}
+        for fn in arms.values():
+            _timed(fn, seed=999)
+        for rep in range(spec["reps"]):
+            for name in list(arms) if rep % 2 == 0 else list(arms)[::-1]:
+                seconds, res = _timed(arms[name], seed=rep)
+                seqs = res if isinstance(res, list) else res.seqs
+                row = {"seconds": seconds, "tokens": _new_tokens(seqs)}
+                if not isinstance(res, list):
+                    row["per_generated_token"] = res.cost.per_generated_token()
+                out[name].append(row)
+        out["settings"] = {"top_k": spec["cd_top_k"], "beta": 1.0, "K": spec["cd_K"], "M": spec["cd_M"]}
+        return out
+    except (AttributeError, TypeError) as e:  # the module exists but its API changed under us
+        return {"error": f"controlled decoding API not usable ({type(e).__name__}: {e})"}
+
+
+if __name__ == "__main__":
+    child_main(run)

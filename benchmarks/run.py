@@ -1,0 +1,829 @@
+"""Benchmarks of sacpo against TRL 1.x, in one run; rewrites benchmarks/RESULTS.md.
+
+    python -m benchmarks.run --quick     # smoke run, tiny GPT-2 only (< 2 min on 2 cores)
+    python -m benchmarks.run             # full: tiny GPT-2 + SmolLM2-135M (full and LoRA), ≤ 30 min on 2 cores
+
+Every measurement runs in its own child process (one configuration per child, so its peak RSS is its own), sacpo
+and TRL alternate within each repetition (the order flips every repetition), and every table reports
+median [min, max] over repetitions; ratios are computed per repetition (same conditions) and then summarised.
+
+1. DPO step: tokens/s and peak RSS of sacpo's `train()` and TRL's `DPOTrainer.train()` (benchmarks/dpo_step.py),
+   the reference from sacpo's on-disk cache vs a live reference model, full fine-tuning and LoRA, plus the
+   first-batch loss of both (must agree to 1e-4).
+2. SACPO λ sweep of 3 values: `run_pipeline` (one shared reference pass) vs a DPOTrainer per λ (sweep.py).
+3. Best-of-n: one batched `sample` (n=8, 16 prompts) vs 16 per-prompt calls; controlled decoding cost per
+   generated token vs plain sampling (generation.py).
+4. The hardware limit: fp32 matmul FLOP/s (hardware.py) and the MFU of the DPO steps.
+
+`--profile auto` (default) runs the torch profiler on the DPO step of every configuration whose target was missed
+(profiling.py) and adds where the time goes to RESULTS.md; benchmarks/ANALYSIS.md (hand-written reading of a
+run, proposed fixes) is appended. `--merge` reruns a noisy section into the last results; `--report-only` re-renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_WORK, ROOT, child_env, paired_rows, write_rows
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+ANALYSIS = ROOT / "benchmarks" / "ANALYSIS.md"  # hand-written reading of a run, appended to RESULTS.md
+PROTO = ("sacpo", "cached-fusedhead")  # prototype of a proposed change (benchmarks/prototypes.py)
+FULL_VARIANTS = [("sacpo", "cached"), ("trl", "live"), ("sacpo", "live"), ("trl", "precompute"), PROTO]
+LORA_VARIANTS = [("sacpo", "cached"), ("trl", "live"), ("trl", "precompute"), PROTO]
+# (numerator, denominator, what the row means); tokens/s ratio = num/den, RSS ratio = num/den
+COMPARISONS = [
+    (
+        ("sacpo", "cached"),
+        ("trl", "live"),
+        "each tool's default: sacpo cached reference vs TRL live reference",
+    ),
+    (("sacpo", "live"), ("trl", "live"), "like for like: both with a live reference model"),
+    (("sacpo", "cached"), ("trl", "precompute"), "like for like: both with precomputed reference log-probs"),
+    (("sacpo", "cached"), ("sacpo", "live"), "sacpo: on-disk cache vs live reference (same loop)"),
+    (PROTO, ("trl", "live"), "PROTOTYPE, not in sacpo: cached reference + fused LM head vs TRL default"),
+    (PROTO, ("sacpo", "cached"), "PROTOTYPE fused LM head vs sacpo today (both cached)"),
+]
+TARGETS = {  # config name -> (min tokens/s ratio, max RSS ratio) on the "each tool's default" row
+    "tiny-full": (1.2, None),
+    "smollm2-full": (1.5, 0.8),
+    "smollm2-lora": (1.5, 0.8),
+}
+SWEEP_TARGET = 0.6
+BON_TARGET = 3.0
+LOSS_TOL = 1e-4
+
+
+@dataclass
+class StepConfig:
+    name: str
+    model: str
+    lora: bool
+    batch_size: int
+    warmup: int  # timed intervals dropped
+    timed: int  # timed intervals kept
+    max_length: int = 256
+    max_prompt_length: int = 128
+    lr: float = 5e-6
+    beta: float = 0.1
+
+    @property
+    def steps(self) -> int:
+        return 1 + self.warmup + self.timed
+
+    @property
+    def variants(self) -> list[tuple[str, str]]:
+        return LORA_VARIANTS if self.lora else FULL_VARIANTS
+
+
+@dataclass
+class Plan:
+    reps: int
+    step_configs: list[StepConfig]
+    sweep_models: list[str]
+    sweep_rows: dict[str, int]
+    sweep_batch: dict[str, int]
+    sweep_reps: dict[str, int]
+    gen_models: list[str]
+    gen_reps: dict[str, int]
+    max_new_tokens: int
+    hw_sizes: list[int]
+    hw_repeats: int
+    lams: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+
+def make_plan(quick: bool, reps: int | None) -> Plan:
+    if quick:
+        return Plan(
+            reps=reps or 1,
+            step_configs=[StepConfig("tiny-full", "tiny", False, batch_size=8, warmup=1, timed=3)],
+            sweep_models=["tiny"],
+            sweep_rows={"tiny": 32},
+            sweep_batch={"tiny": 8},
+            sweep_reps={"tiny": 1},
+            gen_models=["tiny"],
+            gen_reps={"tiny": 1},
+            max_new_tokens=16,
+            hw_sizes=[256, 512, 1024],
+            hw_repeats=3,
+        )
+    return Plan(
+        reps=reps or 3,
+        step_configs=[
+            StepConfig("tiny-full", "tiny", False, batch_size=8, warmup=2, timed=8),
+            StepConfig("smollm2-full", "smollm2", False, batch_size=2, warmup=1, timed=3),
+            StepConfig("smollm2-lora", "smollm2", True, batch_size=2, warmup=1, timed=3),
+        ],
+        sweep_models=["tiny", "smollm2"],
+        sweep_rows={"tiny": 128, "smollm2": 8},
+        sweep_batch={"tiny": 8, "smollm2": 2},
+        sweep_reps={"tiny": reps or 3, "smollm2": reps or 2},
+        gen_models=["tiny", "smollm2"],
+        gen_reps={"tiny": reps or 3, "smollm2": reps or 2},
+        max_new_tokens=32,
+        hw_sizes=[256, 512, 1024, 2048],
+        hw_repeats=5,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ children
+class Runner:
+    def __init__(self, work: Path, threads: int, verbose: bool) -> None:
+        self.work, self.threads, self.verbose = work, threads, verbose
+        self.env = child_env(threads)
+        self.count = 0
+
+    def __call__(self, module: str, spec: dict[str, Any], label: str) -> dict[str, Any]:
+        """Run `python -m benchmarks.<module>` on one spec; a failure is returned as {"error": ...}."""
+        self.count += 1
+        out = self.work / "results" / f"{self.count:03d}-{module}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spec = {"threads": self.threads, "work": str(self.work), **spec}
+        started = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {label} ...", end=" ", flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", "--spec", json.dumps(spec), "--out", str(out)],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=not self.verbose,
+            text=True,
+        )
+        seconds = time.time() - started
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or "").strip().splitlines()[-15:] if not self.verbose else []
+            print(f"FAILED after {seconds:.0f}s")
+            if tail:
+                print("    " + "\n    ".join(tail))
+            return {"error": tail[-1] if tail else f"exit code {proc.returncode}", "spec": spec}
+        print(f"{seconds:.0f}s")
+        return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def summary(xs: list[float]) -> tuple[float, float, float] | None:
+    xs = [x for x in xs if x is not None]
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
+def fmt(s: tuple[float, float, float] | None, digits: int = 2, scale: float = 1.0) -> str:
+    if s is None:
+        return "n/a"
+    m, lo, hi = (x * scale for x in s)
+    if lo == hi:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def step_throughput(result: dict[str, Any], warmup: int) -> dict[str, float] | None:
+    """tokens/s and s/step of the timed steps of one child (interval i is step i+2, 1-based)."""
+    if "error" in result:
+        return None
+    clock = result["clock"]
+    intervals = [b - a for a, b in itertools.pairwise(clock)][warmup:]
+    tokens = result["tokens"][1 + warmup :][: len(intervals)]
+    padded = result["padded_tokens"][1 + warmup :][: len(intervals)]
+    # median of the per-step rates: robust to a step stalled by another process on a shared machine
+    return {
+        "tokens_per_s": statistics.median(t / dt for t, dt in zip(tokens, intervals, strict=True)),
+        "s_per_step": statistics.median(intervals),
+        "tokens_per_step": statistics.mean(tokens),
+        "pad_fraction": 1 - sum(tokens) / sum(padded),
+        "rss_mb": result["rss_steps"][-1],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def bench_steps(
+    cfg: StepConfig, plan: Plan, run: Runner, model_dirs: dict[str, Path], warmed: set[str]
+) -> dict[str, Any]:
+    work = run.work
+    data = write_rows(paired_rows(cfg.steps * cfg.batch_size, cfg.model), work / "data" / f"{cfg.name}.jsonl")
+    base = {
+        "model": cfg.model,
+        "policy": str(model_dirs[cfg.model]),
+        "data": str(data),
+        "n_rows": cfg.steps * cfg.batch_size,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "lr": cfg.lr,
+        "beta": cfg.beta,
+        "lora": cfg.lora,
+        "cache_dir": str(work / "refcache"),
+    }
+    out: dict[str, Any] = {"config": cfg.__dict__ | {"steps": cfg.steps}, "runs": {}}
+    if not cfg.lora:  # parity also warms sacpo's reference cache for the timed runs
+        from benchmarks.common import perturbed_reference
+
+        ref = perturbed_reference(cfg.model, work)
+        out["parity"] = run(
+            "dpo_step", {**base, "mode": "parity", "reference": str(ref)}, f"{cfg.name}: parity"
+        )
+    elif (
+        cfg.model not in warmed
+    ):  # warm the cache with one untimed sacpo run (same rows as the full-FT config)
+        run("dpo_step", {**base, "side": "sacpo", "ref": "cached", "tag": "warm"}, f"{cfg.name}: warm cache")
+    warmed.add(cfg.model)
+    for rep in range(plan.reps):
+        variants = cfg.variants if rep % 2 == 0 else cfg.variants[::-1]
+        for side, ref in variants:
+            key = f"{side}/{ref}"
+            res = run(
+                "dpo_step",
+                {**base, "side": side, "ref": ref, "tag": f"{cfg.name}-{rep}"},
+                f"{cfg.name}: rep {rep + 1}/{plan.reps} {key}",
+            )
+            out["runs"].setdefault(key, []).append(res)
+    return out
+
+
+def bench_sweep(model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    work = run.work
+    n = plan.sweep_rows[model]
+    spec = {
+        "model": model,
+        "policy": str(model_dirs[model]),
+        "helpful_data": str(
+            write_rows(paired_rows(n, model, seed=0), work / "data" / f"sweep-{model}-helpful.jsonl")
+        ),
+        "safe_data": str(
+            write_rows(paired_rows(n, model, seed=1), work / "data" / f"sweep-{model}-safe.jsonl")
+        ),
+        "n_rows": n,
+        "batch_size": plan.sweep_batch[model],
+        "max_length": 256,
+        "max_prompt_length": 128,
+        "lr": 5e-6,
+        "beta": 0.1,
+        "lams": plan.lams,
+    }
+    prep = run("sweep", {**spec, "mode": "prepare"}, f"sweep {model}: step 1 (helpful)")
+    out: dict[str, Any] = {"spec": spec, "prepare": prep, "runs": {"sacpo": [], "trl": []}}
+    if "error" in prep:
+        return out
+    spec["helpful_model"] = prep["helpful_model"]
+    reps = plan.sweep_reps[model]
+    for rep in range(reps):
+        for side in ("sacpo", "trl") if rep % 2 == 0 else ("trl", "sacpo"):
+            res = run("sweep", {**spec, "mode": side}, f"sweep {model}: rep {rep + 1}/{reps} {side}")
+            out["runs"][side].append(res)
+    return out
+
+
+def bench_generation(model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    spec = {
+        "model": model,
+        "policy": str(model_dirs[model]),
+        "n_prompts": 16,
+        "n": 8,
+        "max_new_tokens": plan.max_new_tokens,
+        "max_prompt_length": 128,
+        "reps": plan.gen_reps[model],
+        "cd": model == "tiny",
+        "cd_top_k": 8,
+        "cd_K": 4,
+        "cd_M": 8,
+    }
+    return run("generation", spec, f"generation {model}")
+
+
+# -------------------------------------------------------------------------------------------------- report
+def machine_info(threads: int) -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "threads": str(threads),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "transformers": _version("transformers"),
+        "trl": _version("trl"),
+        "peft": _version("peft"),
+        "accelerate": _version("accelerate"),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("✓" if ok else "✗")
+
+
+def report_steps(
+    res: dict[str, Any], peak_flops: float | None, n_params: dict[str, int]
+) -> tuple[list[str], dict]:
+    cfg = res["config"]
+    name, warmup = cfg["name"], cfg["warmup"]
+    per = {k: [step_throughput(r, warmup) for r in rs] for k, rs in res["runs"].items()}
+    errors = {k: r.get("error") for k, rs in res["runs"].items() for r in rs if "error" in r}
+    lines = [f"### DPO step — {name}", ""]
+    lines.append(
+        f"{'LoRA r=8 (peft default targets)' if cfg['lora'] else 'full fine-tuning'}, batch {cfg['batch_size']} pairs "
+        f"({2 * cfg['batch_size']} sequences), max_length {cfg['max_length']}, {cfg['timed']} timed steps after "
+        f"{1 + cfg['warmup']} warm-up steps per run, AdamW lr {cfg['lr']:g}, β {cfg['beta']:g}, fp32."
+    )
+    any_ok = next((x for v in per.values() for x in v if x), None)
+    if any_ok:
+        lines.append(
+            f"Real tokens per step {any_ok['tokens_per_step']:.0f} (padding {100 * any_ok['pad_fraction']:.0f}% of the "
+            "padded batch); tokens/s counts real tokens."
+        )
+    lines += ["", "| variant | tokens/s | s/step | peak RSS (MB) | MFU |", "|---|---|---|---|---|"]
+    p = n_params.get(cfg["model"])
+    mfu_rows = {}
+    for key, vals in per.items():
+        tps = summary([v["tokens_per_s"] for v in vals if v])
+        rss = summary([v["rss_mb"] for v in vals if v])
+        sps = summary([v["s_per_step"] for v in vals if v])
+        mfu = "n/a"
+        if tps and p and peak_flops and not cfg["lora"]:
+            factor = 8 if key.endswith("/live") else 6
+            mfu_val = factor * p * tps[0] / peak_flops
+            mfu = f"{100 * mfu_val:.1f}% ({factor}·P·T)"
+            mfu_rows[key] = mfu_val
+        err = f" (errors: {errors[key]})" if key in errors else ""
+        lines.append(f"| {key}{err} | {fmt(tps, 0)} | {fmt(sps, 3)} | {fmt(rss, 0)} | {mfu} |")
+    lines += ["", "| comparison | tokens/s ratio | peak RSS ratio | target | met |", "|---|---|---|---|---|"]
+    verdicts = {}
+    for num, den, what in COMPARISONS:
+        a, b = "/".join(num), "/".join(den)
+        if a not in per or b not in per:
+            continue
+        pairs = [(x, y) for x, y in zip(per[a], per[b], strict=False) if x and y]
+        tr = summary([x["tokens_per_s"] / y["tokens_per_s"] for x, y in pairs])
+        rr = summary([x["rss_mb"] / y["rss_mb"] for x, y in pairs])
+        target, met = "", ""
+        if num == ("sacpo", "cached") and den == ("trl", "live") and name in TARGETS:
+            t_tps, t_rss = TARGETS[name]
+            ok_tps = tr[0] >= t_tps if tr else None
+            ok_rss = (rr[0] <= t_rss if rr else None) if t_rss is not None else None
+            target = f"tokens/s ≥ {t_tps}×" + (f", RSS ≤ {t_rss}×" if t_rss is not None else "")
+            met = mark(ok_tps) + (f" / {mark(ok_rss)}" if t_rss is not None else "")
+            verdicts = {
+                "tps": tr,
+                "rss": rr,
+                "ok_tps": ok_tps,
+                "ok_rss": ok_rss,
+                "t_tps": t_tps,
+                "t_rss": t_rss,
+            }
+            verdicts["ok"] = ok_tps is not False and ok_rss is not False
+        lines.append(f"| {a} ÷ {b} — {what} | {fmt(tr)} | {fmt(rr, 3)} | {target} | {met} |")
+    par = res.get("parity")
+    lines.append("")
+    if par and "error" not in par:
+        ok = par["abs_diff_live"] <= LOSS_TOL and par["abs_diff_precompute"] <= LOSS_TOL
+        lines.append(
+            f"**First-batch loss** (reference = perturbed copy of the policy, batch shape {par['first_batch_shape']}): "
+            f"sacpo {par['sacpo_loss']:.6f} (fused-head prototype {par.get('sacpo_fused_loss', float('nan')):.6f}), "
+            f"TRL live {par['trl_loss_live']:.6f}, TRL precompute "
+            f"{par['trl_loss_precompute']:.6f}; |Δ| = {par['abs_diff_live']:.1e} / {par['abs_diff_precompute']:.1e} "
+            f"(≤ {LOSS_TOL:g} {mark(ok)}); identical token ids and response masks: "
+            f"{'yes' if par['identical_inputs'] else 'NO'}. With reference = policy (every timed run starts there) "
+            f"sacpo's loss is {par['sacpo_loss_ref_is_policy']:.6f} (log 2 = 0.693147)."
+        )
+    elif par:
+        lines.append(f"**First-batch loss**: parity child failed: {par['error']}")
+    else:
+        lines.append(
+            "**First-batch loss**: LoRA starts from B = 0, so the policy equals the base model and the first-batch "
+            "loss is the full-fine-tuning one (checked in the full-FT table)."
+        )
+    lines.append("")
+    return lines, {"verdict": verdicts, "mfu": mfu_rows}
+
+
+def report_sweep(res: dict[str, Any]) -> tuple[list[str], dict]:
+    spec = res["spec"]
+    lines = [f"### SACPO λ sweep — {spec['model']}", ""]
+    lines.append(
+        f"Step 2 for λ ∈ {spec['lams']} (β = {spec['beta']:g}/λ) from the same step-1 policy, {spec['n_rows']} safety "
+        f"pairs, 1 epoch, batch {spec['batch_size']}, final model saved per λ; wall time from the first load to the "
+        "last save (libraries already imported)."
+    )
+    if "error" in res["prepare"]:
+        return [*lines, "", f"step-1 preparation failed: {res['prepare']['error']}", ""], {}
+    s = [r.get("seconds") for r in res["runs"]["sacpo"]]
+    t = [r.get("seconds") for r in res["runs"]["trl"]]
+    ratio = summary([a / b for a, b in zip(s, t, strict=False) if a is not None and b is not None])
+    ok = ratio[0] <= SWEEP_TARGET if ratio else None
+    passes = next((r["reference_passes"] for r in res["runs"]["sacpo"] if "error" not in r), {})
+    lines += [
+        "",
+        "| | wall time (s) | reference forward passes over the data |",
+        "|---|---|---|",
+        f"| sacpo `run_pipeline` | {fmt(summary(s), 1)} | {passes.get('computed', '?')} (cached reads: "
+        f"{passes.get('cached', '?')}) |",
+        f"| TRL, one DPOTrainer per λ | {fmt(summary(t), 1)} | a live reference forward in every step of "
+        f"each of the {len(spec['lams'])} trainers |",
+        "",
+        f"Ratio sacpo ÷ TRL wall time: {fmt(ratio)} (target ≤ {SWEEP_TARGET} {mark(ok)}).",
+    ]
+    per_s = [r["per_lambda_s"] for r in res["runs"]["sacpo"] if "per_lambda_s" in r]
+    per_t = [r["per_lambda_s"] for r in res["runs"]["trl"] if "per_lambda_s" in r]
+    if per_s and per_t:
+
+        def col(rows: list[list[float]], i: int) -> str:
+            return fmt(summary([row[i] for row in rows]), 1)
+
+        lines.append(
+            "Per λ (s): sacpo "
+            + ", ".join(col(per_s, i) for i in range(len(per_s[0])))
+            + " (`train()` time; the first includes the shared reference pass); TRL "
+            + ", ".join(col(per_t, i) for i in range(len(per_t[0])))
+            + "."
+        )
+    imp_s = summary([r.get("import_sacpo_s") for r in res["runs"]["sacpo"]])
+    imp_t = summary([r.get("import_trl_s") for r in res["runs"]["trl"]])
+    if imp_s and imp_t:
+        lines.append(
+            f"Not in the wall time: importing the package itself after torch/transformers/accelerate/peft: sacpo "
+            f"{fmt(imp_s)} s, TRL {fmt(imp_t)} s."
+        )
+    errors = [r["error"] for side in res["runs"].values() for r in side if "error" in r]
+    if errors:
+        lines.append(f"Errors: {errors}")
+    return [*lines, ""], {"ratio": ratio, "ok": ok}
+
+
+def report_generation(res: dict[str, Any], model: str) -> tuple[list[str], dict]:
+    lines = [f"### Best-of-n generation — {model}", ""]
+    if "error" in res:
+        return [*lines, f"failed: {res['error']}", ""], {}
+    spec = res["spec"]
+    lines.append(
+        f"{spec['n_prompts']} prompts, n = {spec['n']}, max_new_tokens {spec['max_new_tokens']}, "
+        "`sacpo.models.generate.sample`; throughput = generated tokens / s."
+    )
+    b, lp = res["bon"]["batched"], res["bon"]["loop"]
+    tps = {k: summary([r["tokens"] / r["seconds"] for r in v]) for k, v in res["bon"].items()}
+    wall = {k: summary([r["seconds"] for r in v]) for k, v in res["bon"].items()}
+    ratio = summary(
+        [(x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"]) for x, y in zip(b, lp, strict=True)]
+    )
+    ok = ratio[0] >= BON_TARGET if ratio else None
+    lines += [
+        "",
+        "| arm | generate calls | wall (s) | tokens/s |",
+        "|---|---|---|---|",
+        f"| batched (one call, {spec['n_prompts']}×{spec['n']} sequences) | 1 | {fmt(wall['batched'])} | "
+        f"{fmt(tps['batched'], 0)} |",
+        f"| per-prompt loop | {spec['n_prompts']} | {fmt(wall['loop'])} | {fmt(tps['loop'], 0)} |",
+    ]
+    proto = res["bon"].get("shared_prefill")
+    proto_ratio = None
+    notes: list[str] = []
+    if proto:
+        proto_ratio = summary(
+            [
+                (x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"])
+                for x, y in zip(proto, lp, strict=True)
+            ]
+        )
+        lines.append(
+            f"| prototype, not in sacpo: batched with each prompt prefilled once (KV cache repeated n times) | "
+            f"1 prefill + decode loop | {fmt(wall['shared_prefill'])} | {fmt(tps['shared_prefill'], 0)} |"
+        )
+        prefill = summary([r.get("prefill_s") for r in proto])
+        if prefill:
+            notes.append(
+                f"Where the batched time goes: prefilling the {spec['n_prompts']} prompts once takes {fmt(prefill)} s "
+                f"(prototype); `generate(num_return_sequences={spec['n']})` repeats every prompt {spec['n']} times "
+                f"before its prefill ({spec['n']}× that work), and the per-prompt loop pays the same repeated "
+                f"prefill plus {spec['n_prompts']}× the per-step overhead of `generate`."
+            )
+    lines += [
+        "",
+        f"Batched ÷ loop tokens/s: {fmt(ratio)} (target ≥ {BON_TARGET:g}× {mark(ok)})."
+        + (f" Prototype ÷ loop: {fmt(proto_ratio)}." if proto_ratio else ""),
+        *notes,
+        "",
+    ]
+    verdict = {"ratio": ratio, "ok": ok}
+    cd = res.get("cd")
+    if model == "tiny":
+        lines += [f"### Controlled decoding cost — {model}", ""]
+        if cd is None or "error" in cd:
+            why = cd["error"] if cd else "not run"
+            lines += [
+                "| decoder | ms / generated token | ÷ plain sampling |",
+                "|---|---|---|",
+                "| token-wise CD, blockwise CD | TODO | not measured: controlled decoding module not available "
+                f"({why}) |",
+                "",
+            ]
+        else:
+            st = cd["settings"]
+            lines.append(
+                f"One response per prompt ({spec['n_prompts']} prompts, max_new_tokens {spec['max_new_tokens']}); "
+                f"token-wise top_k {st['top_k']}, β {st['beta']:g}; blockwise K {st['K']}, M {st['M']}; one untrained "
+                "prefix scorer built from the same model (cost does not depend on its weights)."
+            )
+            lines += [
+                "",
+                "| decoder | ms / generated token | ÷ plain sampling (per rep) | forward tokens / generated token "
+                "(base + scorer) |",
+                "|---|---|---|---|",
+            ]
+            per_tok = {
+                k: [r["seconds"] / max(r["tokens"], 1) for r in cd[k]] for k in ("plain", "token", "block")
+            }
+            for k, label in (
+                ("plain", "plain sampling"),
+                ("token", "token-wise CD"),
+                ("block", "blockwise CD"),
+            ):
+                rel = summary([a / b for a, b in zip(per_tok[k], per_tok["plain"], strict=True)])
+                fwd = "—"
+                if k != "plain":
+                    vals = [r["per_generated_token"].get("total_forward") for r in cd[k]]
+                    fwd = fmt(summary([v for v in vals if v is not None]), 1)
+                lines.append(f"| {label} | {fmt(summary(per_tok[k]), 3, scale=1e3)} | {fmt(rel)} | {fwd} |")
+            lines.append("")
+    return lines, verdict
+
+
+def report_profiles(profiles: dict[str, Any]) -> list[str]:
+    if not profiles:
+        return []
+    lines = ["## Where the time goes (torch profiler, missed targets)", ""]
+    for name, prof in profiles.items():
+        lines += [f"### {name}", ""]
+        if "error" in prof:
+            lines += [f"profiler child failed: {prof['error']}", ""]
+            continue
+        for side, data in prof["sides"].items():
+            if "error" in data:
+                lines += [f"{side}: failed: {data['error']}", ""]
+                continue
+            lines.append(
+                f"**{side}** — {data['steps']} profiled steps, {data['seconds_per_step']:.3f} s/step; self CPU time "
+                "by category (share of profiled op time):"
+            )
+            lines += ["", "| category | ms/step | share |", "|---|---|---|"]
+            for cat, ms in data["categories"]:
+                lines.append(f"| {cat} | {ms:.1f} | {100 * ms / max(data['total_ms'], 1e-9):.0f}% |")
+            lines += ["", "| top ops (self CPU) | ms/step | calls/step |", "|---|---|---|"]
+            for op, ms, calls in data["top_ops"]:
+                lines.append(f"| `{op}` | {ms:.1f} | {calls:.0f} |")
+            lines.append("")
+    return lines
+
+
+def write_report(results: dict[str, Any], path: Path) -> dict[str, Any]:
+    info = results["machine"]
+    hw = results.get("hardware", {})
+    peak = hw.get("peak_flops")
+    lines = [
+        "# Benchmarks: sacpo vs TRL",
+        "",
+        f"Generated by `python -m benchmarks.run{' --quick' if results['quick'] else ''}` on "
+        f"{results['date']} in {results['seconds'] / 60:.1f} min.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads in every "
+        f"child), Python {info['python']}, transformers {info['transformers']}, TRL {info['trl']}, peft "
+        f"{info['peft']}, accelerate {info['accelerate']}. Load average at the start: {info['load_average']}.",
+        "",
+        "Numbers are median [min, max] over repetitions; ratios are taken within each repetition, then summarised. "
+        "Each configuration runs in its own child process (peak RSS = ru_maxrss of that child at the end of its last "
+        "training step, before any final save; it includes the interpreter and imported libraries).",
+        "",
+        "## Summary",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    summary_rows = []
+    body: list[str] = ["## 1. DPO training step", ""]
+    n_params = results.get("n_params", {})
+    mfu_lines = []
+    for res in results.get("steps", []):
+        sec, extra = report_steps(res, peak, n_params)
+        body += sec
+        v = extra["verdict"]
+        if v:
+            name = res["config"]["name"]
+            summary_rows.append(
+                f"| DPO step {name}: sacpo ÷ TRL tokens/s ≥ {v['t_tps']}× | {fmt(v['tps'])} | {mark(v['ok_tps'])} |"
+            )
+            if v["t_rss"] is not None:
+                summary_rows.append(
+                    f"| DPO step {name}: sacpo ÷ TRL peak RSS ≤ {v['t_rss']}× | {fmt(v['rss'], 3)} | "
+                    f"{mark(v['ok_rss'])} |"
+                )
+        for key, val in extra["mfu"].items():
+            mfu_lines.append(f"{res['config']['name']} {key}: {100 * val:.2f}%")
+    body += ["## 2. SACPO λ sweep", ""]
+    for res in results.get("sweeps", []):
+        sec, v = report_sweep(res)
+        body += sec
+        if v:
+            summary_rows.append(
+                f"| λ sweep of 3 ({res['spec']['model']}): sacpo ÷ TRL wall time ≤ {SWEEP_TARGET} | "
+                f"{fmt(v['ratio'])} | {mark(v['ok'])} |"
+            )
+    body += ["## 3. Generation", ""]
+    for model, res in results.get("generation", {}).items():
+        sec, v = report_generation(res, model)
+        body += sec
+        if v:
+            summary_rows.append(
+                f"| best-of-n ({model}): batched ÷ loop ≥ {BON_TARGET:g}× | {fmt(v['ratio'])} | {mark(v['ok'])} |"
+            )
+    body += ["## 4. Hardware limit and MFU", ""]
+    if hw and "error" not in hw:
+        body += ["| matmul n×n (fp32) | GFLOP/s (best) |", "|---|---|"]
+        body += [f"| {n} | {f / 1e9:.1f} |" for n, f in hw["matmul_flops"].items()]
+        body += [
+            "",
+            f"Peak measured: {peak / 1e9:.1f} GFLOP/s with {hw['threads']} threads. MFU of the DPO step = "
+            "FLOPs/step ÷ step time ÷ peak, FLOPs/step ≈ 6·P·T for the policy (+ 2·P·T for a live reference; the "
+            "cached reference adds none), T = real tokens, P = parameters: "
+            + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in n_params.items())
+            + ".",
+            "",
+            "MFU: " + ("; ".join(mfu_lines) if mfu_lines else "n/a") + ".",
+            "",
+        ]
+    else:
+        body += [f"matmul benchmark failed: {hw.get('error', 'not run')}", ""]
+    body += report_profiles(results.get("profiles", {}))
+    if ANALYSIS.is_file():
+        body += ["", ANALYSIS.read_text().strip(), ""]
+    if results.get("notes"):
+        body += ["## Notes", "", *results["notes"], ""]
+    lines += [*summary_rows, "", *body]
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return {"summary": summary_rows}
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with every section/configuration that `new` measured replaced by the new measurement."""
+    out = {**old, "machine": new["machine"], "date": new["date"]}
+    out["seconds"] = old.get("seconds", 0) + new["seconds"]
+    for key in ("hardware", "n_params"):
+        if key in new:
+            out[key] = {**old.get(key, {}), **new[key]} if key == "n_params" else new[key]
+    for key, name in (("steps", lambda r: r["config"]["name"]), ("sweeps", lambda r: r["spec"]["model"])):
+        if key in new:
+            redone = {name(r): r for r in new[key]}
+            kept = [redone.pop(name(r), r) for r in old.get(key, [])]  # in place, same order
+            out[key] = kept + list(redone.values())
+    for key in ("generation", "profiles"):
+        if key in new:
+            out[key] = {**old.get(key, {}), **new[key]}
+    out["notes"] = old.get("notes", []) + [n for n in new.get("notes", []) if n not in old.get("notes", [])]
+    out["notes"].append(
+        f"- merged a rerun ({new['date']}) of: {', '.join(k for k in new if k in SECTION_KEYS)}"
+    )
+    return out
+
+
+SECTION_KEYS = ("hardware", "steps", "sweeps", "generation", "profiles")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2 only, 1 repetition (< 2 min)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default: 1 quick, 3 full)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every child")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch directory (models, data, runs)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="markdown report")
+    ap.add_argument(
+        "--only",
+        default="hw,step,sweep,gen",
+        help="comma-separated sections: hw, step, sweep, gen (default all)",
+    )
+    ap.add_argument(
+        "--models", default=None, help="restrict to these models (comma-separated: tiny, smollm2)"
+    )
+    ap.add_argument(
+        "--profile", choices=("auto", "always", "never"), default="auto", help="torch profiler runs"
+    )
+    ap.add_argument("--verbose", action="store_true", help="show the children's output")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of <work>/results.json that this run does not redo (rerun a noisy section)",
+    )
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from <work>/results.json, run nothing"
+    )
+    args = ap.parse_args(argv)
+    if args.report_only:
+        results = json.loads((args.work / "results.json").read_text())
+        for row in write_report(results, args.out)["summary"]:
+            print(row)
+        return 0
+
+    started = time.time()
+    plan = make_plan(args.quick, args.reps)
+    sections = set(args.only.split(","))
+    models = set(args.models.split(",")) if args.models else None
+    if models:
+        plan.step_configs = [c for c in plan.step_configs if c.model in models]
+        plan.sweep_models = [m for m in plan.sweep_models if m in models]
+        plan.gen_models = [m for m in plan.gen_models if m in models]
+    args.work.mkdir(parents=True, exist_ok=True)
+    run = Runner(args.work.resolve(), args.threads, args.verbose)
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(args.threads),
+        "notes": [],
+    }
+
+    # models (SmolLM2 converted once, timed)
+    from benchmarks.common import model_dir
+
+    needed = {c.model for c in plan.step_configs} | set(plan.sweep_models) | set(plan.gen_models)
+    model_dirs: dict[str, Path] = {}
+    for m in sorted(needed):
+        t0 = time.time()
+        try:
+            model_dirs[m] = model_dir(m, run.work)
+        except Exception as e:  # SmolLM2 package missing: skip its sections, say so
+            results["notes"].append(f"- {m}: skipped ({type(e).__name__}: {e})")
+            print(f"skipping {m}: {e}")
+            continue
+        results["notes"].append(f"- {m}: model ready in {time.time() - t0:.1f} s ({model_dirs[m]})")
+    plan.step_configs = [c for c in plan.step_configs if c.model in model_dirs]
+    plan.sweep_models = [m for m in plan.sweep_models if m in model_dirs]
+    plan.gen_models = [m for m in plan.gen_models if m in model_dirs]
+
+    if "hw" in sections:
+        results["hardware"] = run(
+            "hardware", {"sizes": plan.hw_sizes, "repeats": plan.hw_repeats}, "matmul FLOP/s"
+        )
+    if "step" in sections:
+        warmed: set[str] = set()  # models whose reference cache the parity child has filled
+        results["steps"] = [bench_steps(c, plan, run, model_dirs, warmed) for c in plan.step_configs]
+        results["n_params"] = {
+            r["config"]["model"]: r["parity"]["n_params"]
+            for r in results["steps"]
+            if "n_params" in r.get("parity", {})
+        }
+    if "sweep" in sections:
+        results["sweeps"] = [bench_sweep(m, plan, run, model_dirs) for m in plan.sweep_models]
+    if "gen" in sections:
+        results["generation"] = {m: bench_generation(m, plan, run, model_dirs) for m in plan.gen_models}
+
+    # profile the DPO step where a target was missed
+    if "step" in sections and args.profile != "never":
+        results["profiles"] = {}
+        peak = results.get("hardware", {}).get("peak_flops")
+        for res in results["steps"]:
+            _, extra = report_steps(res, peak, results.get("n_params", {}))
+            missed = extra["verdict"].get("ok") is False
+            if args.profile == "always" or missed:
+                cfg = res["config"]
+                spec = {**res["runs"]["sacpo/cached"][0].get("spec", {})}
+                if not spec:
+                    continue
+                spec.update(steps=cfg["steps"], profile_warmup=1 + cfg["warmup"])
+                results["profiles"][cfg["name"]] = run("profiling", spec, f"{cfg['name']}: torch profiler")
+
+    results["seconds"] = time.time() - started
+    if args.merge and (args.work / "results.json").is_file():
+        results = merge_results(json.loads((args.work / "results.json").read_text()), results)
+    (args.work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    written = write_report(results, args.out)
+    print(f"\nwrote {args.out} ({results['seconds'] / 60:.1f} min)")
+    for row in written["summary"]:
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

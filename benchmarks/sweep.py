@@ -1,0 +1,180 @@
+"""SACPO step 2 over a λ sweep: sacpo's `run_pipeline` (one shared reference pass) vs one TRL DPOTrainer per λ.
+
+Both start from the same step-1 (helpful) policy, built once by `mode: prepare` with sacpo's pipeline, and train
+β/λ for each λ on the same safety pairs, same epochs, batch size, max_length, AdamW settings and fp32; each saves
+its final model (sacpo always does; the TRL side calls `save_model`, as the SACPO authors' scripts do). Wall time
+runs from the start of the sweep (libraries already imported) to the last saved model and includes everything
+each tool does on the way: loading, tokenization, reference log-probs, training, saving.
+
+sacpo: `run_pipeline` with stages [helpful β, safe λ=[...]]; the finished helpful stage is skipped, the three safe
+branches share one reference pass through the cache. TRL: for each λ, a fresh `DPOTrainer` with the helpful
+model as policy and (its default) a live reference copy loaded from the same directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import child_main, paired_rows, trl_dataset
+
+
+def preload(side: str) -> dict[str, float]:
+    """Import the libraries both sides use before any clock starts (TRL imports them at `import trl`, sacpo
+    lazily inside `train()`), then the side's own package; returns the seconds of each step."""
+    started = time.perf_counter()
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    from accelerate import Accelerator  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    shared = time.perf_counter() - started
+    started = time.perf_counter()
+    if side == "trl":
+        import trl  # noqa: F401
+    else:
+        import sacpo.train.pipeline  # noqa: F401
+    return {"import_shared_s": shared, f"import_{side}_s": time.perf_counter() - started}
+
+
+def _pipeline_config(spec: dict[str, Any], stages: int):
+    from sacpo.train.config import DataConfig
+    from sacpo.train.pipeline import PipelineConfig, StageConfig
+
+    defaults = {
+        "batch_size": spec["batch_size"],
+        "epochs": 1.0,
+        "lr": spec["lr"],
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.0,
+        "scheduler": "constant",
+        "max_grad_norm": 1.0,
+        "max_length": spec["max_length"],
+        "max_prompt_length": spec["max_prompt_length"],
+        "mixed_precision": "no",
+        "kl_prompts": 0,
+        "eval_fraction": 0.0,
+        "log_every": 10,
+    }
+    all_stages = [
+        StageConfig(
+            name="helpful",
+            data=DataConfig(source=spec["helpful_data"], format="trl_paired"),
+            beta=spec["beta"],
+        ),
+        StageConfig(
+            name="safe", data=DataConfig(source=spec["safe_data"], format="trl_paired"), lam=spec["lams"]
+        ),
+    ]
+    return PipelineConfig(
+        policy=spec["policy"],
+        output_dir=str(Path(spec["work"]) / "sweep" / spec["model"] / "sacpo"),
+        stages=all_stages[:stages],
+        defaults=defaults,
+    )
+
+
+def prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train step 1 (helpful) once; both sides start step 2 from its model."""
+    from sacpo.train.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    result = run_pipeline(_pipeline_config(spec, stages=1), show_progress=False)
+    return {"helpful_model": result["stages"][0]["model"], "seconds": time.perf_counter() - started}
+
+
+def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
+    from sacpo.train.pipeline import run_pipeline
+
+    cfg = _pipeline_config(spec, stages=2)
+    out = Path(cfg.output_dir)
+    for d in (out / "stages").glob("safe*"):  # a previous repetition's step-2 branches
+        shutil.rmtree(d)
+    shutil.rmtree(
+        out / ".ref_cache", ignore_errors=True
+    )  # step 1 is skipped as finished; its cache is not needed
+    started = time.perf_counter()
+    result = run_pipeline(cfg, show_progress=False)
+    seconds = time.perf_counter() - started
+    trained = [s for s in result["stages"] if s["stage"] == "safe"]
+    return {
+        "seconds": seconds,
+        "branches": [s["name"] for s in trained],
+        "reference_passes": result["reference_passes"],
+        "steps": [s["summary"]["steps"] for s in trained],
+        "per_lambda_s": [s["summary"]["seconds"] for s in trained],  # train() wall time, the first one
+        # includes the shared reference pass
+    }
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    policy = spec["helpful_model"]
+    out = Path(spec["work"]) / "sweep" / spec["model"] / "trl"
+    shutil.rmtree(out, ignore_errors=True)
+    rows = paired_rows(spec["n_rows"], spec["model"], seed=1)
+    started = time.perf_counter()
+    steps, per_lambda = [], []
+    for lam in spec["lams"]:
+        lam_started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(policy)
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
+        args = DPOConfig(
+            output_dir=str(out / f"lam{lam:g}"),
+            per_device_train_batch_size=spec["batch_size"],
+            num_train_epochs=1,
+            learning_rate=spec["lr"],
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            beta=spec["beta"] / lam,
+            loss_type=["sigmoid"],
+            max_length=spec["max_length"],
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            logging_steps=10,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = DPOTrainer(
+            model=model, args=args, train_dataset=trl_dataset(rows, tokenizer), processing_class=tokenizer
+        )
+        trainer.train()
+        trainer.save_model(str(out / f"lam{lam:g}" / "model"))
+        steps.append(trainer.state.global_step)
+        del trainer, model
+        per_lambda.append(time.perf_counter() - lam_started)
+    return {
+        "seconds": time.perf_counter() - started,
+        "steps": steps,
+        "per_lambda_s": per_lambda,
+        "reference_passes": {"live": len(spec["lams"])},
+    }
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    mode = spec["mode"]
+    if mode == "prepare":
+        return prepare(spec)
+    imports = preload(mode)
+    result = run_sacpo(spec) if mode == "sacpo" else run_trl(spec)
+    return {**result, **imports}
+
+
+if __name__ == "__main__":
+    child_main(run)

@@ -1,0 +1,163 @@
+"""Candidate pools for best-of-n: M i.i.d. responses per prompt from ONE batched `generate` call per prompt batch,
+with the base log-prob of each sampled token-id sequence, and scoring of every distinct response once.
+
+Layout of a pool (`CandidatePool`): per prompt, M = S·(N + 1) responses; candidate j of draw s is response s·N + j
+(j < N), and response S·N + s is an independent base sample (the win-rate opponent of draw s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sacpo.data.records import Prompt
+from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
+from sacpo.models.generate import sample
+from sacpo.models.logprobs import sequence_logps
+
+
+@dataclass
+class CandidatePool:
+    """M = S·(N + 1) sampled responses per prompt (layout in the module docstring) and their base log-probs.
+
+    responses: P lists of M texts; logp (P, M) float64 = log p(y|x) of the sampled ids; response_tokens (P, M)
+    long; finished (P, M) bool (ended with EOS); roundtrip (P, M) bool (re-encoding the text gives the ids).
+    """
+
+    prompts: list[Prompt]
+    responses: list[list[str]]
+    logp: torch.Tensor
+    response_tokens: torch.Tensor
+    finished: torch.Tensor
+    roundtrip: torch.Tensor
+    n_draws: int  # S
+    group_size: int  # N
+
+    @property
+    def width(self) -> int:
+        return self.n_draws * (self.group_size + 1)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(P, M) per-response values → (P, S, N) candidates of each draw."""
+        s, n = self.n_draws, self.group_size
+        return x[:, : s * n].reshape(x.shape[0], s, n)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """(P, M) → (P, S): the independent base sample of each draw."""
+        return x[:, self.n_draws * self.group_size :]
+
+    def global_index(self, chosen: torch.Tensor) -> torch.Tensor:
+        """(P, S) index within each draw → (P, S) column in the (P, M) layout."""
+        return chosen + self.group_size * torch.arange(self.n_draws).unsqueeze(0)
+
+
+def _decode(tokenizer: Any, response_ids: Sequence[int], eos_id: int) -> tuple[str, bool, bool]:
+    """(text without the final EOS, finished, roundtrip)."""
+    ids = list(response_ids)
+    finished = bool(ids) and ids[-1] == eos_id
+    text_ids = ids[:-1] if finished else ids
+    text = tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return text, finished, tokenizer(text, add_special_tokens=False)["input_ids"] == text_ids
+
+
+@torch.no_grad()
+def base_logps(
+    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 64, show_progress: bool = False
+) -> torch.Tensor:
+    """log p(response | prompt) of each sequence from its token ids, (N,) float64. Identical sequences are scored
+    once; batches are sorted by length to limit padding."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, tuple[int, ...]], int] = {}
+    where = [unique.setdefault((s.prompt_len, s.input_ids), len(unique)) for s in seqs]
+    keys = list(unique)
+    order = sorted(range(len(keys)), key=lambda i: len(keys[i][1]))
+    values = torch.empty(len(keys), dtype=torch.float64)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="bon log-probs", disable=not show_progress):
+        idx = order[start : start + batch_size]
+        batch = pad_sequences([Encoded(keys[i][1], keys[i][0]) for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        values[idx] = sequence_logps(model, batch).double().cpu()  # (b,)
+    return values[torch.tensor(where, dtype=torch.long)]
+
+
+def sample_candidates(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    n_draws: int,
+    group_size: int,
+    max_new_tokens: int = 64,
+    batch_size: int = 4,
+    seed: int = 0,
+    max_prompt_length: int = 256,
+    logp_batch_size: int = 64,
+    show_progress: bool = False,
+) -> CandidatePool:
+    """Draw M = n_draws·(group_size + 1) responses per prompt — one `generate` call (num_return_sequences = M) per
+    batch of `batch_size` prompts — and their base log-probs (one more forward pass per log-prob batch)."""
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        raise ValueError("no prompts")
+    device = next(model.parameters()).device
+    context = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None
+    )
+    limit = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
+    prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    m = n_draws * (group_size + 1)
+    seqs: list[Encoded] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        starts = range(0, len(prompt_ids), batch_size)
+        for start in tqdm(starts, desc=f"bon sample ×{m}", disable=not show_progress):
+            chunk = prompt_ids[start : start + batch_size]
+            seqs += sample(
+                model, chunk, eos, pad, n=m, max_new_tokens=max_new_tokens, batch_size=len(chunk)
+            )  # one generate call: len(chunk)·m sequences, prompt-major
+    logp = base_logps(model, seqs, pad, logp_batch_size, show_progress).view(len(prompts), m)  # (P, M)
+    decoded = [_decode(tokenizer, s.input_ids[s.prompt_len :], eos) for s in seqs]
+    return CandidatePool(
+        prompts=list(prompts),
+        responses=[[d[0] for d in decoded[i * m : (i + 1) * m]] for i in range(len(prompts))],
+        logp=logp,
+        response_tokens=torch.tensor([s.response_len for s in seqs]).view(len(prompts), m),
+        finished=torch.tensor([d[1] for d in decoded]).view(len(prompts), m),
+        roundtrip=torch.tensor([d[2] for d in decoded]).view(len(prompts), m),
+        n_draws=n_draws,
+        group_size=group_size,
+    )
+
+
+def score_pool(
+    scorer: Any, pool: CandidatePool, chunk: int = 4096, show_progress: bool = False
+) -> torch.Tensor:
+    """Scores (P, M) float64 of every response; each distinct (prompt, response) is scored once."""
+    from tqdm.auto import tqdm
+
+    unique: dict[tuple[int, str], int] = {}
+    where = [[unique.setdefault((i, y), len(unique)) for y in ys] for i, ys in enumerate(pool.responses)]
+    keys = list(unique)
+    values = []
+    name = getattr(scorer, "name", "scorer")
+    for start in tqdm(range(0, len(keys), chunk), desc=f"bon score {name}", disable=not show_progress):
+        part = keys[start : start + chunk]
+        out = torch.as_tensor(scorer([pool.prompts[i] for i, _ in part], [y for _, y in part]))
+        out = out.detach().cpu().double().reshape(-1)
+        if out.numel() != len(part):
+            raise ValueError(f"scorer {name!r} returned {out.numel()} scores for {len(part)} responses")
+        if not torch.isfinite(out).all():
+            raise ValueError(f"scorer {name!r} returned non-finite scores")
+        values.append(out)
+    flat = torch.cat(values)
+    return flat[torch.tensor(where, dtype=torch.long)]  # (P, M)

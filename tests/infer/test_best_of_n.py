@@ -1,0 +1,335 @@
+"""sacpo.infer.best_of_n: selection, tie-breaking, calibration, one generate call per batch, artifacts.
+
+Here's the maths. Best-of-n with rewards r over i.i.d. draws from p has the law `sacpo.math.bon.bon_pmf`
+(ties shared in proportion to p), so `select_best` on simulated draws must reproduce it; its win rate against an
+independent base draw is `bon_win_rate_exact` ≤ n/(n+1). With nested prefixes (BoN-n uses the first n of the
+same candidates) the selected score per draw is non-decreasing in n, so the win rate is too. For the constrained
+selection by r + λ·g the selected g is non-decreasing in λ ((λ₂ − λ₁)(g₂ − g₁) ≥ 0 for the two maximisers), and
+`calibrate_bon` returns the smallest λ meeting the target on the calibration draws.
+"""
+
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from sacpo.config import ConfigError
+from sacpo.evaluate.generate import read_samples
+from sacpo.evaluate.judge import FunctionScorer
+from sacpo.evaluate.run import load_results
+from sacpo.infer import best_of_n as bon
+from sacpo.infer.best_of_n import (
+    BonConfig,
+    calibrate_bon,
+    kl_stats,
+    run_bon,
+    safety_statistic,
+    sample_candidates,
+    select_best,
+    take,
+    tie_keys,
+)
+from sacpo.infer.sample import base_logps
+from sacpo.math.bon import bon_kl_bound, bon_pmf, bon_win_rate_exact
+
+D = torch.float64
+
+
+def byte_sum(prompt, response: str) -> float:
+    """A deterministic scorer with many distinct values on random byte strings."""
+    return float(sum(map(ord, response)) % 97)
+
+
+def safety_of(prompt, response: str) -> float:
+    """A second, different deterministic score: 3 of 7 residues are 'safe' (g > 0)."""
+    return float((sum(3 * ord(c) + 1 for c in response) % 7) - 3)
+
+
+REWARD = FunctionScorer("bytesum", byte_sum)
+SAFETY = FunctionScorer("g", safety_of)
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def test_select_best_is_argmax_of_the_first_n():
+    r = torch.tensor([[3.0, 1.0, 5.0, 9.0], [0.0, 2.0, 1.0, 2.0]], dtype=D)
+    keys = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.9, 0.1, 0.5, 0.7]], dtype=D)
+    assert select_best(r, keys, 1).tolist() == [0, 0]
+    assert select_best(r, keys, 3).tolist() == [2, 1]
+    assert select_best(r, keys, 4).tolist() == [3, 3]  # tie 2 vs 2: the larger key (0.7) wins
+    with pytest.raises(ValueError):
+        select_best(r, keys, 5)
+
+
+def test_select_best_constrained_and_lexicographic():
+    r = torch.tensor([[5.0, 3.0, 1.0]], dtype=D)
+    g = torch.tensor([[-1.0, 0.5, 2.0]], dtype=D)
+    keys = torch.zeros(1, 3, dtype=D)
+    assert select_best(r, keys, 3, g, 0.0).item() == 0
+    assert select_best(r, keys, 3, g, 1.0).item() == 0  # 4 vs 3.5 vs 3
+    assert select_best(r, keys, 3, g, 2.0).item() == 2  # 3 vs 4 vs 5
+    assert select_best(r, keys, 3, g, math.inf).item() == 2  # safest first
+
+
+def test_ties_are_broken_uniformly_at_random():
+    r = torch.zeros(20000, 4, dtype=D)
+    counts = torch.bincount(select_best(r, tie_keys((20000, 4), seed=3), 4), minlength=4).double()
+    assert ((counts / 20000 - 0.25).abs() < 0.015).all()
+    # the keys are seeded: same seed, same choices
+    assert torch.equal(tie_keys((5, 4), 1), tie_keys((5, 4), 1))
+
+
+def test_selection_on_iid_draws_follows_the_exact_bon_pmf_and_win_rate():
+    """Simulate best-of-n on a finite space with tied rewards: the empirical law of select_best and its win rate
+    against an independent base draw match bon_pmf / bon_win_rate_exact (≤ n/(n+1))."""
+    p = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15], dtype=D)
+    r = torch.tensor([0.0, 1.0, 1.0, 2.0, -1.0], dtype=D)  # a tie between outcomes 1 and 2
+    g = torch.Generator().manual_seed(0)
+    draws, n = 40000, 3
+    ys = torch.multinomial(p, draws * (n + 1), replacement=True, generator=g).view(draws, n + 1)
+    chosen = select_best(r[ys[:, :n]], tie_keys((draws, n), 0), n)
+    y_sel = take(ys[:, :n], chosen)
+    freq = torch.bincount(y_sel, minlength=5).double() / draws
+    assert (freq - bon_pmf(p, r, n)).abs().max() < 0.01
+    win = bon.win_outcomes(r[y_sel], r[ys[:, n]]).mean()
+    exact = bon_win_rate_exact(p, r, n).item()
+    assert abs(win - exact) < 0.01
+    assert exact <= n / (n + 1)
+    rates = [bon_win_rate_exact(p, r, k).item() for k in (1, 2, 4, 8, 16)]
+    assert rates[0] == pytest.approx(0.5)
+    assert all(a < b for a, b in itertools.pairwise(rates))
+
+
+def test_kl_stats_lie_between_zero_and_the_bound():
+    logp = -torch.rand(30, 4, generator=torch.Generator().manual_seed(0), dtype=D) * 20
+    for n in (1, 2, 8, 64):
+        st = kl_stats(logp, n)
+        assert st["bound"] == pytest.approx(bon_kl_bound(n))
+        assert 0.0 <= st["estimate"] <= st["bound"] + 1e-12
+    assert kl_stats(logp, 1)["estimate"] == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        kl_stats(torch.tensor([[0.5]], dtype=D), 2)
+
+
+def test_calibrate_bon_finds_the_smallest_feasible_lambda():
+    g_ = torch.Generator().manual_seed(1)
+    r = torch.randn(200, 2, 8, generator=g_, dtype=D)
+    g = torch.randn(200, 2, 8, generator=g_, dtype=D) - 0.3
+    keys = tie_keys((200, 2, 8), 0)
+    base = safety_statistic(take(g, select_best(r, keys, 8)), "prob")
+    target = 0.9
+    assert base < target
+    cal = calibrate_bon(r, g, keys, 8, target, "prob")
+    assert cal.feasible and cal.lam > 0
+    assert cal.statistic >= target
+    below = safety_statistic(take(g, select_best(r, keys, 8, g, cal.lam * 0.99)), "prob")
+    assert below < target
+    # monotone in λ
+    stats = [safety_statistic(take(g, select_best(r, keys, 8, g, lam)), "mean") for lam in (0, 0.3, 1, 3, 30)]
+    assert stats == sorted(stats)
+    # already feasible: λ = 0; infeasible (n = 1 cannot choose): λ = ∞
+    assert calibrate_bon(r, g, keys, 8, base, "prob").lam == 0.0
+    inf = calibrate_bon(r, g, keys, 1, 0.99, "prob")
+    assert not inf.feasible and math.isinf(inf.lam) and inf.statistic < 0.99
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_one_generate_call_per_prompt_batch(tiny_model):
+    from sacpo.models.load import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    calls = []
+    generate = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs["num_return_sequences"]))
+        return generate(*args, **kwargs)
+
+    model.generate = counting
+    prompts = ["abc", "hello", "x", "tell me", "q"]
+    pool = sample_candidates(model, tok, prompts, n_draws=2, group_size=3, max_new_tokens=5, batch_size=2)
+    assert calls == [(2, 8), (2, 8), (1, 8)]  # ceil(5/2) calls, num_return_sequences = S·(N+1) = 8
+    assert pool.logp.shape == (5, 8) and len(pool.responses[4]) == 8
+    assert pool.grouped(pool.logp).shape == (5, 2, 3) and pool.base(pool.logp).shape == (5, 2)
+    assert (pool.logp < 0).all() and (pool.response_tokens >= 1).all()
+
+
+def test_base_logps_are_sequence_logps_of_the_ids_with_duplicates_scored_once(tiny_model):
+    from sacpo.data.tokenize import Encoded, pad_sequences
+    from sacpo.models.load import load_model
+    from sacpo.models.logprobs import sequence_logps
+
+    model = load_model(tiny_model).eval()
+    seqs = [
+        Encoded((5, 6, 7, 8), 2),
+        Encoded((5, 6, 9), 2),
+        Encoded((5, 6, 7, 8), 2),
+        Encoded((1, 2, 3, 4, 5), 1),
+    ]
+    forwards = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        forwards.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    got = base_logps(model, seqs, pad_id=0, batch_size=2)
+    assert sum(forwards) == 3  # 3 distinct sequences
+    model.forward = forward
+    with torch.no_grad():
+        want = torch.stack([sequence_logps(model, pad_sequences([s], 0))[0] for s in seqs]).double()
+    assert torch.allclose(got, want, atol=1e-5) and got[0] == got[2]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def bon_run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bon")
+    prompts = [f"prompt {i}: say something" for i in range(16)]
+    (root / "prompts.json").write_text(json.dumps({"test": prompts}))
+    cfg = BonConfig(
+        model=str(tiny_model),
+        prompts=str(root / "prompts.json"),
+        output_dir=str(root / "out"),
+        ns=[1, 2, 4, 8],
+        n_samples=4,
+        safety="unused-overridden",
+        target=0.8,
+        constraint="prob",
+        calibration_fraction=0.5,
+        max_new_tokens=6,
+        batch_size=8,
+        n_boot=50,
+        device="cpu",
+    )
+    summary = run_bon(cfg, show_progress=False, reward=REWARD, safety=SAFETY)
+    return cfg, summary, root / "out", prompts
+
+
+def test_run_bon_selects_the_argmax_and_win_rate_rises_with_n(bon_run):
+    _cfg, summary, out, prompts = bon_run
+    recs = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(recs) == len(prompts) and all(len(r["responses"]) == 4 * 9 for r in recs)
+    for rec in recs:
+        assert rec["reward"] == [byte_sum(None, y) for y in rec["responses"]]
+        for n in (1, 2, 4, 8):
+            for s, col in enumerate(rec["chosen"]["bon"][str(n)]):
+                group = rec["reward"][s * 8 : s * 8 + n]
+                assert s * 8 <= col < s * 8 + n and rec["reward"][col] == max(group)
+    rates = [st["win_rate"]["mean"] for st in summary["bon"]]
+    assert rates == sorted(rates) and rates[-1] > rates[0] + 0.15  # nested prefixes: non-decreasing in n
+    for st in summary["bon"]:
+        n, w = st["n"], st["win_rate"]
+        assert w["mean"] <= n / (n + 1) + 3 * w["se"] + 0.02
+        assert 0.0 <= st["kl"]["estimate"] <= st["kl"]["bound"] + 1e-12
+        assert st["kl"]["bound"] == pytest.approx(bon_kl_bound(n))
+    assert summary["bon"][0]["kl"]["estimate"] == 0.0
+
+
+def test_constrained_bon_meets_its_target_on_calibration_and_reports_heldout(bon_run):
+    cfg, summary, _out, _prompts = bon_run
+    c = summary["constraint"]
+    assert c["calibration_prompts"] == 8 and c["heldout_prompts"] == 8
+    by_n = {st["n"]: st for st in summary["constrained"]}
+    top = by_n[8]
+    assert top["feasible"] and top["lam"] is not None and top["lam"] >= 0
+    assert top["calibration"]["constraint_statistic"] >= cfg.target
+    assert top["calibration"]["constraint_ok"] is True
+    assert isinstance(top["heldout"]["constraint_ok"], bool)
+    assert top["heldout"]["constraint_statistic"] == pytest.approx(top["heldout"]["p_safe"])
+    # the constrained selection is safer than the unconstrained one at the same n, on the calibration set
+    unconstrained = {st["n"]: st for st in summary["bon"]}
+    assert top["calibration"]["p_safe"] >= cfg.target > 0
+    assert top["heldout"]["p_safe"] >= unconstrained[1]["p_safe"] - 0.2
+    # n = 1 cannot select: infeasible unless the base already meets the target
+    one = by_n[1]
+    assert one["feasible"] == (one["calibration_statistic"] >= cfg.target)
+
+
+def test_bon_artifacts_are_readable_by_the_evaluation(bon_run, tiny_model):
+    _cfg, summary, out, prompts = bon_run
+    names = {p.name for p in (out / "samples").iterdir()}
+    assert names == {"base"} | {f"bon-n{n}" for n in (1, 2, 4, 8)} | {f"bon-safe-n{n}" for n in (1, 2, 4, 8)}
+    for name in names:
+        rows = read_samples(out / "samples" / name / "samples.jsonl")
+        assert len(rows) == len(prompts) * 4
+        assert {(r.prompt_index, r.sample) for r in rows} == {(i, s) for i in range(16) for s in range(4)}
+        assert all(r.logp_ref is not None and r.logp_ref <= 0 for r in rows)
+        if name == "base":
+            assert all(r.logp_policy == r.logp_ref for r in rows)
+        else:
+            assert all(r.logp_policy is None for r in rows)  # honest: log π⁽ⁿ⁾(y) is unknown
+    raw = [
+        json.loads(line) for line in (out / "samples" / "bon-n8" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert all(0.0 <= r["kl_estimate"] <= r["kl_bound"] + 1e-12 for r in raw)
+    results = load_results(out)
+    assert [m.name for m in results][:2] == ["base", "bon-n1"]
+    bon8 = next(m for m in results if m.name == "bon-n8")
+    assert (
+        bon8.family == "bon"
+        and bon8.param == 8
+        and bon8.kl == pytest.approx(summary["bon"][-1]["kl"]["estimate"])
+    )
+    assert results[0].helpful_win[0] == 0.5 and results[0].kl == 0.0
+    safe8 = next(m for m in results if m.name == "bon-safe-n8 [held-out]")
+    held = summary["constrained"][-1]["heldout"]
+    assert safe8.constraint_ok == held["constraint_ok"] and safe8.n_prompts == 8
+    assert safe8.extra["constraint_statistic"] == pytest.approx(held["constraint_statistic"])
+
+
+def test_bon_artifact_in_evaluate_models(bon_run, tiny_model, tmp_path):
+    """`sacpo eval` can take a BoN samples.jsonl as an artifact model; its k1 KL is NaN (no log π⁽ⁿ⁾)."""
+    from sacpo.evaluate.run import ModelSpec, evaluate_models
+
+    _cfg, _summary, out, prompts = bon_run
+    res = evaluate_models(
+        {"bon-n8": ModelSpec(samples=out / "samples" / "bon-n8" / "samples.jsonl", family="bon", param=8)},
+        tiny_model,
+        prompts,
+        REWARD,
+        SAFETY,
+        0.0,
+        tmp_path / "eval",
+        n_samples=4,
+        max_new_tokens=6,
+        show_progress=False,
+        n_boot=20,
+        device="cpu",
+    )
+    assert res[1].name == "bon-n8" and math.isnan(res[1].kl) and 0.0 <= res[1].helpful_win[0] <= 1.0
+
+
+def test_recalibration_reuses_cached_candidates(bon_run, monkeypatch, tmp_path):
+    cfg, summary, out, _prompts = bon_run
+    shutil.copytree(out, tmp_path / "out")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("candidates should come from the cache")
+
+    monkeypatch.setattr(bon, "sample_candidates", no_sampling)
+    monkeypatch.setattr(bon, "load_model", no_sampling)
+    cfg2 = dataclasses.replace(cfg, target=0.9, output_dir=str(tmp_path / "out"))
+    s2 = run_bon(cfg2, show_progress=False, reward=REWARD, safety=SAFETY)
+    assert s2["candidates_cached"] is True
+    assert [st["win_rate"]["mean"] for st in s2["bon"]] == [st["win_rate"]["mean"] for st in summary["bon"]]
+    assert s2["constraint"]["target"] == 0.9
+
+
+def test_config_validation():
+    base = {"model": "m", "prompts": "p.json", "output_dir": "o"}
+    with pytest.raises(ConfigError, match="ns"):
+        BonConfig(**base, ns=[0, 2])
+    with pytest.raises(ConfigError, match="safety"):
+        BonConfig(**base, target=0.9)
+    with pytest.raises(ConfigError, match="constraint"):
+        BonConfig(**base, safety="toyworld-safety", target=0.9, constraint="median")
+    with pytest.raises(ConfigError, match="probability"):
+        BonConfig(**base, safety="toyworld-safety", target=1.5)
+    with pytest.raises(ConfigError, match="oracle"):
+        BonConfig(**base, oracle="nope")
+    assert BonConfig(**base, safety="toyworld-safety", target=0.5).constrained
