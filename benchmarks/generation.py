@@ -1,5 +1,6 @@
-"""Best-of-n sampling: one batched `sample` call (n=8 for 16 prompts) vs a per-prompt loop (16 calls of n=8);
-controlled decoding (token-wise and blockwise) cost per generated token relative to plain sampling.
+"""Best-of-n sampling: one batched `sample` call (n=8 for 16 prompts) vs a per-prompt loop (16 calls of n=8), and
+HF `generate(num_return_sequences=8)` on the same batch for reference (sacpo's sampler before it prefilled each
+prompt once); controlled decoding (token-wise and blockwise) cost per generated token relative to plain sampling.
 
 All arms use `sacpo.models.generate.sample` (ancestral, no truncation) on the same prompts and max_new_tokens, with
 the RNG reseeded before each arm; they alternate within this child after one untimed warm-up call each. Lengths are
@@ -12,7 +13,6 @@ API is missing, the result says so and the table shows a TODO row.
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
@@ -39,71 +39,25 @@ def _new_tokens(seqs: list[Any]) -> int:
     return sum(s.response_len for s in seqs)
 
 
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def sample_shared_prefill(
-    model: Any,
-    prompts: list[list[int]],
-    eos_id: int,
-    pad_id: int,
-    n: int,
-    max_new_tokens: int,
-    timings: dict[str, float] | None = None,
-) -> list[Any]:
-    """PROTOTYPE (not in sacpo): the same ancestral sampling as `sample`, but each prompt is prefilled once and
-    its KV cache repeated n times, where `generate(num_return_sequences=n)` prefills every prompt n times."""
+def hf_generate(
+    model: Any, prompts: list[list[int]], eos_id: int, pad_id: int, n: int, max_new_tokens: int
+) -> list:
+    """What `sample` did before it prefilled each prompt once: one `generate(num_return_sequences=n)` call, which
+    repeats every prompt n times before its prefill (same ancestral sampling: no top-k/top-p)."""
     import torch
 
     from sacpo.data.tokenize import Encoded
+    from sacpo.models.generate import left_pad
 
-    started = time.perf_counter()
+    ids, attn = left_pad(prompts, pad_id)
     with torch.no_grad():
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P) left-padded
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (b, P)
-        # the KV-cache argument is `cache` in recent transformers 5.x, `past_key_values` before
-        cache_arg = (
-            "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-        )
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = _cache_of(out)
-        cache.batch_repeat_interleave(n)
-        if timings is not None:
-            timings["prefill_s"] = time.perf_counter() - started
-        logits = out.logits[:, -1].repeat_interleave(n, 0)  # (b·n, V)
-        attn = attn.repeat_interleave(n, 0)  # (b·n, P)
-        next_pos = pos[:, -1].repeat_interleave(n) + 1  # (b·n,)
-        done = torch.zeros(len(prompts) * n, dtype=torch.bool)
-        steps = []
-        for t in range(max_new_tokens):
-            z = torch.multinomial(torch.softmax(logits.float(), -1), 1).squeeze(-1)  # (b·n,)
-            z = torch.where(done, torch.full_like(z, pad_id), z)
-            steps.append(z)
-            done |= z == eos_id
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            out = model(
-                input_ids=z[:, None],
-                attention_mask=attn,
-                position_ids=next_pos[:, None],
-                use_cache=True,
-                **{cache_arg: cache},
-            )
-            cache = _cache_of(out)
-            logits, next_pos = out.logits[:, -1], next_pos + 1
-    new = torch.stack(steps, dim=1).tolist()  # (b·n, t)
+        gen = model.generate(
+            input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            num_return_sequences=n, eos_token_id=eos_id, pad_token_id=pad_id,
+        )  # fmt: skip
     seqs = []
-    for j, toks in enumerate(new):
-        if eos_id in toks:
-            toks = toks[: toks.index(eos_id) + 1]
+    for j, toks in enumerate(gen[:, ids.shape[1] :].tolist()):
+        toks = toks[: toks.index(eos_id) + 1] if eos_id in toks else toks
         seqs.append(Encoded(tuple(prompts[j // n]) + tuple(toks), len(prompts[j // n])))
     return seqs
 
@@ -124,24 +78,20 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     def loop():
         return [s for p in prompts for s in sample(model, [p], eos, pad, n=n, max_new_tokens=m, batch_size=1)]
 
-    timings: dict[str, float] = {}
+    def hf():
+        return hf_generate(model, prompts, eos, pad, n=n, max_new_tokens=m)
 
-    def shared_prefill():
-        return sample_shared_prefill(model, prompts, eos, pad, n=n, max_new_tokens=m, timings=timings)
-
-    arms = {"batched": batched, "loop": loop, "shared_prefill": shared_prefill}
+    arms = {"batched": batched, "loop": loop, "hf_generate": hf}
     result: dict[str, Any] = {"bon": {k: [] for k in arms}}
     # untimed warm-up (allocator, kernels): every arm on 2 prompts, 2 samples, 4 tokens
     sample(model, prompts[:2], eos, pad, n=2, max_new_tokens=4, batch_size=2)
     sample(model, prompts[:1], eos, pad, n=2, max_new_tokens=4, batch_size=1)
-    sample_shared_prefill(model, prompts[:2], eos, pad, n=2, max_new_tokens=4)
+    hf_generate(model, prompts[:2], eos, pad, n=2, max_new_tokens=4)
     for rep in range(spec["reps"]):
         names = list(arms) if rep % 2 == 0 else list(arms)[::-1]  # the three arms alternate
         for name in names:
             seconds, seqs = _timed(arms[name], seed=rep)
             row = {"seconds": seconds, "tokens": _new_tokens(seqs), "sequences": len(seqs)}
-            if name == "shared_prefill":
-                row["prefill_s"] = timings["prefill_s"]  # the 16 prompts, once
             result["bon"][name].append(row)
     if spec.get("cd", True):
         result["cd"] = controlled(spec, model, tokenizer, prompts)

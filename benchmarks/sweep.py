@@ -135,7 +135,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             lr_scheduler_type="constant",
             warmup_steps=0,
             max_grad_norm=1.0,
-            optim="adamw_torch",
+            optim="adamw_torch_fused",
             beta=spec["beta"] / lam,
             loss_type=["sigmoid"],
             max_length=spec["max_length"],

@@ -284,3 +284,22 @@ def test_load_examples_raises_data_error_only(tmp_path):
         data.write_bytes(content)
         with pytest.raises(DataError):
             load_examples(str(data), "pku_helpful")
+
+
+def test_long_prompts_and_responses_are_truncated_counted_and_logged(tiny_model, tmp_path, capsys, caplog):
+    """The truncation policy (keep the prompt's end, cut the response's end) applies, and the log says how
+    often: a prompt over max_prompt_length=40 tokens and a response over max_length=80 are counted."""
+    rows = [
+        {**PKU, "prompt": "why " * 30 + str(i), "response_0": "y" * 200 + str(i), "response_1": "No."}
+        if i < 3
+        else PKU
+        for i in range(12)
+    ]
+    data = tmp_path / "long.jsonl"
+    data.write_bytes(_lines(*rows))
+    with caplog.at_level(logging.WARNING):
+        rc, _, err = run_cli(_train_argv(tiny_model, tmp_path, data), capsys)
+    assert rc == 0, err
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 of 12 prompts are longer than max_prompt_length=40" in m for m in messages), messages
+    assert any("3 of 24 responses cut to fit max_length=80" in m for m in messages), messages

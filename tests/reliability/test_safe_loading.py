@@ -102,7 +102,12 @@ def test_custom_model_code_is_not_run_without_trust_remote_code(tiny_model, tmp_
     assert not sentinel.exists()
 
 
-def test_training_passes_trust_remote_code_false_by_default(tiny_model, pku_tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("trust", [False, True])
+def test_every_load_of_a_stage_passes_the_trust_remote_code_setting(
+    tiny_model, pku_tiny, tmp_path, monkeypatch, trust
+):
+    """Policy, tokenizer, reference pass and the held-out KL estimate's reference all get the stage's setting
+    (off by default; regression: the KL estimate loaded the reference without it)."""
     import sacpo.train.loop as loop
     import sacpo.train.ref_cache as ref_cache
 
@@ -115,11 +120,14 @@ def test_training_passes_trust_remote_code_false_by_default(tiny_model, pku_tiny
             return _real(path, *a, **k)
 
         monkeypatch.setattr(module, name, spy)
-    cfg = make_cfg(tiny_model, pku_tiny, tmp_path / "run", max_steps=1, kl_prompts=1, kl_max_new_tokens=4)
-    assert cfg.trust_remote_code is False
+    extra = {"trust_remote_code": True} if trust else {}
+    cfg = make_cfg(
+        tiny_model, pku_tiny, tmp_path / "run", max_steps=1, kl_prompts=1, kl_max_new_tokens=4, **extra
+    )
+    assert cfg.trust_remote_code is trust
     train(cfg, show_progress=False)
-    names = {n for n, _ in seen}
-    assert {"load_model", "load_tokenizer"} <= names and all(t is False for _, t in seen), seen
+    assert [n for n, _ in seen].count("load_model") >= 3  # policy, reference pass, KL reference
+    assert {"load_model", "load_tokenizer"} <= {n for n, _ in seen} and all(t is trust for _, t in seen), seen
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""A stage under `accelerate launch --num_processes 2 --cpu` (gloo) matches the single-process run."""
+"""A stage under `accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (accelerate picks
+MULTI_CPU with gloo) matches the single-process run. (`--cpu --num_processes 2` starts ONE process in accelerate
+1.15, so the test also checks that two processes really ran.)"""
 
 import json
 import os
@@ -46,7 +48,7 @@ def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
             "2",
             "--num_machines",
             "1",
-            "--cpu",
+            "--multi_gpu",
             "--mixed_precision",
             "no",
             "--dynamo_backend",
@@ -69,4 +71,6 @@ def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
     summary = json.loads((outs["two"] / "summary.json").read_text())
+    assert summary["num_processes"] == 2, "the launcher started one process: the comparison would be vacuous"
+    assert json.loads((outs["one"] / "summary.json").read_text())["num_processes"] == 1
     assert summary["reference_pass"] == "cached"  # the single-process run filled the shared cache

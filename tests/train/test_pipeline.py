@@ -1,6 +1,7 @@
 """The SACPO pipeline: step 1, a λ sweep sharing one reference pass, P-SACPO and naive merges."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,23 @@ def test_safe_then_helpful_order_is_just_the_list(tiny_model, pku_tiny, tmp_path
     branches = plan(cfg, tiny_model)
     assert branches["helpful"][0].beta == pytest.approx(0.05)
     assert branches["helpful"][0].train.policy == str(branches["safe"][0].model_dir)
+
+
+@pytest.mark.slow
+def test_the_shipped_pipeline_config_runs_from_the_cli(tmp_path, monkeypatch, capsys):
+    """configs/pipeline_tiny.yaml as the README tour runs it (fewer steps): step 1, a 3-value λ sweep sharing one
+    reference pass, DPO(safe) from SFT, 3 P-SACPO merges and the naive merge; a rerun skips every stage."""
+    from sacpo.cli import main
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the config names its data relative to the repository
+    argv = ["-q", "pipeline", "configs/pipeline_tiny.yaml", f"output_dir={tmp_path / 'p'}"]
+    argv += ["defaults.max_steps=2", "defaults.kl_prompts=2", "defaults.kl_max_new_tokens=8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "reference passes: 3 computed, 2 from cache, 0 finished stages skipped" in out, out
+    for name in ["helpful", "safe-lam0.5", "safe-lam1", "safe-lam2", "safe_from_sft"]:
+        assert name in out
+    assert out.count("merge psacpo") == 3 and out.count("merge naive") == 1
+    assert main(argv) == 0
+    assert "0 computed, 0 from cache, 5 finished stages skipped" in capsys.readouterr().out

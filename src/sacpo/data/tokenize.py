@@ -7,6 +7,7 @@ the response is cut at its end to fit max_length.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,45 +47,68 @@ class Encoded:
         return len(self.input_ids) - self.prompt_len
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, max_prompt_length: int) -> list[int]:
-    """Prompt token ids, left-truncated to max_prompt_length (keep the end, where the question usually is)."""
+def encode_prompt(
+    tokenizer: Any, prompt: Prompt, max_prompt_length: int, stats: Counter | None = None
+) -> list[int]:
+    """Prompt token ids, left-truncated to max_prompt_length (keep the end, where the question usually is).
+    `stats["prompts_truncated"]` counts the prompts that were cut, when a Counter is given."""
     ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    if stats is not None:
+        stats["prompts"] += 1
+        stats["prompts_truncated"] += len(ids) > max_prompt_length
     return ids[-max_prompt_length:]
 
 
-def encode(tokenizer: Any, prompt_ids: list[int], response: str, max_length: int) -> Encoded:
-    """prompt_ids + tokens(response) + EOS, the response cut at its end so the total is ≤ max_length."""
+def encode(
+    tokenizer: Any, prompt_ids: list[int], response: str, max_length: int, stats: Counter | None = None
+) -> Encoded:
+    """prompt_ids + tokens(response) + EOS, the response cut at its end so the total is ≤ max_length.
+    `stats["responses_cut"]` counts the responses that lost tokens (EOS included), when a Counter is given."""
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in max_length={max_length}")
+    if stats is not None:
+        stats["responses"] += 1
+        stats["responses_cut"] += len(response_ids) > room
     return Encoded(tuple(prompt_ids) + tuple(response_ids[:room]), len(prompt_ids))
 
 
 def encode_paired(
-    tokenizer: Any, examples: list[PairedExample], max_length: int, max_prompt_length: int
+    tokenizer: Any,
+    examples: list[PairedExample],
+    max_length: int,
+    max_prompt_length: int,
+    stats: Counter | None = None,
 ) -> list[tuple[Encoded, Encoded]]:
-    """(chosen, rejected) encodings sharing the same prompt ids."""
+    """(chosen, rejected) encodings sharing the same prompt ids (truncation counted in `stats`)."""
     out = []
     for ex in examples:
-        p = encode_prompt(tokenizer, ex.prompt, max_prompt_length)
+        p = encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats)
         out.append(
-            (encode(tokenizer, p, ex.chosen, max_length), encode(tokenizer, p, ex.rejected, max_length))
+            (
+                encode(tokenizer, p, ex.chosen, max_length, stats),
+                encode(tokenizer, p, ex.rejected, max_length, stats),
+            )
         )
     return out
 
 
 def encode_binary(
-    tokenizer: Any, examples: list[BinaryExample], max_length: int, max_prompt_length: int
+    tokenizer: Any,
+    examples: list[BinaryExample],
+    max_length: int,
+    max_prompt_length: int,
+    stats: Counter | None = None,
 ) -> list[tuple[Encoded, Encoded]]:
     """(completion, mismatched) encodings: the mismatched sequence pairs prompt i with the completion of example
     (i+1) mod N — the KTO paper's / TRL's pairs for the reference point z_ref. Fixed at the data level, so it
     does not depend on batch size or the number of processes."""
     n = len(examples)
-    prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_length) for ex in examples]
+    prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats) for ex in examples]
     return [
         (
-            encode(tokenizer, prompts[i], examples[i].completion, max_length),
+            encode(tokenizer, prompts[i], examples[i].completion, max_length, stats),
             encode(tokenizer, prompts[i], examples[(i + 1) % n].completion, max_length),
         )
         for i in range(n)

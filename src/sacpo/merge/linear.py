@@ -7,12 +7,12 @@ tensor keys/shapes or tokenizers. The merged directory gets a's config and token
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from sacpo.fsutil import replace_dir
 from sacpo.math.merging import MergeError, _check_q, linear_merge
 from sacpo.models.load import check_model_dir, hash_files
 
@@ -77,6 +77,5 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         if (Path(a) / name).is_file():
             shutil.copy2(Path(a) / name, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out

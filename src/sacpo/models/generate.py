@@ -1,12 +1,96 @@
-"""Batched ancestral sampling from a causal LM (no top-k/top-p truncation, so samples follow π exactly)."""
+"""Batched ancestral sampling from a causal LM (no top-k/top-p truncation, so samples follow π exactly).
+
+Each prompt is prefilled once and its KV cache repeated n times: `generate(num_return_sequences=n)` repeats every
+prompt n times *before* the prefill, which on a CPU costs as much as the whole decode for short responses
+(benchmarks/RESULTS.md, best-of-n). The draws are the same ancestral process: y_t ~ softmax(z_t / T).
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 from sacpo.data.tokenize import Encoded
+
+
+def _cache_argument(model: Any) -> str:
+    """Name of the KV-cache argument of the model's forward: `cache` in recent transformers 5.x, before that
+    `past_key_values` (a peft wrapper passes keyword arguments through to the model it wraps)."""
+    inner = model
+    while hasattr(inner, "module"):  # DistributedDataParallel and similar wrappers
+        inner = inner.module
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    params = inspect.signature(type(inner).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, both (b, P) with P = the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (b, P)
+    attn = torch.zeros_like(ids)  # (b, P)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p) :] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def sample_chunk(
+    model: Any,
+    prompts: list[list[int]],
+    eos_id: int,
+    pad_id: int,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> list[list[int]]:
+    """New tokens of n samples for each prompt, prompt-major (len(prompts)·n lists), each cut after its first EOS.
+
+    One prefill forward over the b distinct prompts (logits of the last position only), the cache repeated n
+    times, then one forward per generated token over the b·n rows; finished rows are fed pad tokens until every
+    row is done or max_new_tokens is reached.
+    """
+    device = next(model.parameters()).device
+    ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))  # (b, P)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (b, P)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].repeat_interleave(n, 0)  # (b·n, V)
+    attn = attn.repeat_interleave(n, 0)  # (b·n, P)
+    next_pos = pos[:, -1].repeat_interleave(n) + 1  # (b·n,)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)  # (b·n,)
+    cache_arg = _cache_argument(model)
+    steps: list[torch.Tensor] = []
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)  # (b·n, V)
+        z = torch.multinomial(probs, 1).squeeze(-1)  # (b·n,)
+        z = torch.where(done, torch.full_like(z, pad_id), z)
+        steps.append(z)
+        done |= z == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)  # (b·n, P + t + 1)
+        out = model(
+            input_ids=z[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        cache = _cache_of(out)
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+    new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(len(prompts) * n)]
+    return [toks[: toks.index(eos_id) + 1] if eos_id in toks else toks for toks in new]
 
 
 @torch.no_grad()
@@ -20,37 +104,20 @@ def sample(
     temperature: float = 1.0,
     batch_size: int = 16,
 ) -> list[Encoded]:
-    """Draw n responses per prompt; one `generate` call per batch of prompts (left-padded).
+    """Draw n responses per prompt, `batch_size` prompts (b·n rows) at a time.
 
     Returns len(prompts)·n sequences in prompt-major order, each prompt + response (ending at its first EOS,
     which is kept, or cut at max_new_tokens).
     """
-    device = next(model.parameters()).device
+    if n < 1 or max_new_tokens < 1 or batch_size < 1 or temperature <= 0:
+        raise ValueError(
+            f"need n, max_new_tokens, batch_size >= 1 and temperature > 0, got n={n}, "
+            f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, temperature={temperature}"
+        )
     out: list[Encoded] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (b, P) left-padded
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )  # (b·n, P + new)
-        new_tokens = gen[:, width:].cpu().tolist()
-        for j, toks in enumerate(new_tokens):
-            if eos_id in toks:
-                toks = toks[: toks.index(eos_id) + 1]
+        for j, toks in enumerate(sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature)):
             prompt = chunk[j // n]
             out.append(Encoded(tuple(prompt) + tuple(toks), len(prompt)))
     return out

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sacpo.config import ConfigError
+from sacpo.fsutil import replace_dir
 
 DONE = "DONE"
 DONE_TEXT = "ok\n"
@@ -189,7 +190,7 @@ def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> P
         if lora:
             tmp = _atomic_dir(out / "adapter")
             unwrapped.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, out / "adapter")
+            replace_dir(tmp, out / "adapter")
             import copy
 
             unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
@@ -197,8 +198,7 @@ def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> P
         tmp = _atomic_dir(model_dir)
         unwrapped.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
+        replace_dir(tmp, model_dir)
     acc.wait_for_everyone()
     return model_dir
 

@@ -67,6 +67,9 @@ class TrainConfig:
     max_steps: int = help_field(0, help="optimizer steps; 0 = derive from epochs")
     lr: float = help_field(5e-6, help="AdamW learning rate")
     weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    fused_adamw: bool = help_field(
+        True, help="fused AdamW kernel (same update, one kernel for all parameters)"
+    )
     warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
     scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")
     max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")

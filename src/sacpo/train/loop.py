@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,10 @@ def _prepare_data(
     examples = load_examples(
         cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
     )
+    stats: Counter = Counter()
     if loss_kind == "paired":
-        pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
+        pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats)
+        _log_truncation(cfg, stats)
         same = sum(a.input_ids == b.input_ids for a, b in pairs)
         if same == len(pairs):
             raise DataError(
@@ -96,7 +98,30 @@ def _prepare_data(
             )
         return pairs, None
     desirable = torch.tensor([ex.desirable for ex in examples], dtype=torch.bool)
-    return encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length), desirable
+    encoded = encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats)
+    _log_truncation(cfg, stats)
+    return encoded, desirable
+
+
+def _log_truncation(cfg: TrainConfig, stats: Counter) -> None:
+    """The truncation policy is explicit, and so is how often it applied (a warning with the counts)."""
+    if stats["prompts_truncated"]:
+        log.warning(
+            "%s: %d of %d prompts are longer than max_prompt_length=%d tokens: kept their last %d tokens",
+            cfg.data.source,
+            stats["prompts_truncated"],
+            stats["prompts"],
+            cfg.max_prompt_length,
+            cfg.max_prompt_length,
+        )
+    if stats["responses_cut"]:
+        log.warning(
+            "%s: %d of %d responses cut to fit max_length=%d (their end and EOS dropped)",
+            cfg.data.source,
+            stats["responses_cut"],
+            stats["responses"],
+            cfg.max_length,
+        )
 
 
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -240,7 +265,13 @@ def _kl_eval(cfg: TrainConfig, model: Any, acc: Any, tokenizer: Any, prompts: li
         return {}
     policy = acc.unwrap_model(model)
     ref_is_base = cfg.lora.enabled and cfg.reference in (None, cfg.policy)
-    ref = policy if ref_is_base else load_model(cfg.reference or cfg.policy).to(acc.device).eval()
+    ref = (
+        policy
+        if ref_is_base
+        else load_model(cfg.reference or cfg.policy, trust_remote_code=cfg.trust_remote_code)
+        .to(acc.device)
+        .eval()
+    )
     result = estimate_kl(
         policy,
         ref,
@@ -262,21 +293,41 @@ def _kl_eval(cfg: TrainConfig, model: Any, acc: Any, tokenizer: Any, prompts: li
 
 @torch.no_grad()
 def _eval_loss(stepper: Stepper, model: Any, n: int, acc: Any) -> dict[str, float]:
-    """Loss and reward metrics on held-out pairs (all processes, even split; remainder dropped)."""
-    per = (n // acc.num_processes) * acc.num_processes
-    if per == 0:
-        return {}
+    """Loss and reward metrics on the n held-out examples: example-weighted means, Σ_b |b|·mean_b / Σ_b |b|.
+
+    Global batches of `batch_size` are split over the processes (process i takes batch[i::P]); the sums and counts
+    are added over processes, so a paired loss gives the same numbers with any number of processes. KTO gathers
+    its reference point z_ref inside every call, so every process must make the same calls: its last global batch
+    is trimmed to a multiple of P (at most P − 1 examples left out, multi-process only).
+    """
+    P, rank, bs = acc.num_processes, acc.process_index, stepper.cfg.batch_size
+    collective = stepper.loss.kind != "paired"
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, float] = defaultdict(float)
     model.eval()
-    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
-    local = list(range(n))[acc.process_index : per : acc.num_processes]
-    for start in range(0, len(local), stepper.cfg.batch_size):
-        idx = local[start : start + stepper.cfg.batch_size]
+    for start in range(0, n, bs):
+        batch = list(range(start, min(n, start + bs)))
+        if collective:
+            batch = batch[: len(batch) // P * P]
+        idx = batch[rank::P]
+        if not idx:
+            continue
         loss, metrics = stepper(model, idx, idx)
-        sums["loss"].append(loss)
-        for k, v in metrics.items():
-            sums[k].append(v)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] += float(v) * len(idx)
+            counts[k] += len(idx)
     model.train()
-    return {f"eval/{k}": v for k, v in _reduce(acc, sums).items()}
+    parts = [(dict(totals), dict(counts))]
+    if P > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object(parts)
+    total, count = defaultdict(float), defaultdict(float)
+    for t, c in parts:
+        for k in t:
+            total[k] += t[k]
+            count[k] += c[k]
+    return {f"eval/{k}": total[k] / count[k] for k in sorted(total) if count[k] > 0}
 
 
 # Settings that do not change the training trajectory: they may differ when a run is resumed.
@@ -349,7 +400,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
 
     model = _build_policy(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all parameters (CPU and CUDA); ~4x faster than the per-tensor loop on 135M params
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
     scheduler = _scheduler(optimizer, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
@@ -441,6 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
         "reference_pass": "computed" if ref.computed else "cached",
         "reference_cache": str(ref.path),
         "seconds": round(time.time() - started, 2),
+        "num_processes": acc.num_processes,
         "final": last,
     }
     if acc.is_main_process:

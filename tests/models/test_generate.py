@@ -1,0 +1,78 @@
+"""`sample`: one prefill per prompt with the cache repeated n times draws the same process as `generate`."""
+
+import pytest
+import torch
+
+from sacpo.models.generate import left_pad, sample
+from sacpo.models.load import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model):
+    return load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+
+
+def _prompts(tok):
+    return [tok("hello there")["input_ids"], tok("a much longer prompt, with padding")["input_ids"], [65]]
+
+
+def test_same_draws_as_generate_with_the_same_seed(model_tok):
+    """Ancestral sampling with HF's own loop (prompts repeated n times before the prefill) gives the same
+    tokens as ours on the tiny GPT-2: the RNG is consumed identically, and the logits agree."""
+    model, tok = model_tok
+    prompts = _prompts(tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ids, attn = left_pad(prompts, pad)
+    torch.manual_seed(3)
+    gen = model.generate(
+        input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=12,
+        num_return_sequences=4, eos_token_id=eos, pad_token_id=pad,
+    )[:, ids.shape[1]:].tolist()  # fmt: skip
+    torch.manual_seed(3)
+    ours = sample(model, prompts, eos, pad, n=4, max_new_tokens=12, batch_size=8)
+    assert len(ours) == 12
+    for j, (seq, toks) in enumerate(zip(ours, gen, strict=True)):
+        toks = toks[: toks.index(eos) + 1] if eos in toks else toks
+        assert seq.prompt_len == len(prompts[j // 4])
+        assert list(seq.input_ids[: seq.prompt_len]) == prompts[j // 4]
+        assert list(seq.input_ids[seq.prompt_len :]) == toks
+
+
+def test_batching_does_not_change_the_distribution_shape(model_tok):
+    model, tok = model_tok
+    prompts = _prompts(tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    out = sample(model, prompts, eos, pad, n=3, max_new_tokens=5, batch_size=2)
+    assert [s.input_ids[: s.prompt_len] for s in out] == [tuple(p) for p in prompts for _ in range(3)]
+    for s in out:
+        resp = list(s.input_ids[s.prompt_len :])
+        assert 1 <= len(resp) <= 5 and (eos not in resp[:-1])
+
+
+def test_next_token_frequencies_follow_the_tempered_model(model_tok):
+    """One new token, 20 000 draws at temperature 0.3: Pearson's χ² against softmax(z / 0.3) stays within the
+    χ²(V−1) range, and the same counts are far from the untempered softmax (the check can fail)."""
+    model, tok = model_tok
+    prompt = tok("hello")["input_ids"]
+    torch.manual_seed(0)
+    out = sample(
+        model, [prompt], tok.eos_token_id, tok.pad_token_id, n=20_000, max_new_tokens=1, temperature=0.3
+    )
+    counts = torch.bincount(torch.tensor([s.input_ids[-1] for s in out]), minlength=len(tok)).double()
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+
+    def chi2(p):
+        expected = counts.sum() * p
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    df = len(tok) - 1
+    assert chi2(torch.softmax(z / 0.3, -1)) < df + 6 * (2 * df) ** 0.5
+    assert chi2(torch.softmax(z, -1)) > df + 20 * (2 * df) ** 0.5
+
+
+@pytest.mark.parametrize("kw", [{"n": 0}, {"max_new_tokens": 0}, {"temperature": 0.0}, {"batch_size": 0}])
+def test_bad_arguments_are_refused(model_tok, kw):
+    model, tok = model_tok
+    with pytest.raises(ValueError):
+        sample(model, [[65]], tok.eos_token_id, tok.pad_token_id, **kw)

@@ -1,0 +1,88 @@
+"""The fused-LM-head log-probs equal the full-logits path in value and gradient, and are taken when they should."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from sacpo.data.tokenize import Encoded, pad_sequences
+from sacpo.models import logprobs
+from sacpo.models.logprobs import FUSED_MIN_VOCAB, response_token_logps, sequence_logps
+
+
+def _gpt2(vocab: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _llama(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _batch(vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    seqs = []
+    for length, prompt in [(9, 4), (14, 6), (5, 2)]:
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        seqs.append(Encoded(tuple(ids), prompt))
+    return pad_sequences(seqs, pad_id=0)
+
+
+def _grads(model, batch, fused):
+    model.zero_grad(set_to_none=True)
+    out = sequence_logps(model, batch, chunk_size=4, fused=fused)  # 4 rows per chunk: several chunks
+    (out * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2-tied", "llama-untied"])
+def test_fused_head_matches_full_logits_in_value_and_gradient(build):
+    model = build(300)
+    batch = _batch(300)
+    full, g_full = _grads(model, batch, fused=False)
+    fused, g_fused = _grads(model, batch, fused=True)
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
+    assert set(g_full) == set(g_fused)
+    for k in g_full:
+        torch.testing.assert_close(g_fused[k], g_full[k], rtol=1e-4, atol=1e-6, msg=k)
+    token = response_token_logps(model, batch, fused=True)
+    assert token.shape == batch["labels_mask"].shape
+    assert bool((token[~batch["labels_mask"]] == 0).all()) and bool((token[batch["labels_mask"]] < 0).all())
+
+
+def test_auto_takes_the_fused_path_from_the_vocabulary_threshold(monkeypatch):
+    calls = []
+    real = logprobs._fused_token_logps
+    monkeypatch.setattr(logprobs, "_fused_token_logps", lambda *a: calls.append(1) or real(*a))
+    small, large = _gpt2(300), _gpt2(FUSED_MIN_VOCAB)
+    sequence_logps(small, _batch(300))
+    assert calls == []
+    sequence_logps(large, _batch(300))
+    assert calls == [1]
+    sequence_logps(large, _batch(300), fused=False)
+    assert calls == [1]
+
+
+def test_heads_that_are_not_plain_fall_back_to_full_logits():
+    model = _llama(300)
+    model.config.final_logit_softcapping = 30.0
+    assert logprobs._plain_lm_head(model) is None
+    model = _gpt2(300)
+    model.lm_head = torch.nn.Linear(32, 300, bias=True)
+    assert logprobs._plain_lm_head(model) is None
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_gpt2(300), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert logprobs._plain_lm_head(model) is not None  # adapters in the backbone: the head is still plain
+    batch = _batch(300)
+    torch.testing.assert_close(
+        sequence_logps(model, batch, fused=True),
+        sequence_logps(model, batch, fused=False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
