@@ -3,6 +3,13 @@
     sacpo train CONFIG [key=value ...] [--resume]
     sacpo pipeline CONFIG [key=value ...] [--force]
     sacpo merge CONFIG [key=value ...]
+    sacpo reward CONFIG [key=value ...]
+    sacpo eval CONFIG [key=value ...]
+    sacpo report DIR [--include DIR ...] [--out DIR]
+    sacpo bon CONFIG [key=value ...]          best-of-n, optionally constrained (λ calibrated)
+    sacpo cd-scorer CONFIG [key=value ...]    train a prefix value model (CD-FUDGE / CD-Q)
+    sacpo cd CONFIG [key=value ...]           controlled decoding: token-wise or blockwise
+    sacpo theory [--out DIR]                  exact checks on finite spaces (SACPO = constrained optimum, BoN)
     sacpo tiny-model OUT_DIR [--seed N]
     sacpo demo [--out DIR] [--quick]
 
@@ -16,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +115,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
+    records = []
     for q in cfg.qs:
+        started = time.perf_counter()
         path = merge_dirs(cfg.a, cfg.b, q, out / f"q{q:g}")
+        records.append(
+            {"q": q, "a": cfg.a, "b": cfg.b, "model": str(path), "seconds": time.perf_counter() - started}
+        )
         print(f"q={q:g}: {path}")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -138,8 +152,59 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from sacpo.evaluate.config import report_from_dir
 
-    paths = report_from_dir(args.dir, args.title)
+    paths = report_from_dir(args.dir, args.title, include=args.include, dest=args.out)
     print("\n".join(str(p) for p in paths.values()))
+
+
+def cmd_bon(args: argparse.Namespace) -> None:
+    from sacpo.infer.best_of_n import BonConfig, format_summary, run_bon
+
+    cfg = _config_command(args, BonConfig)
+    summary = run_bon(cfg, show_progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"outputs: {cfg.output_dir} (summary.json, results.json for `sacpo report`, samples/)")
+
+
+def cmd_cd(args: argparse.Namespace) -> None:
+    from sacpo.infer.controlled import CDConfig, format_summary, run_cd
+
+    cfg = _config_command(args, CDConfig)
+    summary = run_cd(cfg, show_progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"outputs: {cfg.output_dir} (samples.jsonl, summary.json, results.json when an oracle is set)")
+
+
+def cmd_cd_scorer(args: argparse.Namespace) -> None:
+    from sacpo.infer.prefix_scorer import TrainScorerConfig, train_prefix_scorer
+
+    cfg = _config_command(args, TrainScorerConfig)
+    r = train_prefix_scorer(cfg, show_progress=not args.quiet)
+    m = r.metrics
+    std = m.get("reward_std")
+    before, after = m["heldout_before"], m["heldout_after"]
+    print(
+        f"prefix scorer ({m['method']}, reward {m['reward']!r}) → {r.output_dir}\n"
+        f"  {m['n_rollouts']} rollouts ({m['n_train']} train, {m['n_heldout']} held out), reward mean "
+        f"{m['reward_mean']:.3f}, var {'–' if std is None else f'{std**2:.4f}'} (MSE of the best constant)\n"
+        f"  held-out MSE to the return at every prefix: {_opt(before['mse_to_return'])} → "
+        f"{_opt(after['mse_to_return'])}; at the full response: {_opt(before['terminal_mse'])} → "
+        f"{_opt(after['terminal_mse'])}  ({m['steps']} steps, {m['seconds']:.0f} s)"
+    )
+
+
+def _opt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"
+
+
+def cmd_theory(args: argparse.Namespace) -> None:
+    from sacpo.evaluate.theory import run_theory
+
+    res = run_theory(args.out, show_progress=not args.quiet, seed=args.seed)
+    print(
+        f"SACPO two-step DPO vs the constrained optimum, {len(res['sacpo'])} checks: max total variation "
+        f"{res['max_tv']:.2e} ({'✓' if res['max_tv'] <= 1e-3 else '✗'} ≤ 1e-3)"
+    )
+    print("report: " + ", ".join(res["files"][k] for k in sorted(res["files"])))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -188,7 +253,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir")
     p.add_argument("--title", default="SACPO evaluation")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="more results.json directories (`sacpo bon` / `sacpo cd` outputs) on the same axes; default: "
+        "the eval config's include list",
+    )
+    p.add_argument("--out", default=None, help="write the report here instead of DIR")
     p.set_defaults(func=cmd_report)
+    config_parser(
+        "bon", "best-of-n with KL bound / ε-estimator; constrained best-of-n (λ calibrated)"
+    ).set_defaults(func=cmd_bon)
+    config_parser("cd-scorer", "train a prefix value model V(x, y^t) for controlled decoding").set_defaults(
+        func=cmd_cd_scorer
+    )
+    config_parser("cd", "controlled decoding with a prefix scorer: token-wise or blockwise").set_defaults(
+        func=cmd_cd
+    )
+    p = sub.add_parser(
+        "theory", help="exact checks on finite output spaces (SACPO optimum, best-of-n curves)"
+    )
+    p.add_argument("--out", default="runs/theory", help="output directory (theory.md + PNG figures)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_theory)
     p = sub.add_parser("tiny-model", help="build a tiny GPT-2 + byte tokenizer locally (no hub)")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)

@@ -137,21 +137,24 @@ def test_calibrate_bon_finds_the_smallest_feasible_lambda():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def test_one_generate_call_per_prompt_batch(tiny_model):
+def test_one_batched_sampling_call_per_prompt_batch(tiny_model, monkeypatch):
+    """Candidates come from one batched call per batch of prompts: one prefill of the distinct prompts, each
+    cache repeated S·(N+1) times (`sacpo.models.generate.sample_chunk`)."""
+    from sacpo.models import generate
     from sacpo.models.load import load_model, load_tokenizer
 
     model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
     calls = []
-    generate = model.generate
+    real = generate.sample_chunk
 
-    def counting(*args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs["num_return_sequences"]))
-        return generate(*args, **kwargs)
+    def counting(model, prompts, eos_id, pad_id, n, *args, **kwargs):
+        calls.append((len(prompts), n))
+        return real(model, prompts, eos_id, pad_id, n, *args, **kwargs)
 
-    model.generate = counting
+    monkeypatch.setattr(generate, "sample_chunk", counting)
     prompts = ["abc", "hello", "x", "tell me", "q"]
     pool = sample_candidates(model, tok, prompts, n_draws=2, group_size=3, max_new_tokens=5, batch_size=2)
-    assert calls == [(2, 8), (2, 8), (1, 8)]  # ceil(5/2) calls, num_return_sequences = S·(N+1) = 8
+    assert calls == [(2, 8), (2, 8), (1, 8)]  # ceil(5/2) calls, n = S·(N+1) = 8 samples per prompt
     assert pool.logp.shape == (5, 8) and len(pool.responses[4]) == 8
     assert pool.grouped(pool.logp).shape == (5, 2, 3) and pool.base(pool.logp).shape == (5, 2)
     assert (pool.logp < 0).all() and (pool.response_tokens >= 1).all()
@@ -333,3 +336,62 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="oracle"):
         BonConfig(**base, oracle="nope")
     assert BonConfig(**base, safety="toyworld-safety", target=0.5).constrained
+
+
+# ---------------------------------------------------------------------------------- constrained: held-out
+def _bits(response: str) -> bytes:
+    import hashlib
+
+    return hashlib.md5(response.encode()).digest()
+
+
+# Independent fair-coin scores of each response: r ∈ {0, 1}, g ∈ {0, 1}, safe ⇔ g > ½.
+COIN_R = FunctionScorer("coin-r", lambda p, y: float(_bits(y)[0] & 1))
+COIN_G = FunctionScorer("coin-g", lambda p, y: float(_bits(y)[1] & 1))
+
+
+def test_calibrated_lambda_makes_the_heldout_constraint_hold(tiny_model, tmp_path):
+    """Here's the maths. With r, g independent fair coins and score r + λ·g over n = 4 candidates:
+    λ = 0 ignores g (P(safe) = P(g = 1) = ½, g being independent of r), 0 < λ < 1 prefers (1,1) > (1,0) > (0,1)
+    (P(safe) = 1 − (¾)⁴ + (½)⁴ − (¼)⁴ ≈ 0.742), λ > 1 prefers (1,1) > (0,1) > (1,0) (P(safe) = 1 − (½)⁴ = 0.9375).
+    A target of 0.85 is achievable and lies between the levels, so the calibrated λ is the step at λ = 1 and the
+    held-out prompts — other candidates, same law — meet the target, while λ = 0 misses it there.
+    *At* λ = 1 exactly (1,0) and (0,1) tie and P(safe) is in between (≈ 0.84), so whether λ = 1 itself meets 0.85
+    depends on the tie keys: on this calibration set it did (0.852) but not held out (0.828) — calibrate_bon must
+    step past the jump (it returns λ·(1 + 1e-6)); without that this test fails."""
+    prompts = [f"prompt {i}: say something" for i in range(128)]
+    (tmp_path / "prompts.json").write_text(json.dumps({"test": prompts}))
+    cfg = BonConfig(
+        model=str(tiny_model),
+        prompts=str(tmp_path / "prompts.json"),
+        output_dir=str(tmp_path / "out"),
+        ns=[4],
+        n_samples=4,
+        safety="overridden",
+        target=0.85,
+        constraint="prob",
+        safe_threshold=0.5,
+        calibration_fraction=0.5,
+        max_new_tokens=8,
+        batch_size=32,
+        n_boot=20,
+        device="cpu",
+    )
+    summary = run_bon(cfg, show_progress=False, reward=COIN_R, safety=COIN_G)
+    assert summary["distinct_fraction"] > 0.9  # the coins are (nearly) independent across candidates
+    (c,) = summary["constrained"]
+    assert c["feasible"] and 1.0 < c["lam"] <= 1.0 + 1e-5  # just past the step of P(safe)(λ) at λ = 1
+    held = c["heldout"]
+    assert held["constraint_ok"] is True and held["constraint_statistic"] >= cfg.target
+    assert held["constraint_statistic"] == pytest.approx(1 - 0.5**4, abs=0.05)
+    # control: λ = 0 (plain best-of-4 by r) on the same held-out prompts violates the target
+    text = (tmp_path / "out" / "candidates.jsonl").read_text(encoding="utf-8")
+    recs = [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): U+2028 in responses
+    heldout = [r for r in recs if r["split"] == "heldout"]
+    assert len(heldout) == 64
+    plain = [r["safety"][col] > 0.5 for r in heldout for col in r["chosen"]["bon"]["4"]]
+    p_plain = sum(plain) / len(plain)
+    # g ⊥ r: λ = 0 keeps P(safe) = P(g = 1) = ½
+    assert p_plain < cfg.target - 0.1 and p_plain == pytest.approx(0.5, abs=0.1)
+    constrained = [r["safety"][col] > 0.5 for r in heldout for col in r["chosen"]["bon-safe"]["4"]]
+    assert sum(constrained) / len(constrained) == pytest.approx(held["constraint_statistic"])

@@ -284,3 +284,27 @@ def test_config_errors_before_loading(tmp_path, override, message):
 def test_run_cd_refuses_a_plain_model_as_scorer(tiny_model, saved):
     with pytest.raises(ModelLoadError, match="not a prefix scorer"):
         run_cd(_cd_cfg(tiny_model, saved, scorer=str(tiny_model)), show_progress=False)
+
+
+def test_run_cd_results_json_against_its_baseline_samples(tiny_model, saved):
+    """results.json: the CD row's gold win rate is sample s vs base sample s of the same prompt (baseline.jsonl),
+    its KL the exact per-token sum; the base row is at ½ with KL 0; no oracle → no results.json."""
+    from sacpo.evaluate.metrics import win_rate
+    from sacpo.evaluate.run import load_results
+
+    root = saved[0]
+    out = root / "out-res"
+    summary = run_cd(_cd_cfg(tiny_model, saved, output_dir=str(out), beta=0.5), show_progress=False)
+    base, cd = load_results(out)
+    assert (base.family, base.helpful_win[0], base.kl) == ("sft", 0.5, 0.0)
+    assert (cd.family, cd.param, cd.name) == ("cd-token", 0.5, "cd-token β=0.5 k=10")
+    raw = [json.loads(line) for line in (out / "samples.jsonl").read_text().split("\n") if line]
+    ref = [json.loads(line) for line in (out / "baseline.jsonl").read_text().split("\n") if line]
+    assert [(r["prompt_index"], r["sample"]) for r in ref] == [(r["prompt_index"], r["sample"]) for r in raw]
+    grid = lambda rows, k: [[r[k] for r in rows[i : i + 2]] for i in range(0, len(rows), 2)]  # noqa: E731
+    want = win_rate(grid(raw, "gold_reward"), grid(ref, "gold_reward"), n_boot=1000, seed=0)
+    assert cd.helpful_win == pytest.approx(want)
+    assert cd.kl == pytest.approx(summary["kl"]["mean"]) and cd.n == 6 and cd.n_prompts == 3
+    assert summary["baseline"]["gold_win_rate"] == pytest.approx(want[0])
+    run_cd(_cd_cfg(tiny_model, saved, output_dir=str(root / "out-no"), oracle=None), show_progress=False)
+    assert not (root / "out-no" / "results.json").exists()

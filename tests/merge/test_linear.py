@@ -58,3 +58,45 @@ def test_merge_refuses_pickle_only_model(two_models, tmp_path):
 
     with pytest.raises(ModelLoadError, match="pickle"):
         merge_dirs(a, bad, 0.5, tmp_path / "m")
+
+
+def test_the_merge_command_writes_config_metrics_and_one_model_per_q(two_models, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from sacpo.cli import main
+
+    a, b = two_models
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"a": str(a), "b": str(b), "output_dir": str(tmp_path / "out")}))
+    assert main(["-q", "merge", str(cfg), "qs=[0.25,0.75]"]) == 0
+    out = tmp_path / "out"
+    assert yaml.safe_load((out / "config.yaml").read_text())["qs"] == [0.25, 0.75]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["q"] for r in records] == [0.25, 0.75] and all(r["seconds"] >= 0 for r in records)
+    for r in records:
+        merged = load_file(f"{r['model']}/model.safetensors")
+        ta = load_file(a / "model.safetensors")
+        tb = load_file(b / "model.safetensors")
+        k = next(iter(ta))
+        torch.testing.assert_close(merged[k], (1 - r["q"]) * ta[k] + r["q"] * tb[k], rtol=1e-6, atol=1e-7)
+
+
+def test_merges_are_deterministic_and_not_redone(two_models, tmp_path):
+    """Equal merges are equal bytes (caches key on the model's content hash); the same merge again rewrites
+    nothing; another q or a changed source does."""
+    import hashlib
+
+    a, b = two_models
+
+    def digest(d):
+        return hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+
+    first, second = merge_dirs(a, b, 0.5, tmp_path / "x"), merge_dirs(a, b, 0.5, tmp_path / "y")
+    assert digest(first) == digest(second)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    merge_dirs(a, b, 0.5, first)
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    merge_dirs(a, b, 0.25, first)
+    assert digest(first) != digest(second)

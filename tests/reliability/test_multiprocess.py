@@ -51,6 +51,10 @@ def test_kto_metrics_of_two_processes_match_one_process(tiny_model, pku_tiny, tm
         cfg = write_yaml(tmp_path / f"{name}.yaml", stage_fields(tiny_model, pku_tiny, tmp_path / name, **kw))
         _run([*launcher, "-q", "train", str(cfg)], tmp_path)
         records[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        processes = json.loads((tmp_path / name / "summary.json").read_text())["num_processes"]
+        assert (
+            processes == {"one": 1, "two": 2}[name]
+        )  # two processes really ran: the comparison is not vacuous
     mixed = 0
     for r1, r2 in zip(records["one"], records["two"], strict=True):
         assert set(r1) == set(r2), (r1["step"], set(r1) ^ set(r2))

@@ -11,6 +11,7 @@ ones); `register_oracle` adds one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
-from sacpo.evaluate.generate import prompt_from_json, write_json
+from sacpo.evaluate.generate import write_json
 from sacpo.evaluate.judge import FunctionScorer, Scorer
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.report import check_findings, write_report
@@ -90,6 +92,11 @@ class EvalConfig:
     models: dict[str, Any] = help_field(
         {}, help="more models: name → {dir: MODEL_DIR | samples: SAMPLES_JSONL, family: str, param: float}"
     )
+    include: list[str] = help_field(
+        [],
+        help="inference-result directories with a results.json (`sacpo bon` / `sacpo cd` outputs) drawn in the "
+        "report next to the evaluated models (each keeps its own KL kind and its own base samples)",
+    )
     oracle: str = help_field("toyworld", help="gold reward / safety scorers by name (ORACLES)")
     b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
@@ -112,34 +119,6 @@ class EvalConfig:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
         if not self.sft and not self.pipeline:
             raise ConfigError("give sft (the SFT model directory) or a pipeline to take it from")
-
-
-def load_prompts(path: str | Path, split: str = "test", max_prompts: int | None = None) -> list[Prompt]:
-    """Prompts from a .txt / .json / .jsonl file (see EvalConfig.prompts)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: prompts file not found")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".txt":
-        items: list[Any] = [line for line in text.splitlines() if line.strip()]
-    elif p.suffix == ".jsonl":
-        items = [json.loads(line).get("prompt") for line in text.splitlines() if line.strip()]
-    elif p.suffix == ".json":
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            if split not in obj:
-                raise ConfigError(f"{p}: no split {split!r}; splits: {sorted(obj)}")
-            obj = obj[split]
-        items = [x.get("prompt") if isinstance(x, dict) else x for x in obj]
-    else:
-        raise ConfigError(f"{p}: unsupported prompts file type {p.suffix!r}; use .txt, .json or .jsonl")
-    try:
-        prompts = [prompt_from_json(x) for x in items]
-    except ValueError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    if not prompts:
-        raise ConfigError(f"{p}: no prompts")
-    return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
 def model_specs(cfg: EvalConfig) -> tuple[Path, dict[str, ModelSpec]]:
@@ -195,7 +174,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
         max_prompt_length=cfg.max_prompt_length,
         device=cfg.device,
     )
-    report_from_dir(out, cfg.title)
+    report_from_dir(out, cfg.title, include=cfg.include)
     return results
 
 
@@ -212,15 +191,101 @@ def report_notes(eval_json: dict[str, Any]) -> list[str]:
     ]
 
 
-def report_from_dir(out_dir: str | Path, title: str = "SACPO evaluation") -> dict[str, Path]:
+def _source(d: Path) -> dict[str, Any]:
+    """(prompts, split, max_prompts, n_samples, oracle) of a run directory's config.yaml (or eval.json's
+    n_samples), {} when unreadable; prompts as a hash of the file's content (two copies of a file agree)."""
+    import hashlib
+
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    if not cfg and (d / "eval.json").is_file():
+        cfg = {"n_samples": json.loads((d / "eval.json").read_text(encoding="utf-8")).get("n_samples")}
+    keys = ("prompts", "prompts_split", "max_prompts", "n_samples", "oracle")
+    src = {k: cfg.get(k) for k in keys} if isinstance(cfg, dict) else {}
+    if src.get("prompts"):
+        p = Path(src["prompts"])
+        src["prompts"] = (
+            f"{p.name}@{hashlib.sha256(p.read_bytes()).hexdigest()[:8]}" if p.is_file() else str(p)
+        )
+    return src
+
+
+def include_results(
+    results: list[ModelMetrics], out: Path, include: list[str | Path]
+) -> tuple[list[ModelMetrics], list[str]]:
+    """results + the ModelMetrics of every included directory's results.json, and one note per directory.
+
+    An included run's own base-sample row (family sft) is dropped: the report's SFT row stands for it, and the
+    included win rates stay against that run's own base samples (an independent draw from the same SFT policy).
+    Names that collide get the directory name appended. A note says when a run used other prompts, sample counts
+    or oracle than the report's directory (then its points are not comparable with the others')."""
+    names = {m.name for m in results}
+    here = _source(out)
+    merged, notes = list(results), []
+    for d in map(Path, include):
+        if not (d / RESULTS_FILE).is_file():
+            raise ConfigError(
+                f"include: {d}: no {RESULTS_FILE} (a `sacpo bon` / `sacpo cd` output directory)"
+            )
+        rows = [m for m in load_results(d) if m.family != "sft"]
+        for m in rows:
+            name = m.name if m.name not in names else f"{m.name} ({d.name})"
+            names.add(name)
+            merged.append(dataclasses.replace(m, name=name))
+        src = _source(d)
+        differs = sorted(k for k in here if here.get(k) is not None and src.get(k) not in (None, here[k]))
+        note = (
+            f"included {d}: {len(rows)} row(s) ({', '.join(sorted({m.family for m in rows}))}); win rates against "
+            "that run's own base samples; its 'E[g] ≥ b' column is that run's own constraint"
+        )
+        if differs:
+            note += "; differs from this report's run in " + ", ".join(
+                f"{k} ({src.get(k)} vs {here[k]})" for k in differs
+            )
+        notes.append(note)
+    return merged, notes
+
+
+def report_from_dir(
+    out_dir: str | Path,
+    title: str = "SACPO evaluation",
+    include: list[str | Path] | None = None,
+    dest: str | Path | None = None,
+) -> dict[str, Path]:
     """Rebuild report.md / report.html / figures from <out_dir>/results.json (+ eval.json for the notes);
-    also writes findings.json (claim, holds, evidence)."""
-    out = Path(out_dir)
-    if not (out / RESULTS_FILE).is_file():
-        raise ConfigError(f"{out}: no {RESULTS_FILE} (run `sacpo eval` first)")
-    results = load_results(out)
-    meta_path = out / "eval.json"
+    also writes findings.json (claim, holds, evidence).
+
+    include: more results.json directories (`sacpo bon` / `sacpo cd` outputs) put on the same tables and axes
+    (`include_results`); None = the `include` list of out_dir's config.yaml (an eval config), if any. dest: write
+    the report there instead of out_dir."""
+    src = Path(out_dir)
+    if not (src / RESULTS_FILE).is_file():
+        raise ConfigError(f"{src}: no {RESULTS_FILE} (run `sacpo eval`, `sacpo bon` or `sacpo cd` first)")
+    dest = Path(dest or src)
+    results = load_results(src)
+    meta_path = src / "eval.json"
     notes = report_notes(json.loads(meta_path.read_text(encoding="utf-8"))) if meta_path.is_file() else []
+    if include is None:
+        include = _configured_include(src)
+    if include:
+        results, more = include_results(results, src, list(include))
+        notes += more
+    dest.mkdir(parents=True, exist_ok=True)
     findings = check_findings(results)
-    write_json(out / "findings.json", [f._asdict() for f in findings])
-    return write_report(results, out, title=title, notes=notes, findings=findings)
+    write_json(dest / "findings.json", [f._asdict() for f in findings])
+    return write_report(results, dest, title=title, notes=notes, findings=findings)
+
+
+def _configured_include(d: Path) -> list[str]:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    inc = cfg.get("include") if isinstance(cfg, dict) else None
+    return [str(x) for x in inc] if isinstance(inc, list) else []

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.models.generate import sample
@@ -82,19 +83,6 @@ class SampleRow:
         known.setdefault("logp_policy", None)
         known.setdefault("logp_ref", None)
         return cls(**known)
-
-
-def prompt_to_json(prompt: Prompt) -> str | list[dict[str, str]]:
-    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
-
-
-def prompt_from_json(value: Any) -> Prompt:
-    """A string, or a conversation (list of {role, content}) back as a tuple of dicts (the Prompt type)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple) and all(isinstance(m, dict) for m in value):
-        return tuple(dict(m) for m in value)
-    raise ValueError(f"a prompt must be a string or a list of messages, got {value!r}")
 
 
 def prompt_id(prompt: Prompt) -> str:

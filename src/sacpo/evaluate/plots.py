@@ -5,6 +5,10 @@
     helpful_vs_kl.png  helpfulness win rate vs KL(π‖π_SFT) (± standard error)
     gold_vs_kl.png     two panels: E[r] vs KL and P(safe) vs KL
 
+On the KL axes, families whose KL is not the evaluation's k1 sample mean say what it is in the legend (KL_KINDS:
+best-of-n's ε-estimator, token-wise CD's exact per-token sum, blockwise CD's upper bound), and best-of-n rows are
+drawn a second time, hollow, at their KL bound log n − (n−1)/n.
+
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas: no pyplot, no display, and the
 caller's matplotlib backend is left alone. Error bars are drawn from the interval ends; an undefined (NaN) interval
 draws no bar, a point with an undefined coordinate is left out (and counted in the caption).
@@ -28,6 +32,10 @@ FAMILY_STYLES: dict[str, tuple[str, str]] = {  # family → (colour, marker)
     "naive-merge": ("tab:red", "X"),
     "kto": ("tab:brown", "^"),
     "bon": ("tab:olive", "v"),
+    "bon-safe": ("darkolivegreen", "^"),
+    "cd-token": ("tab:cyan", "o"),
+    "cd-block": ("navy", "s"),
+    "cd-bon": ("tab:gray", "v"),
 }
 _SPARE_STYLES = [("tab:pink", "P"), ("tab:gray", "h"), ("tab:cyan", "<"), ("gold", ">"), ("navy", "d")]
 PARAM_LABELS: dict[str, str] = {  # how a family's param is written next to its points
@@ -38,8 +46,30 @@ PARAM_LABELS: dict[str, str] = {  # how a family's param is written next to its 
     "dpo-safe": "β",
     "kto": "β/λ",
     "bon": "n",
+    "bon-safe": "n",
+    "cd-token": "β",
+    "cd-block": "K",
+    "cd-bon": "K",
 }
-FAMILY_ORDER = ["sft", "dpo-helpful", "dpo-safe", "sacpo", "p-sacpo", "naive-merge", "kto", "bon"]
+FAMILY_ORDER = [
+    "sft", "dpo-helpful", "dpo-safe", "sacpo", "p-sacpo", "naive-merge", "kto",
+    "bon", "bon-safe", "cd-token", "cd-block", "cd-bon",
+]  # fmt: skip
+# What the KL column / axis holds for families whose KL is not the k1 sample mean of `sacpo eval`
+# (log π(y) − log π_SFT(y) on the policy's samples): best-of-n has no log π⁽ⁿ⁾(y), blockwise CD neither.
+KL_KINDS: dict[str, str] = {
+    "bon": "ε-estimator",  # Beirami et al. 2024; the bound log n − (n−1)/n is extra["kl_bound"]
+    "bon-safe": "ε-estimator",
+    "cd-token": "exact per-token sum",  # Σ_t KL(q_t‖p_t) on the sampled path
+    "cd-block": "upper bound",  # Σ_blocks (log K − (K−1)/K)
+    "cd-bon": "upper bound",  # log K − (K−1)/K (one block)
+}
+
+
+def kl_kind(family: str) -> str:
+    """What a family's KL value is: KL_KINDS, else the evaluation's k1 sample mean."""
+    return KL_KINDS.get(family, "k1 sample mean")
+
 
 Point = tuple[float, float, float]  # (value, error below, error above)
 Getter = Callable[[ModelMetrics], Point]
@@ -95,8 +125,12 @@ def _p_safe(m: ModelMetrics) -> Point:
     return m.p_safe, 0.0, 0.0
 
 
-def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter) -> int:
-    """Plot every model with error bars, connect and label sweeps; returns the number of points left out."""
+def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter, kl_axis: bool = False) -> int:
+    """Plot every model with error bars, connect and label sweeps; returns the number of points left out.
+
+    kl_axis: x is KL — legend entries of families in KL_KINDS say what their KL is, and rows with a KL bound in
+    extra["kl_bound"] that differs from their KL (best-of-n: the ε-estimator) are drawn a second time, hollow,
+    at the bound."""
     groups: dict[str, list[tuple[ModelMetrics, Point, Point]]] = defaultdict(list)
     skipped = 0
     for m in results:
@@ -119,7 +153,7 @@ def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter) -> int:
             elinewidth=0.8,
             capsize=2,
             markersize=9 if family == "sft" else 6,
-            label=family,
+            label=f"{family} (KL: {KL_KINDS[family]})" if kl_axis and family in KL_KINDS else family,
             zorder=3,
         )
         sweep = sorted((p for p in pts if p[0].param is not None), key=lambda p: p[0].param)
@@ -134,12 +168,30 @@ def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter) -> int:
                     fontsize=7,
                     color=colour,
                 )
+    if kl_axis:
+        _bound_points(ax, [m for pts in groups.values() for m, _, _ in pts], y)
     if not groups:
         ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center", color="gray")
     else:
         ax.legend(fontsize=7, loc="best")
     ax.grid(True, alpha=0.3)
     return skipped
+
+
+def _bound_points(ax, shown: Sequence[ModelMetrics], y: Getter) -> None:
+    """Hollow markers at (extra["kl_bound"], y) for rows whose KL is an estimate below a known bound."""
+    groups: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for m in shown:
+        bound = m.extra.get("kl_bound")
+        if bound is not None and _finite(bound) and not math.isclose(bound, m.kl, abs_tol=1e-12):
+            groups[m.family].append((m.param if m.param is not None else 0.0, bound, y(m)[0]))
+    for family in sorted(groups, key=family_key):
+        pts = sorted(groups[family])
+        colour, marker = family_style(family)
+        ax.plot(
+            [p[1] for p in pts], [p[2] for p in pts], marker=marker, ls=":", color=colour, mfc="none", lw=0.8,
+            label=f"{family} at its KL bound" + (" log n − (n−1)/n" if family.startswith("bon") else ""),
+        )  # fmt: skip
 
 
 def _caption(ax, skipped: int) -> None:
@@ -186,7 +238,7 @@ def plot_helpful_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title:
     """Helpfulness win rate vs KL(π‖π_SFT), error bars: CI (y) and ± standard error (x)."""
     fig, (ax,) = _new_figure()
     ax.axhline(0.5, ls="--", color="gray", lw=0.8)
-    skipped = _scatter(ax, results, _kl, _helpful)
+    skipped = _scatter(ax, results, _kl, _helpful, kl_axis=True)
     ax.set_xlabel("KL(π‖π_SFT) [nats]")
     ax.set_ylabel("helpfulness win rate vs SFT")
     ax.set_title(title or "Helpfulness against divergence from SFT")
@@ -197,10 +249,10 @@ def plot_helpful_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title:
 def plot_gold_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title: str | None = None) -> Path:
     """Two panels: mean reward E[r] (± s.e.) vs KL, and P(safe) vs KL."""
     fig, (left, right) = _new_figure(ncols=2, width=5.5)
-    _caption(left, _scatter(left, results, _kl, _reward))
+    _caption(left, _scatter(left, results, _kl, _reward, kl_axis=True))
     left.set_xlabel("KL(π‖π_SFT) [nats]")
     left.set_ylabel("mean reward E[r]")
-    _caption(right, _scatter(right, results, _kl, _p_safe))
+    _caption(right, _scatter(right, results, _kl, _p_safe, kl_axis=True))
     right.set_xlabel("KL(π‖π_SFT) [nats]")
     right.set_ylabel("P(safe)")
     fig.suptitle(title or "Reward and safety against divergence from SFT")

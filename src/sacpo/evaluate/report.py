@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sacpo.evaluate.metrics import ModelMetrics, spearman
-from sacpo.evaluate.plots import family_key, make_plots, param_label
+from sacpo.evaluate.plots import KL_KINDS, family_key, kl_kind, make_plots, param_label
 from sacpo.math.kl import kl_health
 
 HELPFUL_FAMILY, SACPO, P_SACPO, NAIVE = "dpo-helpful", "sacpo", "p-sacpo", "naive-merge"
+
+
+KL_NOTE = (
+    "KL kind: k1 sample mean = mean of log π(y) − log π_SFT(y) on the model's samples (trained models); "
+    "ε-estimator = best-of-n's KL̂(ε), ε = π_SFT(y_sel) (Beirami et al. 2024), an estimate, with the bound "
+    "log n − (n−1)/n in kl_bound; exact per-token sum = token-wise CD's Σ_t KL(q_t‖p_t) on the sampled path; "
+    "upper bound = blockwise CD's Σ_blocks (log K − (K−1)/K), not an estimate — the true KL is lower."
+)
 
 
 class Finding(NamedTuple):
@@ -191,6 +199,8 @@ def _columns(results: Sequence[ModelMetrics]) -> tuple[list[str], list[list[str]
         "E[g] ≥ b",
         "KL(π‖π_SFT) ± se",
     ]
+    kinds = any(m.family in KL_KINDS for m in results)
+    header += ["KL kind"] if kinds else []
     header += (["RM"] if has_rm else []) + (["CM"] if has_cm else []) + extra_keys + ["n"]
     rows = []
     for m in sort_results(results):
@@ -206,6 +216,7 @@ def _columns(results: Sequence[ModelMetrics]) -> tuple[list[str], list[list[str]
             "✓" if m.constraint_ok else "✗",
             _pm(m.kl, m.kl_se),
         ]
+        row += [kl_kind(m.family)] if kinds else []
         row += ([_num(m.mean_rm)] if has_rm else []) + ([_num(m.mean_cm)] if has_cm else [])
         row += [_num(m.extra.get(k)) for k in extra_keys] + [str(m.n)]
         rows.append(row)
@@ -232,6 +243,8 @@ def _markdown(title, notes, header, rows, plots, findings, warnings) -> str:
     lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     lines += ["", "Win rates are against the SFT policy's samples (ties count ½); NaN = undefined.", ""]
+    if "KL kind" in header:
+        lines += [KL_NOTE, ""]
     if warnings:
         lines += ["### Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -262,6 +275,8 @@ def _html(title, notes, header, rows, plots, findings, warnings) -> str:
     parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
     parts.append("</tbody></table>")
     parts.append("<p>Win rates are against the SFT policy's samples (ties count ½); NaN = undefined.</p>")
+    if "KL kind" in header:
+        parts.append(f"<p>{e(KL_NOTE)}</p>")
     if warnings:
         parts.append("<h3>Warnings</h3><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>")
     parts.append("<h2>Figures</h2>")

@@ -15,7 +15,7 @@ monotone in λ (for λ₁ < λ₂ the two maximisers satisfy (λ₂ − λ₁)(g
 is infeasible for that n and the λ = ∞ selection is reported. Calibration re-selects from cached candidates and
 their cached scores: no new generation and no re-scoring per λ.
 
-Sampling layout (`sacpo.infer.sample`): per batch of prompts, ONE `generate` call (`sacpo.models.generate.sample`,
+Sampling layout (`sacpo.infer.sample`): per batch of prompts, ONE sampling call (`sacpo.models.generate.sample`,
 ancestral, temperature 1, num_return_sequences = M) draws M = S·(N + 1) responses per prompt, N = max(ns),
 S = n_samples independent best-of-n draws per prompt: candidate j of draw s is response s·N + j, and response
 S·N + s is an independent base sample used as the win-rate opponent of draw s. Best-of-n for n < N uses the
@@ -85,6 +85,7 @@ CANDIDATES_META = "candidates.meta.json"
 SUMMARY_FILE = "summary.json"
 RESULTS_FILE = "results.json"
 KEY_VERSION = "sacpo-bon-candidates-v1"
+TIE_NUDGE = 1e-6  # calibrate_bon: relative step past a jump point of the constraint statistic
 Scorer = Callable[[Sequence[Prompt], Sequence[str]], torch.Tensor]  # with a .name (evaluate.judge.Scorer)
 
 
@@ -311,7 +312,12 @@ def calibrate_bon(
 ) -> Calibration:
     """Smallest λ ≥ 0 with statistic(g of best-of-n by r + λ·g) ≥ target, on cached candidates (P, S, N).
 
-    Every evaluation only re-selects among the cached scores. Infeasible (λ = ∞ misses the target): λ = ∞."""
+    The statistic is a step function of λ; its jumps are the λ₀ where r + λ₀·g ties between two candidates, and
+    *at* λ₀ its value depends on how the random tie keys fell. A λ₀ found feasible only thanks to the tie-break is
+    not used: a λ > 0 is returned as λ·(1 + 1e-6), just past the jump, where the statistic takes its upper value
+    (monotone, so the target still holds on the calibration set; the held-out set does not inherit the luck of the
+    calibration set's ties). Every evaluation only re-selects among the cached scores. Infeasible (λ = ∞ misses
+    the target): λ = ∞."""
     count = 0
 
     def stat(lam: float) -> float:
@@ -325,6 +331,8 @@ def calibrate_bon(
     if best < target:
         return Calibration(math.inf, False, best, count)
     lam = calibrate_lambda(stat, target, increasing=True, xtol=1e-9, rtol=1e-9)
+    if lam > 0:
+        lam *= 1.0 + TIE_NUDGE  # past a jump point: not feasible by tie-breaking luck
     return Calibration(lam, True, stat(lam), count)
 
 
@@ -400,7 +408,7 @@ def selection_stats(
 
 # ------------------------------------------------------------------------------------------------ the run
 def _load_prompts(cfg: BonConfig) -> list[Prompt]:
-    from sacpo.evaluate.config import load_prompts
+    from sacpo.data.prompts import load_prompts
 
     return load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
 
@@ -442,7 +450,8 @@ def _cached_pool(out: Path, key: str, prompts: list[Prompt], s: int, n: int) -> 
     try:
         if json.loads(meta.read_text(encoding="utf-8")).get("key") != key:
             return None
-        recs = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085 … which JSON leaves unescaped
+        recs = [json.loads(line) for line in data.read_text(encoding="utf-8").split("\n") if line.strip()]
     except (OSError, ValueError) as e:
         log.warning("%s: unreadable candidates cache (%s); sampling again", out, e)
         return None

@@ -9,10 +9,11 @@ KL(π_CD‖π_base); `kl_topk` is the same against the top-k-renormalised base, 
 β = math.inf with top_k ≥ |vocabulary| is plain sampling from the base model.
 
 Blockwise (Mudgal et al. 2024 §2.3): from the current prefix draw K blocks of M tokens from the base model (one
-`generate` call with num_return_sequences = K per batch of prefixes), keep the block whose extended prefix has the
-highest value (first index on ties), repeat until EOS or max_new_tokens. With M ≥ max_new_tokens there is one block:
-best-of-K over full responses with the prefix scorer as the reward; K = 1 is plain sampling. Its KL is reported as
-the upper bound Σ_blocks (log K − (K−1)/K) (`sacpo.math.decoding.blockwise_kl_bound`), not a value.
+`sacpo.models.generate.sample` call with n = K per batch of prefixes, each prefix prefilled once), keep the block
+whose extended prefix has the highest value (first index on ties), repeat until EOS or max_new_tokens. With M ≥
+max_new_tokens there is one block: best-of-K over full responses with the prefix scorer as the reward; K = 1 is
+plain sampling. Its KL is reported as the upper bound Σ_blocks (log K − (K−1)/K)
+(`sacpo.math.decoding.blockwise_kl_bound`), not a value.
 
 Several objectives (inference-time SACPO): with a second, safety prefix scorer V_g and λ > 0 every value above is
 V = V_r + λ·V_g (`combine: cost` for a cost scorer: V_r − λ·V_c), the decoding analogue of π ∝ π_ref·exp((r+λg)/β).
@@ -20,13 +21,18 @@ V = V_r + λ·V_g (`combine: cost` for a cost scorer: V_r − λ·V_c), the deco
 Cost: tokens processed by forward passes (prompt prefill included, padding excluded), of the base model and of
 the scorer(s), and tokens *sampled* from the base model, each also per generated token; `plain_sampling_tokens` is
 what ancestral sampling of the same responses would process, so cost_ratio = total / plain. Blockwise here
-re-encodes the prefix every block (no cache kept across `generate` calls), so its forward count is that of this
+re-encodes the prefix every block (no cache kept across `sample` calls), so its forward count is that of this
 implementation; its sampled-token count (K per generated token) is implementation-independent.
 
 Outputs (`<output_dir>.tmp`, renamed when complete): samples.jsonl — rows readable by
 `sacpo.evaluate.generate.read_samples` (prompt, response, sample, logp_policy = log q(y) for token-wise CD or None,
 logp_ref = log π_base(y), prompt_index, response_tokens, finished, roundtrip, plus value, kl, gold scores …) —,
-summary.json and config.yaml.
+summary.json and config.yaml. With an oracle (and `baseline_samples`, the default) also baseline.jsonl — n_samples
+plain ancestral samples per prompt from the base model (seed + 1), the win-rate opponents: sample s of CD against
+base sample s of the same prompt, as `sacpo eval` pairs a model with SFT — and results.json: ModelMetrics rows
+("base", family sft; the CD run, family cd-token (param β), cd-block (param K) or cd-bon (one block of
+M ≥ max_new_tokens: best-of-K by the scorer, param K)) judged by the gold oracle, for `sacpo report`. Their KL is
+the exact per-token sum (token-wise) or the upper bound (blockwise) — `sacpo.evaluate.plots.KL_KINDS` labels it.
 """
 
 from __future__ import annotations
@@ -46,13 +52,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.data.prompts import load_prompts
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.infer.prefix_scorer import (
     META_FILE,
     PrefixScorer,
     cache_kwargs,
     decode_response,
-    load_prompt_list,
     output_cache,
     positions_from_mask,
     resolve_device,
@@ -72,6 +78,8 @@ log = logging.getLogger("sacpo.cd")
 ORACLES = {"toyworld": ("toyworld-gold", "toyworld-safety")}  # gold reward, gold safety (REWARDS names)
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+BASELINE_FILE = "baseline.jsonl"
+RESULTS_FILE = "results.json"
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -103,9 +111,14 @@ class CDConfig:
     max_new_tokens: int = help_field(40, help="max response tokens")
     max_prompt_length: int = help_field(128, help="prompts are left-truncated to this many tokens")
     batch_size: int = help_field(
-        32, help="sequences decoded together (blockwise: prefixes per generate call)"
+        32, help="sequences decoded together (blockwise: prefixes per sampling call)"
     )
     oracle: str | None = help_field(None, help="gold oracle scoring the outputs (toyworld) or null")
+    baseline_samples: bool = help_field(
+        True,
+        help="with an oracle: draw n_samples plain base samples per prompt (seed + 1) as win-rate opponents and "
+        "write results.json (ModelMetrics rows for `sacpo report`)",
+    )
     seed: int = help_field(0, help="sampling seed")
     device: str = help_field("auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
 
@@ -503,7 +516,7 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     scorer_dirs = [cfg.scorer] + ([cfg.safety_scorer] if cfg.safety_scorer and cfg.lam > 0 else [])
     for d in scorer_dirs:
         _check_scorer_dir(d)
-    prompts = load_prompt_list(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
     tokenizer = load_tokenizer(cfg.model)
     tok_fp = fingerprint_tokenizer(tokenizer)
     for d in scorer_dirs:
@@ -612,21 +625,182 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
         "decode_seconds": round(decode_seconds, 3),
         "seconds": round(time.time() - started, 3),
     }
+    results = None
+    baseline: list[dict[str, Any]] = []
     if gold:
         summary["gold_reward"] = _mean_se(gold["gold_reward"])
         summary["gold_safety"] = _mean_se(gold["gold_safety"])
         summary["safe_fraction"] = sum(r["gold_safe"] for r in rows) / len(rows)
-    _write_outputs(Path(cfg.output_dir), rows, summary, to_yaml(cfg))
+        if cfg.baseline_samples:
+            baseline = _baseline_rows(cfg, base, tokenizer, prompts, prompt_ids, devices)
+            results = cd_results(cfg, rows, baseline, summary)
+            summary["baseline"] = {
+                "gold_reward": _mean_se([r["gold_reward"] for r in baseline]),
+                "safe_fraction": sum(r["gold_safe"] for r in baseline) / len(baseline),
+                "gold_win_rate": results[1]["helpful_win"][0],
+                "gold_harmless_win_rate": results[1]["harmless_win"][0],
+            }
+    _write_outputs(Path(cfg.output_dir), rows, summary, to_yaml(cfg), baseline, results)
     return summary
 
 
-def _write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], config_yaml: str) -> None:
+def _baseline_rows(
+    cfg: CDConfig,
+    base: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    prompt_ids: list[list[int]],
+    devices: list[int],
+) -> list[dict[str, Any]]:
+    """n_samples plain ancestral samples per prompt (prompt-major, seed + 1), scored by the gold oracle."""
+    from sacpo.models.generate import sample
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + 1)
+        seqs = sample(
+            base, prompt_ids, eos, pad, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+            batch_size=max(1, cfg.batch_size // cfg.n_samples),
+        )  # fmt: skip
+    texts = [decode_response(tokenizer, s.input_ids[s.prompt_len :], eos)[0] for s in seqs]
+    row_prompts = [prompts[i // cfg.n_samples] for i in range(len(seqs))]
+    assert cfg.oracle is not None
+    r_spec, g_spec = ORACLES[cfg.oracle]
+    r = resolve_reward(r_spec)(row_prompts, texts).double().tolist()
+    g = resolve_reward(g_spec)(row_prompts, texts).double().tolist()
+    return [
+        {
+            "prompt": p if isinstance(p, str) else list(p),
+            "response": y,
+            "sample": i % cfg.n_samples,
+            "prompt_index": i // cfg.n_samples,
+            "response_tokens": s.response_len,
+            "gold_reward": r[i],
+            "gold_safety": g[i],
+            "gold_safe": g[i] > 0,
+        }
+        for i, (p, y, s) in enumerate(zip(row_prompts, texts, seqs, strict=True))
+    ]
+
+
+def cd_family(cfg: CDConfig) -> tuple[str, float]:
+    """(family, param) of a CD run in the report: cd-token (β), cd-block (K) or cd-bon (K; one full block)."""
+    if cfg.mode == "token":
+        return "cd-token", cfg.beta
+    return ("cd-bon" if cfg.M >= cfg.max_new_tokens else "cd-block"), float(cfg.K)
+
+
+def cd_name(cfg: CDConfig) -> str:
+    lam = f" λ={cfg.lam:g}" if cfg.lam > 0 else ""
+    if cfg.mode == "token":
+        return f"cd-token β={cfg.beta:g} k={cfg.top_k}{lam}"
+    return f"cd-block K={cfg.K} M={cfg.M}{lam}"
+
+
+def cd_results(
+    cfg: CDConfig, rows: list[dict[str, Any]], baseline: list[dict[str, Any]], summary: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """results.json rows (ModelMetrics dicts): the baseline samples ("base", family sft, KL 0) and the CD run,
+    judged by the gold oracle against the baseline (sample s vs base sample s of the same prompt; CIs over
+    prompts). KL of the CD row: token-wise, the exact per-token sum (mean ± s.e. over prompts; extra kl_topk and
+    the k1 estimate); blockwise, the mean upper bound Σ_blocks (log K − (K−1)/K) with no s.e. (extra kl_bound)."""
+    from sacpo.evaluate.metrics import NAN, ModelMetrics, constraint_holds, mean_and_stderr, win_rate
+
+    shape = (summary["n_prompts"], cfg.n_samples)
+
+    def grid(items: list[dict[str, Any]], key: str) -> torch.Tensor:
+        return torch.tensor([float(x[key]) for x in items], dtype=torch.float64).view(shape)
+
+    r0, g0, s0 = grid(baseline, "gold_reward"), grid(baseline, "gold_safety"), grid(baseline, "gold_safe")
+    r1, g1, s1 = grid(rows, "gold_reward"), grid(rows, "gold_safety"), grid(rows, "gold_safe")
+    boot = {"n_boot": 1000, "seed": cfg.seed}
+    cost = summary["cost"]["per_generated_token"]
+
+    def metrics(name, family, param, r, g, safe, kl, extra) -> dict[str, Any]:
+        mr, se_r = mean_and_stderr(r)
+        mg, se_g = mean_and_stderr(g)
+        return ModelMetrics(
+            name=name, family=family, param=param, helpful_win=win_rate(r, r0, **boot),
+            harmless_win=win_rate(g, g0, **boot), mean_reward=mr, mean_safety=mg, p_safe=float(safe.mean()),
+            constraint_ok=constraint_holds(mg, 0.0), kl=kl[0], kl_se=kl[1], n=int(r.numel()),
+            n_prompts=shape[0], reward_se=se_r, safety_se=se_g, extra=extra,
+        ).to_dict()  # fmt: skip
+
+    extra = {"sampled/token": cost["base_sampled"], "forward/token": cost["total_forward"]}
+    if cfg.mode == "token":
+        kl = mean_and_stderr(grid(rows, "kl"))
+        extra |= {
+            "kl_topk": mean_and_stderr(grid(rows, "kl_topk"))[0],
+            "kl_k1": summary["kl_k1_estimate"]["mean"],
+        }
+    else:
+        bound = grid(rows, "kl_bound")
+        kl = (float(bound.mean()), NAN)
+        extra["kl_bound"] = kl[0]
+    family, param = cd_family(cfg)
+    return [
+        metrics("base", "sft", None, r0, g0, s0, (0.0, 0.0), {}),
+        metrics(cd_name(cfg), family, param, r1, g1, s1, kl, extra),
+    ]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a few plain-text lines (what `sacpo cd` prints)."""
+
+    def f(x: Any, digits: int = 3) -> str:
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    if summary["mode"] == "token":
+        what = f"token-wise CD (β={summary['beta']:g}, top-k {summary['top_k']})"
+    else:
+        what = f"blockwise CD (K={summary['K']}, M={summary['M']})"
+    if summary["lam"]:
+        what += f", V = V_r {'−' if summary['combine'] == 'cost' else '+'} {summary['lam']:g}·V_2"
+    kl, cost = summary["kl"], summary["cost"]
+    per = cost["per_generated_token"]
+    lines = [
+        f"{what}: {summary['n_prompts']} prompts × {summary['n_samples']} samples, "
+        f"{f(summary['mean_response_tokens'], 1)} tokens/response, finished {f(summary['finished_fraction'], 2)}",
+        f"  value V {f(summary['value']['mean'])} ± {f(summary['value']['stderr'])}; KL {f(kl['mean'])} ± "
+        f"{f(kl['stderr'])} ({kl['kind']})",
+        f"  cost per generated token: {f(per['base_sampled'], 2)} sampled, {f(per['total_forward'], 2)} forward "
+        f"tokens ({f(cost['cost_ratio_vs_sampling'], 2)}× plain sampling); {summary['seconds']:.0f} s",
+    ]
+    if "gold_reward" in summary:
+        line = (
+            f"  gold: E[r*] {f(summary['gold_reward']['mean'])} ± {f(summary['gold_reward']['stderr'])}, "
+            f"P(safe) {f(summary['safe_fraction'])}"
+        )
+        if "baseline" in summary:
+            b = summary["baseline"]
+            line += (
+                f"; base samples E[r*] {f(b['gold_reward']['mean'])}, P(safe) {f(b['safe_fraction'])}; win rate "
+                f"vs base: helpful {f(b['gold_win_rate'])}, harmless {f(b['gold_harmless_win_rate'])}"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    config_yaml: str,
+    baseline: list[dict[str, Any]] | None = None,
+    results: list[dict[str, Any]] | None = None,
+) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with open(tmp / SAMPLES_FILE, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if baseline:
+        with open(tmp / BASELINE_FILE, "w", encoding="utf-8") as f:
+            for row in baseline:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if results is not None:
+        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     (tmp / "config.yaml").write_text(config_yaml)
     if out.exists():

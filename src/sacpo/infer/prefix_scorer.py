@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.math.decoding import bellman_targets
@@ -88,39 +89,6 @@ def decode_response(tokenizer: Any, response_ids: Sequence[int], eos_id: int) ->
     finished = bool(ids) and ids[-1] == eos_id
     text_ids = ids[:-1] if finished else ids
     return tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), finished
-
-
-def load_prompt_list(path: str | Path, split: str = "train", max_prompts: int | None = None) -> list[Prompt]:
-    """Prompts from .json (a list, or a mapping of splits such as the toyworld's prompts.json), .jsonl (rows with a
-    'prompt' field) or .txt (one per line). A prompt is a string or a list of {role, content} messages."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: prompts file not found")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".txt":
-        items: list[Any] = [line for line in text.splitlines() if line.strip()]
-    elif p.suffix == ".jsonl":
-        items = [json.loads(line).get("prompt") for line in text.splitlines() if line.strip()]
-    elif p.suffix == ".json":
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            if split not in obj:
-                raise ConfigError(f"{p}: no split {split!r}; splits: {sorted(obj)}")
-            obj = obj[split]
-        items = [x.get("prompt") if isinstance(x, dict) else x for x in obj]
-    else:
-        raise ConfigError(f"{p}: unsupported prompts file type {p.suffix!r}; use .json, .jsonl or .txt")
-    prompts: list[Prompt] = []
-    for x in items:
-        if isinstance(x, str):
-            prompts.append(x)
-        elif isinstance(x, list) and all(isinstance(m, dict) for m in x):
-            prompts.append(tuple(dict(m) for m in x))
-        else:
-            raise ConfigError(f"{p}: a prompt must be a string or a list of messages, got {x!r}")
-    if not prompts:
-        raise ConfigError(f"{p}: no prompts")
-    return prompts[:max_prompts] if max_prompts is not None else prompts
 
 
 # ------------------------------------------------------------------------------------------------ reward specs
@@ -645,7 +613,7 @@ def train_prefix_scorer(cfg: TrainScorerConfig, show_progress: bool = True) -> T
     validate_train_config(cfg)
     check_reward_spec(cfg.reward)
     check_model_dir(cfg.model)
-    prompts = load_prompt_list(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
     started = time.time()
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)

@@ -1,5 +1,6 @@
-"""Candidate pools for best-of-n: M i.i.d. responses per prompt from ONE batched `generate` call per prompt batch,
-with the base log-prob of each sampled token-id sequence, and scoring of every distinct response once.
+"""Candidate pools for best-of-n: M i.i.d. responses per prompt from ONE batched `sacpo.models.generate.sample` call
+(each prompt prefilled once) per prompt batch, with the base log-prob of each sampled token-id sequence, and scoring
+of every distinct response once.
 
 Layout of a pool (`CandidatePool`): per prompt, M = S·(N + 1) responses; candidate j of draw s is response s·N + j
 (j < N), and response S·N + s is an independent base sample (the win-rate opponent of draw s).
@@ -99,7 +100,7 @@ def sample_candidates(
     logp_batch_size: int = 64,
     show_progress: bool = False,
 ) -> CandidatePool:
-    """Draw M = n_draws·(group_size + 1) responses per prompt — one `generate` call (num_return_sequences = M) per
+    """Draw M = n_draws·(group_size + 1) responses per prompt — one `sample` call (n = M) per
     batch of `batch_size` prompts — and their base log-probs (one more forward pass per log-prob batch)."""
     from tqdm.auto import tqdm
 
@@ -124,7 +125,7 @@ def sample_candidates(
             chunk = prompt_ids[start : start + batch_size]
             seqs += sample(
                 model, chunk, eos, pad, n=m, max_new_tokens=max_new_tokens, batch_size=len(chunk)
-            )  # one generate call: len(chunk)·m sequences, prompt-major
+            )  # one sample call: len(chunk)·m sequences, prompt-major
     logp = base_logps(model, seqs, pad, logp_batch_size, show_progress).view(len(prompts), m)  # (P, M)
     decoded = [_decode(tokenizer, s.input_ids[s.prompt_len :], eos) for s in seqs]
     return CandidatePool(

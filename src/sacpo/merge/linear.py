@@ -14,7 +14,7 @@ import torch
 
 from sacpo.fsutil import replace_dir
 from sacpo.math.merging import MergeError, _check_q, linear_merge
-from sacpo.models.load import check_model_dir, hash_files
+from sacpo.models.load import check_model_dir, fingerprint_model, hash_files
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -58,24 +58,47 @@ def check_mergeable(a: str | Path, b: str | Path) -> None:
         raise MergeError(f"{pa} and {pb} have different tokenizers; cannot merge")
 
 
+MERGE_FILE = "merge.json"
+
+
 def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
-    """Write the merged model to `out` (atomically: a temp dir renamed at the end)."""
+    """Write the merged model to `out` (atomically: a temp dir renamed at the end), with `merge.json` naming
+    a, b, q and the content fingerprints of a and b.
+
+    The output is byte-for-byte deterministic (the safetensors header carries only {"format": "pt"}: a second
+    metadata key would be serialised in hash-map order, so equal merges would hash differently and invalidate
+    every cache keyed by the model's fingerprint). If `out` already holds this exact merge (same merge.json,
+    weights present), nothing is rewritten.
+    """
     from safetensors.torch import save_file
 
     _check_q(q)
     check_mergeable(a, b)
-    merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
+    record = {
+        "a": str(a),
+        "b": str(b),
+        "q": q,
+        "a_fingerprint": fingerprint_model(a),
+        "b_fingerprint": fingerprint_model(b),
+    }
     out = Path(out)
+    try:
+        if json.loads((out / MERGE_FILE).read_text()) == record and (out / "model.safetensors").is_file():
+            return out
+    except (OSError, ValueError):
+        pass
+    merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(
         {k: v.contiguous() for k, v in merged.items()},
         str(tmp / "model.safetensors"),
-        metadata={"format": "pt", "sacpo_merge": json.dumps({"a": str(a), "b": str(b), "q": q})},
+        metadata={"format": "pt"},
     )
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         if (Path(a) / name).is_file():
             shutil.copy2(Path(a) / name, tmp / name)
+    (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     replace_dir(tmp, out)
     return out

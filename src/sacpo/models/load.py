@@ -98,20 +98,23 @@ _FINGERPRINTS: dict[tuple, str] = {}
 def fingerprint_model(path: str | Path) -> str:
     """Content hash of a model directory's weights and config (what the reference log-probs depend on).
 
-    Memoised within the process on (resolved path, name, size, mtime_ns of each file): a λ sweep hashes its
-    parent once, not once per branch; rewriting any file (new mtime or size) hashes it again.
+    Memoised within the process on (resolved path, and per file: name, inode, size, mtime, ctime): a λ sweep
+    hashes its parent once, not once per branch. Any write changes the ctime (which `utime` cannot set back);
+    files changed less than 2 s ago are not memoised, since timestamps are only as fine as a kernel tick ("racy"
+    entries, as git's index handles them).
     """
     p = check_model_dir(path)
     files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
     stats = [f.stat() for f in files]
-    state = [(f.name, st.st_ino, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats, strict=True)]
+    state = [
+        (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        for f, st in zip(files, stats, strict=True)
+    ]
     key = (str(p.resolve()), *state)
     if key in _FINGERPRINTS:
         return _FINGERPRINTS[key]
     digest = hash_files(files)
-    # timestamps are coarse (a kernel tick): a file written less than 2 s ago could be rewritten with the same
-    # stat, so it is not memoised ("racy" entries, as git's index handles them)
-    if all(time.time_ns() - st.st_mtime_ns > 2_000_000_000 for st in stats):
+    if all(time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 2_000_000_000 for st in stats):
         _FINGERPRINTS[key] = digest
     return digest
 
