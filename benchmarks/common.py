@@ -18,6 +18,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK = ROOT / "runs" / "bench"
 
+# TRL DPOConfig settings both TRL benchmarks share: sacpo's optimizer and schedule (fused AdamW, constant lr, no
+# warmup or weight decay, clip 1.0), sigmoid DPO loss, fp32 on the CPU, no checkpoints, eval or progress bars
+TRL_ARGS: dict[str, Any] = {
+    "weight_decay": 0.0,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "max_grad_norm": 1.0,
+    "optim": "adamw_torch_fused",
+    "loss_type": ["sigmoid"],
+    "use_cpu": True,
+    "bf16": False,
+    "fp16": False,
+    "gradient_checkpointing": False,
+    "dataloader_num_workers": 0,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+    "seed": 0,
+}
+
 # ------------------------------------------------------------------------------------------------- threads
 
 

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import StepClock, child_main, paired_rows, trl_dataset
+from benchmarks.common import TRL_ARGS, StepClock, child_main, paired_rows, trl_dataset
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -164,29 +164,14 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
         gradient_accumulation_steps=1,
         max_steps=spec["steps"],
         learning_rate=spec["lr"],
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        optim="adamw_torch_fused",
         beta=spec["beta"],
-        loss_type=["sigmoid"],
         max_length=spec["max_length"],
         precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=16,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
         disable_dropout=True,
-        dataloader_num_workers=0,
         dataloader_pin_memory=False,
         logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=0,
+        **TRL_ARGS,
     )
     peft_config = None
     if spec.get("lora"):

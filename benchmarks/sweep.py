@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import child_main, paired_rows, trl_dataset
+from benchmarks.common import TRL_ARGS, child_main, paired_rows, trl_dataset
 
 
 def preload(side: str) -> dict[str, float]:
@@ -131,25 +131,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             per_device_train_batch_size=spec["batch_size"],
             num_train_epochs=1,
             learning_rate=spec["lr"],
-            weight_decay=0.0,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            max_grad_norm=1.0,
-            optim="adamw_torch_fused",
             beta=spec["beta"] / lam,
-            loss_type=["sigmoid"],
             max_length=spec["max_length"],
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
             logging_steps=10,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
+            **TRL_ARGS,
         )
         trainer = DPOTrainer(
             model=model, args=args, train_dataset=trl_dataset(rows, tokenizer), processing_class=tokenizer

@@ -18,3 +18,15 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pku_tiny() -> Path:
     return PKU_TINY
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core runner OpenMP threads spin-wait for each other and the
+    tiny models run ~10x slower (the results are the same either way). Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

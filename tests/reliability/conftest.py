@@ -1,17 +1,11 @@
 """Fixtures of the reliability tests (helpers live in reliability_helpers.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner OpenMP threads spin-wait for each other and the tiny
-    models train ~10x slower (the results are the same either way). Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every reliability module runs with one intra-op thread (the fixture in tests/conftest.py)."""
 
 
 @pytest.fixture

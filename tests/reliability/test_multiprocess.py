@@ -34,18 +34,7 @@ def _run(argv, cwd):
 def test_kto_metrics_of_two_processes_match_one_process(tiny_model, pku_tiny, tmp_path):
     # one example per process per step: each process's rewards/desirable is that example's reward, or absent
     kw = {"loss": "kto", "fmt": "pku_safe_kto", "batch_size": 2, "max_steps": 8, "log_every": 1}
-    # torchrun, not `accelerate launch --cpu`: accelerate 1.15 runs a single process for --cpu
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "sacpo.cli",
-    ]
-    launchers = {"one": [sys.executable, "-m", "sacpo.cli"], "two": two}
+    launchers = {"one": [sys.executable, "-m", "sacpo.cli"], "two": TWO}
     records = {}
     for name, launcher in launchers.items():
         cfg = write_yaml(tmp_path / f"{name}.yaml", stage_fields(tiny_model, pku_tiny, tmp_path / name, **kw))
