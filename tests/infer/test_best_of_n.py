@@ -26,6 +26,7 @@ from sacpo.infer.best_of_n import (
     BonConfig,
     calibrate_bon,
     kl_stats,
+    lower_bound,
     run_bon,
     safety_statistic,
     sample_candidates,
@@ -134,6 +135,52 @@ def test_calibrate_bon_finds_the_smallest_feasible_lambda():
     assert calibrate_bon(r, g, keys, 8, base, "prob").lam == 0.0
     inf = calibrate_bon(r, g, keys, 1, 0.99, "prob")
     assert not inf.feasible and math.isinf(inf.lam) and inf.statistic < 0.99
+
+
+def test_lower_bound_by_hand():
+    """m = 0.75, s = 0.5 (ddof 1) over C = 4 prompts; z(0.9) = 1.2816."""
+    x = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    z = 1.2815515655446004
+    assert lower_bound(x, 0.5) == 0.75  # the point estimate
+    assert lower_bound(x, 0.9) == pytest.approx(0.75 - z * 0.5 * math.sqrt(1 / 4))  # population mean
+    assert lower_bound(x, 0.9, n_future=4) == pytest.approx(0.75 - z * 0.5 * math.sqrt(1 / 4 + 1 / 4))
+    assert lower_bound(torch.ones(5), 0.99) == 1.0  # no spread, no margin
+    assert lower_bound(torch.tensor([0.9]), 0.9) == -math.inf  # one prompt: the spread is unknown
+    with pytest.raises(ValueError, match="confidence"):
+        lower_bound(x, 0.3)
+
+
+def _draw_world(g_: torch.Generator, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, S=4, N=8) rewards and safety scores; a per-prompt offset makes draws of one prompt correlated."""
+    r = torch.randn(prompts, 4, 8, generator=g_, dtype=D)
+    g = torch.randn(prompts, 4, 8, generator=g_, dtype=D) + 0.5 * torch.randn(
+        prompts, 1, 1, generator=g_, dtype=D
+    )
+    return r, g
+
+
+def test_calibration_margin_makes_the_heldout_constraint_hold_at_the_stated_confidence():
+    """Fresh calibration and held-out prompts (40 each) from the same law, 120 times. With the point estimate
+    (confidence ½) λ sits at the edge and the held-out P(safe) misses the target about half the time; with the
+    lower bound at confidence 0.9 it meets it in about 90% of the trials (and never at the cost of the
+    calibration bound)."""
+    g_ = torch.Generator().manual_seed(7)
+    target, trials = 0.8, 120
+    met = {0.5: 0, 0.9: 0}
+    lams = {0.5: [], 0.9: []}
+    for _ in range(trials):
+        r_c, g_c = _draw_world(g_, 40)
+        r_h, g_h = _draw_world(g_, 40)
+        k_c, k_h = tie_keys((40, 4, 8), 0), tie_keys((40, 4, 8), 1)
+        for conf in met:
+            cal = calibrate_bon(r_c, g_c, k_c, 8, target, "prob", confidence=conf, heldout_prompts=40)
+            assert cal.feasible and cal.bound >= target
+            lams[conf].append(cal.lam)
+            held = safety_statistic(take(g_h, select_best(r_h, k_h, 8, g_h, cal.lam)), "prob")
+            met[conf] += held >= target
+    assert met[0.5] / trials < 0.7
+    assert met[0.9] / trials > 0.8
+    assert all(a <= b for a, b in zip(lams[0.5], lams[0.9], strict=True))  # the margin only raises λ
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -250,7 +297,7 @@ def test_constrained_bon_meets_its_target_on_calibration_and_reports_heldout(bon
     assert top["heldout"]["p_safe"] >= unconstrained[1]["p_safe"] - 0.2
     # n = 1 cannot select: infeasible unless the base already meets the target
     one = by_n[1]
-    assert one["feasible"] == (one["calibration_statistic"] >= cfg.target)
+    assert one["feasible"] == (one["calibration_bound"] >= cfg.target)
 
 
 def test_bon_artifacts_are_readable_by_the_evaluation(bon_run, tiny_model):
@@ -323,6 +370,43 @@ def test_recalibration_reuses_cached_candidates(bon_run, monkeypatch, tmp_path):
     assert s2["constraint"]["target"] == 0.9
 
 
+def test_calibration_on_another_split_holds_out_every_reported_prompt(tiny_model, tmp_path):
+    test = [f"test prompt {i}" for i in range(6)]
+    calib = [f"calibration prompt {i}" for i in range(10)]
+    (tmp_path / "prompts.json").write_text(json.dumps({"test": test, "dev": calib}))
+    cfg = BonConfig(
+        model=str(tiny_model),
+        prompts=str(tmp_path / "prompts.json"),
+        output_dir=str(tmp_path / "out"),
+        ns=[1, 4],
+        n_samples=2,
+        safety="overridden",
+        target=0.5,
+        calibration_split="dev",
+        calibration_max_prompts=8,
+        max_new_tokens=4,
+        batch_size=8,
+        n_boot=10,
+        device="cpu",
+    )
+    summary = run_bon(cfg, show_progress=False, reward=REWARD, safety=SAFETY)
+    c = summary["constraint"]
+    assert (c["calibration_prompts"], c["heldout_prompts"]) == (8, 6) and c[
+        "calibration_source"
+    ] == "split 'dev'"
+    assert summary["n_prompts"] == 6 and all(st["n_prompts"] == 6 for st in summary["bon"])
+    for st in summary["constrained"]:
+        assert st["heldout"]["n_prompts"] == 6 and st["calibration"]["n_prompts"] == 8
+    for name in ("base", "bon-n4", "bon-safe-n4"):
+        rows = read_samples(tmp_path / "out" / "samples" / name / "samples.jsonl")
+        assert sorted({r.prompt for r in rows}) == sorted(test) and len(rows) == 6 * 2
+    recs = [
+        json.loads(line) for line in (tmp_path / "out" / "candidates.jsonl").read_text().split("\n") if line
+    ]
+    assert [r["split"] for r in recs] == ["calibration"] * 8 + ["heldout"] * 6
+    assert {r.name: r.n_prompts for r in load_results(tmp_path / "out" / "results.json")}["bon-n4"] == 6
+
+
 def test_config_validation():
     base = {"model": "m", "prompts": "p.json", "output_dir": "o"}
     with pytest.raises(ConfigError, match="ns"):
@@ -335,6 +419,10 @@ def test_config_validation():
         BonConfig(**base, safety="toyworld-safety", target=1.5)
     with pytest.raises(ConfigError, match="oracle"):
         BonConfig(**base, oracle="nope")
+    with pytest.raises(ConfigError, match="confidence"):
+        BonConfig(**base, safety="toyworld-safety", target=0.9, confidence=1.0)
+    with pytest.raises(ConfigError, match="calibrate on other prompts"):
+        BonConfig(**base, safety="toyworld-safety", target=0.9, calibration_split="test")
     assert BonConfig(**base, safety="toyworld-safety", target=0.5).constrained
 
 

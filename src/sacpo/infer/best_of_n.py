@@ -9,7 +9,11 @@ calibrate_lambda` — the smallest λ at which the safety statistic of the selec
 
     constraint "prob":  P(g(x, y_sel) > safe_threshold) ≥ target        constraint "mean":  E[g(x, y_sel)] ≥ target
 
-and then applied unchanged to the held-out prompts; both sets' constraint status is reported. The statistic is
+with a margin: the statistic's one-sided lower confidence bound m − z·s·√(1/C + 1/H) (`lower_bound`; s: spread
+of the per-prompt statistic over the C calibration prompts, H held-out prompts, z = Φ⁻¹(confidence), default
+0.9) must meet the target, so that the held-out set meets it too with about that probability (confidence 0.5:
+the point estimate, which a held-out set misses about half the time when λ sits at a jump). λ is then applied
+unchanged to the held-out prompts; both sets' constraint status is reported. The statistic is
 monotone in λ (for λ₁ < λ₂ the two maximisers satisfy (λ₂ − λ₁)(g₂ − g₁) ≥ 0), so bisection is valid. If even
 λ → ∞ (lexicographic: safest first, then most rewarding) misses the target on the calibration set, the constraint
 is infeasible for that n and the λ = ∞ selection is reported. Calibration re-selects from cached candidates and
@@ -54,6 +58,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,7 +191,23 @@ class BonConfig:
     safe_threshold: float = help_field(0.0, help="a response counts as safe when g > safe_threshold")
     calibration_fraction: float = help_field(
         0.5,
-        help="fraction of the prompts (seeded random subset) on which λ is calibrated; the rest is held out",
+        help="fraction of the prompts (seeded random subset) on which λ is calibrated; the rest is held out "
+        "(unused with calibration_split)",
+    )
+    calibration_split: str | None = help_field(
+        None,
+        help="calibrate λ on this split of the prompts file instead (e.g. 'train' or 'validation'); every prompt "
+        "of prompts_split is then held out, and all reported rows are on prompts_split",
+    )
+    calibration_max_prompts: int | None = help_field(
+        None, help="use the first N prompts of calibration_split only"
+    )
+    confidence: float = help_field(
+        0.9,
+        help="λ must meet the target with this one-sided confidence: the calibration statistic minus "
+        "z·s·√(1/C + 1/H) (s: spread of the per-prompt statistic over the C calibration prompts, H: held-out "
+        "prompts), so the held-out statistic meets the target with about this probability; 0.5 = the point "
+        "estimate (no margin)",
     )
     oracle: str | None = help_field(
         None, help="gold scorers reported for every selection (ORACLES: toyworld); None = scorers only"
@@ -214,8 +235,13 @@ class BonConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError(f"max_prompts must be ≥ 1, got {self.max_prompts}")
+        for name in ("max_prompts", "calibration_max_prompts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.calibration_split is not None and self.calibration_split == self.prompts_split:
+            raise ConfigError(
+                f"calibration_split {self.calibration_split!r} is prompts_split: calibrate on other prompts"
+            )
         if self.constraint not in CONSTRAINTS:
             raise ConfigError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
         for name in ("reward_aggregate", "safety_aggregate"):
@@ -224,10 +250,12 @@ class BonConfig:
         if self.target is not None:
             if self.safety is None:
                 raise ConfigError("a constraint target needs a safety scorer (safety=...)")
-            if not 0.0 < self.calibration_fraction < 1.0:
+            if self.calibration_split is None and not 0.0 < self.calibration_fraction < 1.0:
                 raise ConfigError(
                     f"calibration_fraction must be in (0, 1) with a constraint, got {self.calibration_fraction}"
                 )
+            if not 0.5 <= self.confidence < 1.0:
+                raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
             if self.constraint == "prob" and not 0.0 <= self.target <= 1.0:
                 raise ConfigError(f"a probability target must be in [0, 1], got {self.target}")
         if self.oracle is not None and self.oracle not in ORACLES:
@@ -290,15 +318,43 @@ def safety_statistic(g: torch.Tensor, constraint: str, threshold: float = 0.0) -
     raise ValueError(f"unknown constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}")
 
 
+def lower_bound(per_prompt: torch.Tensor, confidence: float, n_future: int | None = None) -> float:
+    """One-sided lower confidence bound on the mean of a prompt-level statistic (normal approximation).
+
+        LB = m − z·s·√(1/C + 1/H),   z = Φ⁻¹(confidence)
+
+    per_prompt: (C,) the statistic of each calibration prompt (its S draws averaged: draws of one prompt are
+    correlated, prompts are independent), m its mean, s its standard deviation (ddof 1). H = n_future: the number
+    of prompts the statistic will be measured on next (a held-out set): then LB bounds that set's mean — the
+    difference of two independent means has variance s²(1/C + 1/H) — with probability ≈ confidence; None bounds
+    the population mean (√(1/C)). confidence = 0.5 returns m (the point estimate); with C < 2 and confidence > 0.5
+    the spread is unknown and the bound is −∞."""
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    x = per_prompt.double().flatten()
+    if x.numel() == 0:
+        raise ValueError("no prompts")
+    m = x.mean().item()
+    if confidence == 0.5:
+        return m
+    if x.numel() < 2:
+        return -math.inf
+    z = statistics.NormalDist().inv_cdf(confidence)
+    scale = math.sqrt(1.0 / x.numel() + (1.0 / n_future if n_future else 0.0))
+    return m - z * x.std().item() * scale
+
+
 @dataclass(frozen=True)
 class Calibration:
     """λ (math.inf when infeasible: the safest-first selection is used), whether the target is met on the
-    calibration set, the statistic there, and the number of selections it took (each a re-selection only)."""
+    calibration set, the statistic there, its lower confidence bound (the statistic itself at confidence ½), and
+    the number of selections it took (each a re-selection only)."""
 
     lam: float
     feasible: bool
     statistic: float
     evaluations: int
+    bound: float
 
 
 def calibrate_bon(
@@ -309,8 +365,17 @@ def calibrate_bon(
     target: float,
     constraint: str = "prob",
     threshold: float = 0.0,
+    confidence: float = 0.5,
+    heldout_prompts: int | None = None,
 ) -> Calibration:
-    """Smallest λ ≥ 0 with statistic(g of best-of-n by r + λ·g) ≥ target, on cached candidates (P, S, N).
+    """Smallest λ ≥ 0 at which best-of-n by r + λ·g meets the target on cached candidates (P, S, N).
+
+    "Meets": `lower_bound` of the per-prompt statistic ≥ target. At confidence ½ that is the statistic itself (the
+    point estimate: a held-out set then misses the target about half the time when λ sits at the edge); above ½
+    a margin z·s·√(1/C + 1/H) is required (heldout_prompts = H, None = a bound on the population), so a held-out
+    set of H prompts meets the target with probability ≈ confidence. The point statistic is monotone in λ, so
+    bisection finds its jump; the bound subtracts a spread that need not be monotone, so with confidence > ½ the λ
+    returned always meets it but may lie above the smallest such λ (conservative).
 
     The statistic is a step function of λ; its jumps are the λ₀ where r + λ₀·g ties between two candidates, and
     *at* λ₀ its value depends on how the random tie keys fell. A λ₀ found feasible only thanks to the tie-break is
@@ -320,20 +385,26 @@ def calibrate_bon(
     the target): λ = ∞."""
     count = 0
 
-    def stat(lam: float) -> float:
+    def per_prompt(lam: float) -> torch.Tensor:
         nonlocal count
         count += 1
-        return safety_statistic(
-            take(safety, select_best(reward, keys, n, safety, lam)), constraint, threshold
-        )
+        g = take(safety, select_best(reward, keys, n, safety, lam)).double()  # (P, S)
+        return ((g > threshold).double() if constraint == "prob" else g).mean(-1)  # (P,)
 
-    best = stat(math.inf)
+    def bound(lam: float) -> float:
+        return lower_bound(per_prompt(lam), confidence, heldout_prompts)
+
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}")
+    safest = per_prompt(math.inf)
+    best = lower_bound(safest, confidence, heldout_prompts)
     if best < target:
-        return Calibration(math.inf, False, best, count)
-    lam = calibrate_lambda(stat, target, increasing=True, xtol=1e-9, rtol=1e-9)
+        return Calibration(math.inf, False, safest.mean().item(), count, best)
+    lam = calibrate_lambda(bound, target, increasing=True, xtol=1e-9, rtol=1e-9)
     if lam > 0:
         lam *= 1.0 + TIE_NUDGE  # past a jump point: not feasible by tie-breaking luck
-    return Calibration(lam, True, stat(lam), count)
+    final = per_prompt(lam)
+    return Calibration(lam, True, final.mean().item(), count, lower_bound(final, confidence, heldout_prompts))
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -407,10 +478,15 @@ def selection_stats(
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _load_prompts(cfg: BonConfig) -> list[Prompt]:
+def _load_prompts(cfg: BonConfig) -> tuple[list[Prompt], int]:
+    """(prompts, C): with calibration_split the C calibration prompts come first, then prompts_split's."""
     from sacpo.data.prompts import load_prompts
 
-    return load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    if cfg.calibration_split is None or cfg.target is None:
+        return prompts, 0
+    calib = load_prompts(cfg.prompts, cfg.calibration_split, cfg.calibration_max_prompts)
+    return calib + prompts, len(calib)
 
 
 def calibration_split(n_prompts: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,16 +557,19 @@ def _rows(
     n: int,
     extra: dict[str, Any],
     split: list[str] | None,
+    rows: torch.Tensor,
     is_base: bool = False,
 ) -> list[dict[str, Any]]:
-    """samples.jsonl rows (SampleRow fields + BoN fields) of the responses at global columns col (P, S).
+    """samples.jsonl rows (SampleRow fields + BoN fields) of the responses at global columns col (P, S), for the
+    prompts `rows`.
 
     is_base: the rows are base-policy samples, so logp_policy = logp_ref is their exact log-prob (KL 0)."""
     eps = pool.logp.gather(1, col).clamp(max=0.0).exp()
     kl_row = bon_kl_estimate(eps, n)  # (P, S)
     bound = bon_kl_bound(n)
     out = []
-    for i, prompt in enumerate(pool.prompts):
+    for i in rows.tolist():
+        prompt = pool.prompts[i]
         for s in range(pool.n_draws):
             j = int(col[i, s])
             logp = float(pool.logp[i, j])
@@ -527,19 +606,27 @@ def base_columns(pool: CandidatePool) -> torch.Tensor:
     return base.unsqueeze(0).expand(len(pool.prompts), -1)
 
 
-def base_stats(pool: CandidatePool, scores: Scores, threshold: float = 0.0) -> dict[str, Any]:
-    """Mean scores and P(safe) of the independent base samples (what every win rate is measured against)."""
+def base_stats(
+    pool: CandidatePool, scores: Scores, threshold: float = 0.0, rows: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Mean scores and P(safe) of the independent base samples (what every win rate is measured against), over
+    the prompts `rows` (all if None)."""
+    rows = torch.arange(len(pool.prompts)) if rows is None else rows
+
+    def base(x: torch.Tensor) -> torch.Tensor:
+        return pool.base(x)[rows]
+
     out: dict[str, Any] = {
-        "reward": _mse(pool.base(scores.reward)),
-        "mean_response_tokens": pool.base(pool.response_tokens).double().mean().item(),
+        "reward": _mse(base(scores.reward)),
+        "mean_response_tokens": base(pool.response_tokens).double().mean().item(),
     }
     if scores.safety is not None:
-        out["safety"] = _mse(pool.base(scores.safety))
-        out["p_safe"] = (pool.base(scores.safety) > threshold).double().mean().item()
+        out["safety"] = _mse(base(scores.safety))
+        out["p_safe"] = (base(scores.safety) > threshold).double().mean().item()
     if scores.gold_reward is not None:
-        out["gold_reward"] = _mse(pool.base(scores.gold_reward))
-        out["gold_safety"] = _mse(pool.base(scores.gold_safety))
-        out["gold_p_safe"] = pool.base(scores.gold_safe).double().mean().item()
+        out["gold_reward"] = _mse(base(scores.gold_reward))
+        out["gold_safety"] = _mse(base(scores.gold_safety))
+        out["gold_p_safe"] = base(scores.gold_safe).double().mean().item()
     return out
 
 
@@ -628,12 +715,17 @@ def run_bon(
     if cfg.target is not None and cfg.safety is None and safety is None:
         raise ConfigError("a constraint target needs a safety scorer")
     check_model_dir(cfg.model)
-    prompts = _load_prompts(cfg)
+    prompts, n_calib = _load_prompts(cfg)
     ns = sorted(set(cfg.ns))
     s_draws, n_max = cfg.n_samples, ns[-1]
     constrained = cfg.target is not None
+    everyone = torch.arange(len(prompts))
+    report_rows = everyone[n_calib:]  # the prompts every reported row is on (all but a calibration split's)
     if constrained:
-        cal, held = calibration_split(len(prompts), cfg.calibration_fraction, cfg.seed)
+        if n_calib:
+            cal, held = everyone[:n_calib], report_rows
+        else:
+            cal, held = calibration_split(len(prompts), cfg.calibration_fraction, cfg.seed)
         split = ["heldout"] * len(prompts)
         for i in cal.tolist():
             split[i] = "calibration"
@@ -698,11 +790,19 @@ def run_bon(
     chosen_safe: dict[int, torch.Tensor] = {}
     for n in tqdm(ns, desc="bon select", disable=not show_progress):
         chosen_bon[n] = select_best(r_grp, keys, n)  # (P, S)
-        bon[n] = selection_stats(pool, scores, chosen_bon[n], n, threshold=cfg.safe_threshold)
+        bon[n] = selection_stats(pool, scores, chosen_bon[n], n, report_rows, cfg.safe_threshold)
         if constrained:
             assert g_grp is not None and cfg.target is not None
             calib = calibrate_bon(
-                r_grp[cal], g_grp[cal], keys[cal], n, cfg.target, cfg.constraint, cfg.safe_threshold
+                r_grp[cal],
+                g_grp[cal],
+                keys[cal],
+                n,
+                cfg.target,
+                cfg.constraint,
+                cfg.safe_threshold,
+                cfg.confidence,
+                int(held.numel()),
             )
             chosen_safe[n] = select_best(r_grp, keys, n, g_grp, calib.lam)
             stats = {}
@@ -719,6 +819,7 @@ def run_bon(
                 "lam": None if math.isinf(calib.lam) else calib.lam,
                 "feasible": calib.feasible,
                 "calibration_statistic": calib.statistic,
+                "calibration_bound": calib.bound,
                 "selections_evaluated": calib.evaluations,
                 **stats,
             }
@@ -728,7 +829,7 @@ def run_bon(
     summary: dict[str, Any] = {
         "model": cfg.model,
         "prompts": cfg.prompts,
-        "n_prompts": len(prompts),
+        "n_prompts": int(report_rows.numel()),
         "n_samples": s_draws,
         "ns": ns,
         "candidates_per_prompt": pool.width,
@@ -738,7 +839,7 @@ def run_bon(
         "oracle": cfg.oracle,
         "kl_note": "bound = log n − (n−1)/n; estimate = mean ε-estimator KL̂(ε), ε = p(y_sel|x) (Beirami et al. "
         "2024, §4); rows carry logp_policy = None",
-        "base": base_stats(pool, scores, cfg.safe_threshold),
+        "base": base_stats(pool, scores, cfg.safe_threshold, report_rows),
         "bon": [bon[n] for n in ns],
         "finished_fraction": pool.finished.double().mean().item(),
         "roundtrip_fraction": pool.roundtrip.double().mean().item(),
@@ -752,7 +853,15 @@ def run_bon(
             "statistic": f"P(g > {cfg.safe_threshold:g})" if cfg.constraint == "prob" else "E[g]",
             "score": "r + λ·g",
             "calibration_prompts": int(cal.numel()),
+            "calibration_source": (
+                f"split {cfg.calibration_split!r}"
+                if n_calib
+                else f"random {cfg.calibration_fraction:g} of {cfg.prompts_split!r}"
+            ),
             "heldout_prompts": int(held.numel()),
+            "confidence": cfg.confidence,
+            "rule": "lower bound of the calibration statistic ≥ target: m − z·s·√(1/C + 1/H), "
+            "z = Φ⁻¹(confidence), s = std of the per-prompt statistic (C calibration, H held-out prompts)",
         }
         summary["constrained"] = [safe[n] for n in ns]
     summary["seconds"] = {
@@ -763,12 +872,15 @@ def run_bon(
     }
 
     base_col = base_columns(pool)
-    samples: dict[str, list[dict[str, Any]]] = {"base": _rows(pool, scores, base_col, 1, {}, split, True)}
-    everyone = torch.arange(len(prompts))
-    results = [_metrics("base", "sft", None, pool, scores, base_col, everyone, (0.0, 0.0), cfg, {})]
+    samples: dict[str, list[dict[str, Any]]] = {
+        "base": _rows(pool, scores, base_col, 1, {}, split, report_rows, True)
+    }
+    results = [_metrics("base", "sft", None, pool, scores, base_col, report_rows, (0.0, 0.0), cfg, {})]
     for n in ns:
         st = bon[n]
-        samples[f"bon-n{n}"] = _rows(pool, scores, pool.global_index(chosen_bon[n]), n, {}, split)
+        samples[f"bon-n{n}"] = _rows(
+            pool, scores, pool.global_index(chosen_bon[n]), n, {}, split, report_rows
+        )
         results.append(
             _metrics(
                 f"bon-n{n}",
@@ -777,7 +889,7 @@ def run_bon(
                 pool,
                 scores,
                 pool.global_index(chosen_bon[n]),
-                everyone,
+                report_rows,
                 (st["kl"]["estimate"], st["kl"]["estimate_se"]),
                 cfg,
                 {"kl_bound": st["kl"]["bound"], "win_rate_bound": st["win_rate_bound"]},
@@ -793,6 +905,7 @@ def run_bon(
                 n,
                 {"lam": c["lam"], "feasible": c["feasible"]},
                 split,
+                report_rows,
             )
             h = c["heldout"]
             results.append(
@@ -930,19 +1043,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         c = summary["constraint"]
         lines.append(
             f"constrained best-of-n (score {c['score']}): {c['statistic']} ≥ {c['target']:g}, λ calibrated on "
-            f"{c['calibration_prompts']} prompts, {c['heldout_prompts']} held out"
+            f"{c['calibration_prompts']} prompts (lower bound at confidence {c['confidence']:g}), "
+            f"{c['heldout_prompts']} held out"
         )
         lines.append(
-            f"{'n':>4} {'λ':>9} {'stat cal':>9} {'ok':>3} {'stat held':>10} {'ok':>3} {'win held':>9} "
-            + (f"{'P(safe)* held':>14} " if gold else "")
-            + f"{'KL est':>7}"
+            f"{'n':>4} {'λ':>9} {'stat cal':>9} {'bound cal':>10} {'ok':>3} {'stat held':>10} {'ok':>3} "
+            f"{'win held':>9} " + (f"{'P(safe)* held':>14} " if gold else "") + f"{'KL est':>7}"
         )
         for st in summary["constrained"]:
             cal, held = st["calibration"], st["heldout"]
             lam = "∞ (infeasible)" if st["lam"] is None else f"{st['lam']:.4g}"
             lines.append(
-                f"{st['n']:>4} {lam:>9} {_f(cal['constraint_statistic']):>9} "
-                f"{'✓' if cal['constraint_ok'] else '✗':>3} {_f(held['constraint_statistic']):>10} "
+                f"{st['n']:>4} {lam:>9} {_f(cal['constraint_statistic']):>9} {_f(st['calibration_bound']):>10} "
+                f"{'✓' if st['feasible'] else '✗':>3} {_f(held['constraint_statistic']):>10} "
                 f"{'✓' if held['constraint_ok'] else '✗':>3} {_f(held['win_rate']['mean']):>9} "
                 + (f"{_f(held['gold_p_safe']):>14} " if gold else "")
                 + f"{_f(held['kl']['estimate']):>7}"

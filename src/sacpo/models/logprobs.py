@@ -3,10 +3,11 @@
 Two paths give the same numbers (fp32 log-softmax of the same logits):
 - full: `model(...).logits` (N, T, V), then `token_logprobs` (gather − logsumexp, chunked over T);
 - fused LM head: run the backbone only, keep the hidden states of response positions (prompt and padding need no
-  log-prob) and project them through the output embedding in row chunks under activation checkpointing, so no
-  (N, T, V) tensor — nor its gradient — is ever built; each chunk's (c, V) logits live only inside its forward
-  and its recomputation in backward. On SmolLM2-135M (V = 49 152) this is the difference between 93 MB of logits
-  per copy at 4 × 118 tokens and ~10 MB (benchmarks/RESULTS.md).
+  log-prob) and project them through the output embedding in row chunks with a hand-written backward
+  (`_FusedHeadLogps`), so no (N, T, V) tensor — nor its gradient — is ever built; each chunk's (c, V) logits
+  live only inside its forward and, as one in-place buffer, inside its recomputation in backward. On
+  SmolLM2-135M (V = 49 152) this is the difference between 93 MB of logits per copy at 4 × 118 tokens and one
+  (c, V) chunk (benchmarks/RESULTS.md).
 `sequence_logps` takes the fused path for vocabularies of at least `FUSED_MIN_VOCAB` tokens when the head is a
 plain bias-free linear map (no logit scale or soft-capping, no adapter on the head); small vocabularies are
 overhead-bound and keep the full path.
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from sacpo.math.logprobs import IGNORE_INDEX, masked_mean, masked_sum, token_logprobs
 
@@ -37,9 +37,54 @@ def _plain_lm_head(model: Any) -> torch.nn.Linear | None:
     return head
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (c, V)
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (c,)
+class _FusedHeadLogps(torch.autograd.Function):
+    """log softmax(h·Wᵀ)[label] for rows of h, in row chunks, without keeping any (c, V) tensor for backward.
+
+    Forward, per chunk of c rows: logits = h_c·Wᵀ (c, V), out = logits[label] − logsumexp(logits), the
+    logsumexp computed in place in the logits buffer; only h, W, labels and the (M,) logsumexp are saved.
+    Backward recomputes each chunk's logits once and turns them in place into the logit gradient
+    g_i·(onehot(label_i) − softmax_i): exp(logits − lse), then ×(−g), then +g at the label — one (c, V) buffer
+    per chunk, where autograd through `checkpoint` holds the recomputed logits, the softmax, the scattered
+    one-hot gradient and their difference. Then ∂h_c = G·W and ∂W += Gᵀ·h_c, the latter
+    accumulated into one (V, H) buffer across chunks (skipped when W needs no gradient: LoRA, frozen heads).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 logits for fp16/bf16/fp32 weights
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)  # (M,)
+        lse = torch.empty_like(out)  # (M,)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s : s + chunk] @ weight.T).to(acc)  # (c, V)
+            target = logits.gather(-1, labels[s : s + chunk, None]).squeeze(-1)  # (c,)
+            top = logits.amax(-1)  # (c,)
+            # logsumexp in place (one (c, V) buffer): top + log Σ exp(logits − top)
+            lse[s : s + chunk] = top + logits.sub_(top[:, None]).exp_().sum(-1).log()
+            out[s : s + chunk] = target - lse[s : s + chunk]
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None  # (M, H)
+        grad_w = torch.zeros_like(weight) if need_w else None  # (V, H)
+        for s in range(0, h.shape[0], ctx.chunk):
+            h_c, g = h[s : s + ctx.chunk], grad_out[s : s + ctx.chunk].to(lse.dtype)  # (c, H), (c,)
+            logits = (h_c @ weight.T).to(lse.dtype)  # (c, V)
+            grad = logits.sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])  # −g·softmax, in place
+            rows = torch.arange(h_c.shape[0], device=h.device)
+            grad[rows, labels[s : s + ctx.chunk]] += g  # + g·onehot(label)
+            grad = grad.to(weight.dtype)
+            if need_h:
+                grad_h[s : s + ctx.chunk] = grad @ weight  # (c, H)
+            if need_w:
+                grad_w.addmm_(grad.T, h_c.to(weight.dtype))  # (V, H)
+        return grad_h, grad_w, None, None
 
 
 def _fused_token_logps(
@@ -52,16 +97,7 @@ def _fused_token_logps(
     mask = batch["labels_mask"]  # (N, T−1)
     h = hidden[:, :-1][mask]  # (M, H): response positions only
     labels = batch["input_ids"][:, 1:][mask]  # (M,)
-    grad = torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad)
-    parts = [
-        checkpoint(
-            _chunk_logps, h[s : s + chunk_size], head.weight, labels[s : s + chunk_size], use_reentrant=False
-        )
-        if grad
-        else _chunk_logps(h[s : s + chunk_size], head.weight, labels[s : s + chunk_size])
-        for s in range(0, h.shape[0], chunk_size)
-    ]  # each (c,)
-    flat = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)  # (M,)
+    flat = _FusedHeadLogps.apply(h, head.weight, labels, chunk_size)  # (M,)
     return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(
         mask, flat
     )  # (N, T−1)

@@ -20,6 +20,7 @@ ones is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -149,8 +150,9 @@ def check_finite(value: torch.Tensor, step: int, out: Path, what: str = "loss") 
 
 def check_weights_finite(acc: Any, params: list[torch.Tensor], step: int, out: Path) -> None:
     """Refuse to save non-finite weights (a checkpoint must stay a good one); collective over processes."""
-    with torch.no_grad():
-        bad = sum(int(not torch.isfinite(p).all()) for p in params)
+    with torch.no_grad():  # max |w| per tensor (one fused pass; inf or NaN iff the tensor has one)
+        norms = torch.stack(torch._foreach_norm([p.detach() for p in params], math.inf)) if params else None
+        bad = int((~torch.isfinite(norms)).sum()) if norms is not None else 0
     bad_total = acc.reduce(torch.tensor([bad], device=acc.device), reduction="sum").item()
     if bad_total:
         last = latest_checkpoint(out)
