@@ -186,6 +186,46 @@ def test_blockwise_increases_the_value_and_bounds_kl(base, scorer, tok, prompt_i
     assert out.cost.base_sampled_tokens >= 4 * out.cost.generated_tokens - 4 * len(rows)
 
 
+class _RecordingScorer:
+    """Duck-typed prefix scorer for block_cd: V = a fixed pseudo-random function of the whole sequence (the
+    hash of its token ids); records every call's candidates and values."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Encoded], torch.Tensor]] = []
+
+    def final_values(self, seqs, pad_id, batch_size=32):
+        values = torch.tensor([float(hash(s.input_ids) % 997) for s in seqs])  # (N,)
+        self.calls.append((list(seqs), values))
+        return values
+
+
+def test_blockwise_appends_each_rows_best_block(base, tok, prompt_ids):
+    """Audit of the selection: prompts of different lengths (left-padded in `sample`), several blocks, rows
+    ending at different rounds. In every round each live row's K candidates extend exactly its own current
+    prefix (candidates cut at EOS are complete responses, scored as such), and the row continues with the
+    candidate of the highest value — which is where the final sequence must come from."""
+    k, eos, pad = 4, tok.eos_token_id, tok.pad_token_id
+    rec = _RecordingScorer()
+    torch.manual_seed(3)
+    out = block_cd(base, [rec], prompt_ids, eos, pad, K=k, M=2, max_new_tokens=7, batch_size=3)
+    for i, seq in enumerate(out.seqs):
+        current, rounds = tuple(prompt_ids[i]), 0
+        for cands, values in rec.calls:
+            groups = [(cands[j : j + k], values[j : j + k]) for j in range(0, len(cands), k)]
+            mine = [g for g in groups if g[0][0].input_ids[: g[0][0].prompt_len] == current]
+            if not mine:
+                continue
+            assert len(mine) == 1
+            group, vals = mine[0]
+            assert all(c.input_ids[: c.prompt_len] == current for c in group)  # K continuations of this row
+            for c in group:  # a block stops at its first EOS (nothing after it)
+                block = c.input_ids[c.prompt_len :]
+                assert eos not in block[:-1] and 1 <= len(block) <= 2
+            current, rounds = group[int(vals.argmax())].input_ids, rounds + 1
+        assert seq.input_ids == current and out.n_blocks[i] == rounds
+        assert seq.response_len <= 7 and (seq.response_len == 7 or seq.input_ids[-1] == eos)
+
+
 # ------------------------------------------------------------------------------------------------------ run_cd
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, scorer, safety, tok):

@@ -70,6 +70,11 @@ class TrainConfig:
     fused_adamw: bool = help_field(
         True, help="fused AdamW kernel (same update, one kernel for all parameters)"
     )
+    fused_swiglu: bool = help_field(
+        True,
+        help="Llama-family MLPs keep 2 activations for backward instead of 3 (same output, gradients equal to "
+        "rounding; sacpo.models.swiglu)",
+    )
     warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
     scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")
     max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")

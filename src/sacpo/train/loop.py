@@ -29,6 +29,7 @@ from sacpo.math.kl import kl_health
 from sacpo.math.preference import get_loss, kto_reference_point
 from sacpo.models.load import check_model_dir, load_model, load_tokenizer
 from sacpo.models.logprobs import sequence_logps
+from sacpo.models.swiglu import fuse_swiglu
 from sacpo.train import checkpoint
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
@@ -155,6 +156,8 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 def _build_policy(cfg: TrainConfig) -> Any:
     model = load_model(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     _disable_dropout(model)
+    if cfg.fused_swiglu:
+        fuse_swiglu(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
