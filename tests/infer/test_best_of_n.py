@@ -236,25 +236,27 @@ def test_base_logps_are_sequence_logps_of_the_ids_with_duplicates_scored_once(ti
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+def _bon_config(model, root, **fields) -> BonConfig:
+    """A BonConfig on root/prompts.json writing root/out; the scorers are passed to run_bon directly."""
+    base = {"prompts": str(root / "prompts.json"), "output_dir": str(root / "out"), "safety": "overridden"}
+    return BonConfig(model=str(model), **base, batch_size=8, device="cpu", **fields)
+
+
 @pytest.fixture(scope="module")
 def bon_run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("bon")
     prompts = [f"prompt {i}: say something" for i in range(16)]
     (root / "prompts.json").write_text(json.dumps({"test": prompts}))
-    cfg = BonConfig(
-        model=str(tiny_model),
-        prompts=str(root / "prompts.json"),
-        output_dir=str(root / "out"),
+    cfg = _bon_config(
+        tiny_model,
+        root,
         ns=[1, 2, 4, 8],
         n_samples=4,
-        safety="unused-overridden",
         target=0.8,
         constraint="prob",
         calibration_fraction=0.5,
         max_new_tokens=6,
-        batch_size=8,
         n_boot=50,
-        device="cpu",
     )
     summary = run_bon(cfg, show_progress=False, reward=REWARD, safety=SAFETY)
     return cfg, summary, root / "out", prompts
@@ -374,20 +376,16 @@ def test_calibration_on_another_split_holds_out_every_reported_prompt(tiny_model
     test = [f"test prompt {i}" for i in range(6)]
     calib = [f"calibration prompt {i}" for i in range(10)]
     (tmp_path / "prompts.json").write_text(json.dumps({"test": test, "dev": calib}))
-    cfg = BonConfig(
-        model=str(tiny_model),
-        prompts=str(tmp_path / "prompts.json"),
-        output_dir=str(tmp_path / "out"),
+    cfg = _bon_config(
+        tiny_model,
+        tmp_path,
         ns=[1, 4],
         n_samples=2,
-        safety="overridden",
         target=0.5,
         calibration_split="dev",
         calibration_max_prompts=8,
         max_new_tokens=4,
-        batch_size=8,
         n_boot=10,
-        device="cpu",
     )
     summary = run_bon(cfg, show_progress=False, reward=REWARD, safety=SAFETY)
     c = summary["constraint"]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sacpo.models.generate import left_pad, sample
+from sacpo.models import generate
+from sacpo.models.generate import draw, left_pad, sample
 from sacpo.models.load import load_model, load_tokenizer
 
 
@@ -16,9 +17,12 @@ def _prompts(tok):
     return [tok("hello there")["input_ids"], tok("a much longer prompt, with padding")["input_ids"], [65]]
 
 
-def test_same_draws_as_generate_with_the_same_seed(model_tok):
-    """Ancestral sampling with HF's own loop (prompts repeated n times before the prefill) gives the same
-    tokens as ours on the tiny GPT-2: the RNG is consumed identically, and the logits agree."""
+def test_same_draws_as_generate_with_the_same_seed(model_tok, monkeypatch):
+    """With the token drawn by `torch.multinomial` (HF's draw) instead of `draw` (inversion), ancestral
+    sampling with HF's own loop (prompts repeated n times before the prefill) gives the same tokens as ours on
+    the tiny GPT-2: the prefill-once cache and the masks give the same logits, and the RNG is consumed
+    identically. (`draw` itself is checked against the model's distribution below.)"""
+    monkeypatch.setattr(generate, "draw", lambda probs: torch.multinomial(probs, 1).squeeze(-1))
     model, tok = model_tok
     prompts = _prompts(tok)
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -76,3 +80,17 @@ def test_bad_arguments_are_refused(model_tok, kw):
     model, tok = model_tok
     with pytest.raises(ValueError):
         sample(model, [[65]], tok.eos_token_id, tok.pad_token_id, **kw)
+
+
+def test_draw_picks_each_token_with_its_probability():
+    """`draw` on a fixed (2, 5) table, 40 000 rows each: frequencies within 5 standard errors of p (zeros never
+    drawn), and far from the uniform distribution (the check can fail)."""
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.125, 0.0], [0.05, 0.05, 0.1, 0.3, 0.5]])
+    torch.manual_seed(0)
+    z = draw(p.repeat_interleave(40_000, 0))  # (80 000,)
+    for row in range(2):
+        freq = torch.bincount(z[row * 40_000 : (row + 1) * 40_000], minlength=5).double() / 40_000
+        se = (p[row].double() * (1 - p[row].double()) / 40_000).sqrt()
+        assert bool((freq - p[row]).abs().le(5 * se + 1e-12).all()), (freq, p[row])
+        assert (freq - 0.2).abs().max() > 0.1
+    assert not bool((z[:40_000] == 4).any())
