@@ -94,3 +94,11 @@ def test_draw_picks_each_token_with_its_probability():
         assert bool((freq - p[row]).abs().le(5 * se + 1e-12).all()), (freq, p[row])
         assert (freq - 0.2).abs().max() > 0.1
     assert not bool((z[:40_000] == 4).any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_draw_refuses_non_finite_or_empty_rows(bad):
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.tensor([[0.5, bad, 0.5]]))
+    with pytest.raises(ValueError, match="cannot sample"):
+        draw(torch.zeros(2, 3))

@@ -46,10 +46,14 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of probs (R, V) (unnormalised is fine), by inversion: z = the first v with
     F(v) > u·F(V), F the float64 cumulative sum, u ~ U[0, 1) — so P(z = v) = p_v / Σp (to float64 rounding;
-    zero-probability tokens are never drawn). One uniform per row from the global RNG: `torch.multinomial`, or a
-    race of V exponentials, spends most of its time drawing V random numbers per row, which was a fifth of
-    SmolLM2's batched sampling time on a CPU (benchmarks/RESULTS.md)."""
+    zero-probability tokens are never drawn). ValueError for a row that is NaN, infinite or all zero. One
+    uniform per row from the global RNG: `torch.multinomial`, or a race of V exponentials, spends most of its
+    time drawing V random numbers per row, which was a fifth of SmolLM2's batched sampling time on a CPU
+    (benchmarks/RESULTS.md)."""
     cdf = probs.double().cumsum(-1)  # (R, V)
+    total = cdf[:, -1]  # (R,)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("cannot sample: a row of probabilities is NaN, infinite or all zero (non-finite logits?)")
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # (R, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (R,)
 
