@@ -53,7 +53,9 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)  # (R, V)
     total = cdf[:, -1]  # (R,)
     if not bool((torch.isfinite(total) & (total > 0)).all()):
-        raise ValueError("cannot sample: a row of probabilities is NaN, infinite or all zero (non-finite logits?)")
+        raise ValueError(
+            "cannot sample: a row of probabilities is NaN, infinite or all zero (non-finite logits?)"
+        )
     u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # (R, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (R,)
 
