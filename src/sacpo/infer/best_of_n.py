@@ -309,13 +309,19 @@ def win_outcomes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a > b).double() + 0.5 * (a == b).double()
 
 
+def safety_values(g: torch.Tensor, constraint: str, threshold: float = 0.0) -> torch.Tensor:
+    """What the constraint averages, per selected response: 'prob' 1[g > threshold], 'mean' g (float64, g's
+    shape)."""
+    if constraint == "prob":
+        return (g > threshold).double()
+    if constraint == "mean":
+        return g.double()
+    raise ValueError(f"unknown constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}")
+
+
 def safety_statistic(g: torch.Tensor, constraint: str, threshold: float = 0.0) -> float:
     """'prob': P(g > threshold); 'mean': E[g] — over all selected responses g (any shape)."""
-    if constraint == "prob":
-        return (g > threshold).double().mean().item()
-    if constraint == "mean":
-        return g.double().mean().item()
-    raise ValueError(f"unknown constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}")
+    return safety_values(g, constraint, threshold).mean().item()
 
 
 def lower_bound(per_prompt: torch.Tensor, confidence: float, n_future: int | None = None) -> float:
@@ -388,14 +394,12 @@ def calibrate_bon(
     def per_prompt(lam: float) -> torch.Tensor:
         nonlocal count
         count += 1
-        g = take(safety, select_best(reward, keys, n, safety, lam)).double()  # (P, S)
-        return ((g > threshold).double() if constraint == "prob" else g).mean(-1)  # (P,)
+        g = take(safety, select_best(reward, keys, n, safety, lam))  # (P, S)
+        return safety_values(g, constraint, threshold).mean(-1)  # (P,)
 
     def bound(lam: float) -> float:
         return lower_bound(per_prompt(lam), confidence, heldout_prompts)
 
-    if constraint not in CONSTRAINTS:
-        raise ValueError(f"unknown constraint {constraint!r}; valid: {', '.join(CONSTRAINTS)}")
     safest = per_prompt(math.inf)
     best = lower_bound(safest, confidence, heldout_prompts)
     if best < target:

@@ -56,7 +56,7 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             "cannot sample: a row of probabilities is NaN, infinite or all zero (non-finite logits?)"
         )
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # (R, 1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * total[:, None]  # (R, 1)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (R,)
 
 
