@@ -75,6 +75,7 @@ class StepConfig:
     max_prompt_length: int = 128
     lr: float = 5e-6
     beta: float = 0.1
+    reps: int | None = None  # runs per variant; None: the plan's
 
     @property
     def steps(self) -> int:
@@ -120,8 +121,9 @@ def make_plan(quick: bool, reps: int | None) -> Plan:
         reps=reps or 3,
         step_configs=[
             StepConfig("tiny-full", "tiny", False, batch_size=8, warmup=2, timed=8),
-            StepConfig("smollm2-full", "smollm2", False, batch_size=2, warmup=1, timed=3),
-            StepConfig("smollm2-lora", "smollm2", True, batch_size=2, warmup=1, timed=3),
+            # 2 runs per variant (each child ~40 s): with 3 the whole bench took 28 min on a 156 GFLOP/s CPU
+            StepConfig("smollm2-full", "smollm2", False, batch_size=2, warmup=1, timed=3, reps=reps or 2),
+            StepConfig("smollm2-lora", "smollm2", True, batch_size=2, warmup=1, timed=3, reps=reps or 2),
         ],
         sweep_models=["tiny", "smollm2"],
         sweep_rows={"tiny": 128, "smollm2": 8},
@@ -234,14 +236,15 @@ def bench_steps(
     ):  # warm the cache with one untimed sacpo run (same rows as the full-FT config)
         run("dpo_step", {**base, "side": "sacpo", "ref": "cached", "tag": "warm"}, f"{cfg.name}: warm cache")
     warmed.add(cfg.model)
-    for rep in range(plan.reps):
+    reps = cfg.reps or plan.reps
+    for rep in range(reps):
         variants = cfg.variants if rep % 2 == 0 else cfg.variants[::-1]
         for side, ref in variants:
             key = f"{side}/{ref}"
             res = run(
                 "dpo_step",
                 {**base, "side": side, "ref": ref, "tag": f"{cfg.name}-{rep}"},
-                f"{cfg.name}: rep {rep + 1}/{plan.reps} {key}",
+                f"{cfg.name}: rep {rep + 1}/{reps} {key}",
             )
             out["runs"].setdefault(key, []).append(res)
     return out
@@ -435,14 +438,16 @@ def report_sweep(res: dict[str, Any]) -> tuple[list[str], dict]:
     ratio = summary([a / b for a, b in zip(s, t, strict=False) if a is not None and b is not None])
     ok = ratio[0] <= SWEEP_TARGET if ratio else None
     passes = next((r["reference_passes"] for r in res["runs"]["sacpo"] if "error" not in r), {})
+    rss_s = summary([r.get("rss_peak_process_mb") for r in res["runs"]["sacpo"]])
+    rss_t = summary([r.get("rss_peak_process_mb") for r in res["runs"]["trl"]])
     lines += [
         "",
-        "| | wall time (s) | reference forward passes over the data |",
-        "|---|---|---|",
-        f"| sacpo `run_pipeline` | {fmt(summary(s), 1)} | {passes.get('computed', '?')} (cached reads: "
-        f"{passes.get('cached', '?')}) |",
-        f"| TRL, one DPOTrainer per λ | {fmt(summary(t), 1)} | a live reference forward in every step of "
-        f"each of the {len(spec['lams'])} trainers |",
+        "| | wall time (s) | peak RSS (MB) | reference forward passes over the data |",
+        "|---|---|---|---|",
+        f"| sacpo `run_pipeline` | {fmt(summary(s), 1)} | {fmt(rss_s, 0)} | {passes.get('computed', '?')} "
+        f"(cached reads: {passes.get('cached', '?')}) |",
+        f"| TRL, one DPOTrainer per λ | {fmt(summary(t), 1)} | {fmt(rss_t, 0)} | a live reference forward in "
+        f"every step of each of the {len(spec['lams'])} trainers |",
         "",
         f"Ratio sacpo ÷ TRL wall time: {fmt(ratio)} (target ≤ {SWEEP_TARGET} {mark(ok)}).",
     ]

@@ -121,8 +121,18 @@ def test_every_load_of_a_stage_passes_the_trust_remote_code_setting(
 
         monkeypatch.setattr(module, name, spy)
     extra = {"trust_remote_code": True} if trust else {}
+    # a reference other than the policy: the reference pass loads it (with reference = policy, the built policy
+    # serves the pass and there is no separate load)
+    reference = shutil.copytree(tiny_model, tmp_path / "reference")
     cfg = make_cfg(
-        tiny_model, pku_tiny, tmp_path / "run", max_steps=1, kl_prompts=1, kl_max_new_tokens=4, **extra
+        tiny_model,
+        pku_tiny,
+        tmp_path / "run",
+        max_steps=1,
+        kl_prompts=1,
+        kl_max_new_tokens=4,
+        reference=str(reference),
+        **extra,
     )
     assert cfg.trust_remote_code is trust
     train(cfg, show_progress=False)

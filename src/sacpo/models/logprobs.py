@@ -46,7 +46,8 @@ class _FusedHeadLogps(torch.autograd.Function):
     g_i·(onehot(label_i) − softmax_i): exp(logits − lse), then ×(−g), then +g at the label — one (c, V) buffer
     per chunk, where autograd through `checkpoint` holds the recomputed logits, the softmax, the scattered
     one-hot gradient and their difference. Then ∂h_c = G·W and ∂W += Gᵀ·h_c, the latter
-    accumulated into one (V, H) buffer across chunks (skipped when W needs no gradient: LoRA, frozen heads).
+    accumulated into one (V, H) buffer across chunks, the first chunk's product allocated without a zero fill (skipped
+    when W needs no gradient: LoRA, frozen heads).
     """
 
     @staticmethod
@@ -72,7 +73,7 @@ class _FusedHeadLogps(torch.autograd.Function):
         h, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None  # (M, H)
-        grad_w = torch.zeros_like(weight) if need_w else None  # (V, H)
+        grad_w = None  # (V, H): the first chunk's product, then accumulated (no zero-filled buffer)
         for s in range(0, h.shape[0], ctx.chunk):
             h_c, g = h[s : s + ctx.chunk], grad_out[s : s + ctx.chunk].to(lse.dtype)  # (c, H), (c,)
             logits = (h_c @ weight.T).to(lse.dtype)  # (c, V)
@@ -83,7 +84,10 @@ class _FusedHeadLogps(torch.autograd.Function):
             if need_h:
                 grad_h[s : s + ctx.chunk] = grad @ weight  # (c, H)
             if need_w:
-                grad_w.addmm_(grad.T, h_c.to(weight.dtype))  # (V, H)
+                if grad_w is None:
+                    grad_w = grad.T @ h_c.to(weight.dtype)
+                else:
+                    grad_w.addmm_(grad.T, h_c.to(weight.dtype))
         return grad_h, grad_w, None, None
 
 

@@ -196,9 +196,12 @@ def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> P
             import copy
 
             unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        unwrapped.config.use_cache = True
+        use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True  # saved for inference
         tmp = _atomic_dir(model_dir)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        try:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+        finally:  # the live model (a sweep workspace trains it again) keeps its training setting
+            unwrapped.config.use_cache = use_cache
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, model_dir)
     acc.wait_for_everyone()

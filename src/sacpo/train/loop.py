@@ -8,6 +8,7 @@ from the on-disk cache (see ref_cache.py), so no reference model is held in memo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from sacpo.train import checkpoint
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
 from sacpo.train.ref_cache import reference_logps
+from sacpo.train.workspace import SweepWorkspace
 
 log = logging.getLogger("sacpo.train")
 
@@ -347,8 +349,17 @@ def _run_identity(cfg: TrainConfig, ref_cache: Path) -> dict[str, Any]:
     return json.loads(json.dumps({**fields, "reference_cache": ref_cache.name}))
 
 
-def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Run one alignment stage; write config.yaml, metrics.jsonl, model/ (HF safetensors) and DONE."""
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    show_progress: bool = True,
+    workspace: SweepWorkspace | None = None,
+) -> TrainResult:
+    """Run one alignment stage; write config.yaml, metrics.jsonl, model/ (HF safetensors) and DONE.
+
+    workspace: keep the policy, its optimizer buffers and tokenizer for the next call on the same parent (the
+    branches of a sweep; see workspace.py). Single process only, and not with resume; otherwise ignored.
+    """
     from accelerate.utils import set_seed
 
     check_model_dir(cfg.policy)  # before anything is written or loaded: a clear error for a bad path
@@ -358,6 +369,13 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     acc = _accelerator(cfg)
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by {acc.num_processes} processes")
+    if workspace is not None and (resume or acc.num_processes > 1):
+        workspace.clear()
+        workspace = None
+    if workspace is not None:
+        workspace.release_unless(
+            cfg
+        )  # another parent's policy must not sit in memory through this reference pass
     set_seed(cfg.seed)
     if acc.is_main_process and not resume:  # a resumed run is checked against its checkpoint first
         checkpoint.begin_run(out, keep_checkpoints=False)
@@ -365,7 +383,11 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     acc.wait_for_everyone()
     started = time.time()
 
-    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    tokenizer = (
+        workspace.tokenizer(cfg, load_tokenizer)
+        if workspace is not None
+        else load_tokenizer(cfg.policy, cfg.trust_remote_code)
+    )
     pairs, desirable = _prepare_data(cfg, tokenizer)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".ref_cache"
     ref_args = (
@@ -381,6 +403,13 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
         "device": acc.device,
         "trust_remote_code": cfg.trust_remote_code,
     }
+    # the policy before its first update is the reference when none is given: built first, it also serves the
+    # reference pass (one model load, not two). A separate reference is loaded, used and freed before the policy
+    # is built, so the two are never in memory together.
+    build = functools.partial(workspace.policy, build=_build_policy) if workspace is not None else _build_policy
+    model = None
+    if cfg.reference in (None, cfg.policy):
+        model = ref_kwargs["model"] = build(cfg)
     if acc.is_main_process:  # the main process computes (or reads) the cache, the others read it
         ref = reference_logps(*ref_args, show_progress=show_progress, **ref_kwargs)
     acc.wait_for_everyone()
@@ -401,10 +430,16 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    model = _build_policy(cfg)
+    if model is None:
+        model = build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (CPU and CUDA); ~4x faster than the per-tensor loop on 135M params
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
+    optimizer = (
+        workspace.optimizer(cfg, params)
+        if workspace is not None
+        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
+    )
+    raw_optimizer = optimizer
     scheduler = _scheduler(optimizer, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
@@ -502,6 +537,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True) ->
     if acc.is_main_process:
         checkpoint.finish(out, summary)
     acc.wait_for_everyone()
+    if workspace is not None:
+        workspace.keep(acc.unwrap_model(model, keep_fp32_wrapper=False), raw_optimizer)
     return TrainResult(out, model_dir, step, summary["reference_pass"], last)
 
 

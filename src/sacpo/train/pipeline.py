@@ -23,6 +23,7 @@ from sacpo.models.resolve import resolve_policy
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, TrainConfig
 from sacpo.train.loop import is_done, train
+from sacpo.train.workspace import SweepWorkspace
 
 log = logging.getLogger("sacpo.pipeline")
 
@@ -57,6 +58,11 @@ class PipelineConfig:
     stages: list[StageConfig] = help_field(help="stages in order")
     defaults: dict[str, Any] = help_field({}, help="TrainConfig fields shared by every stage")
     merges: list[MergeSpec] = help_field([], help="weight merges after training")
+    reuse_policy: bool = help_field(
+        True,
+        help="branches of a sweep reuse one loaded policy and its optimizer buffers (same results; one extra "
+        "CPU copy of the trainable weights while the sweep runs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
 
     counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
     records = []
+    workspace = SweepWorkspace()
     for stage_branches in list(branches.values())[1:]:
         for br in stage_branches:
             run_dir = Path(br.train.output_dir)
@@ -195,7 +202,12 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 log.info("stage %s (%s): %s β=%g from %s", br.name, reason, br.train.loss, br.beta, br.parent)
-                train(br.train, show_progress=show_progress)
+                # siblings (same stage and parent) still to train after this one share the loaded policy
+                later = [b for b in stage_branches[stage_branches.index(br) + 1 :] if b.parent == br.parent]
+                reuse = cfg.reuse_policy and (workspace.holds_policy or bool(later))
+                train(br.train, show_progress=show_progress, workspace=workspace if reuse else None)
+                if not later:
+                    workspace.clear()
                 summary = json.loads((run_dir / "summary.json").read_text())
                 counts[summary["reference_pass"]] += 1
             records.append(
@@ -209,6 +221,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
                     "summary": summary,
                 }
             )
+    workspace.clear()
     merges = []
     for m in cfg.merges:
         for a in _find(branches, m.a):

@@ -130,8 +130,13 @@ def reference_logps(
     device: torch.device | str = "cpu",
     trust_remote_code: bool = False,
     show_progress: bool = True,
+    model: Any | None = None,
 ) -> RefLogps:
-    """Reference log-probs from the cache, or computed once (loading the reference model) and cached."""
+    """Reference log-probs from the cache, or computed once and cached.
+
+    model: an already-built model with the reference's weights (the policy before its first update, when the
+    reference is the policy) to compute them with; by default the reference is loaded for the pass and freed.
+    """
     key = cache_key(reference, tokenizer, pairs, max_length, average)
     path = Path(cache_dir) / f"ref-{key[:24]}.safetensors"
     cached = _read(path, key, len(pairs))
@@ -139,10 +144,15 @@ def reference_logps(
         log.info("reference log-probs: cache hit %s (reference model not loaded)", path.name)
         return RefLogps(cached, path, computed=False)
     log.info("reference log-probs: computing with %s for %d pairs", reference, len(pairs))
-    model = load_model(reference, trust_remote_code=trust_remote_code).to(device).eval()
+    given = model is not None
+    if not given:
+        model = load_model(reference, trust_remote_code=trust_remote_code)
+    was_training = model.training
+    model = model.to(device).eval()
     logps = compute_ref_logps(
         model, pairs, tokenizer.pad_token_id, batch_size, chunk_size, average, device, show_progress
     )
+    model.train(was_training)
     del model
     bad = (~torch.isfinite(logps)).any(dim=1).nonzero().flatten().tolist()
     if bad:

@@ -1,0 +1,115 @@
+"""One policy, its AdamW moments and its tokenizer, kept across the branches of a sweep.
+
+The branches of a β/λ sweep start from the same parent weights. Built one by one, each branch pays a model load,
+the SwiGLU probe and a tokenizer load, and on the CPU its first step also pays for fresh memory: the AdamW moments
+(two fp32 copies of the trainable weights) and the gradients are page-faulted in. On SmolLM2-135M the first
+optimizer step of a branch took 1.7–2.8 s against 0.1 s for the next ones (benchmarks/RESULTS.md).
+
+`SweepWorkspace` builds the policy once, keeps a CPU copy of its trainable tensors as they were before training,
+and for every later branch copies them back and zeroes the AdamW moments and step counters in place. A fresh
+AdamW starts from exactly that state (zero moments, step 0), so each branch trains as it would from a fresh
+build: the tests check bit-identical trained weights. Only single-process runs reuse; the cost is one extra copy of
+the trainable tensors in CPU memory (every weight with full fine-tuning, the adapters with LoRA) while the
+workspace holds a policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from sacpo.models.load import check_model_dir
+
+log = logging.getLogger("sacpo.train")
+
+
+def policy_key(cfg: Any) -> tuple:
+    """What the built policy depends on: the parent directory and its files' identity (name, inode, size,
+    mtime, ctime: sacpo rewrites a model by renaming a new directory into place, so a rewrite changes them), and
+    the settings `_build_policy` applies (remote code, fused SwiGLU, gradient checkpointing, LoRA)."""
+    p = check_model_dir(cfg.policy).resolve()
+    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
+    state = tuple(
+        (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files if (st := f.stat())
+    )
+    options = (cfg.trust_remote_code, cfg.fused_swiglu, cfg.gradient_checkpointing)
+    return (str(p), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
+
+
+class SweepWorkspace:
+    """Reusable policy for consecutive `train()` calls on the same parent (see the module docstring).
+
+    `train(cfg, workspace=ws)` asks for the tokenizer, the policy and the optimizer, and hands them back with
+    `keep` after its final save. Anything with another `policy_key` releases what the workspace holds first.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._initial: dict[str, torch.Tensor] = {}  # trainable tensors before training, on the CPU
+        self._moments: dict[torch.Tensor, dict[str, Any]] = {}  # AdamW state of the last branch, by parameter
+        self.reuses = 0  # branches that started from the kept policy
+
+    @property
+    def holds_policy(self) -> bool:
+        return self._model is not None
+
+    def clear(self) -> None:
+        """Release the policy, its initial copy, the optimizer moments and the tokenizer."""
+        self._key, self._model, self._tokenizer = None, None, None
+        self._initial, self._moments = {}, {}
+
+    def release_unless(self, cfg: Any) -> None:
+        """Release everything unless it was built for this policy and these settings."""
+        if self._key is not None and self._key != policy_key(cfg):
+            self.clear()
+
+    def tokenizer(self, cfg: Any, load: Callable[[str, bool], Any]) -> Any:
+        self.release_unless(cfg)
+        if self._tokenizer is None:
+            self._tokenizer = load(cfg.policy, cfg.trust_remote_code)
+        return self._tokenizer
+
+    def policy(self, cfg: Any, build: Callable[[Any], Any]) -> Any:
+        """The parent policy: built (and its trainable tensors copied) the first time, then restored in place."""
+        self.release_unless(cfg)
+        if self._model is None:
+            model = build(cfg)
+            self._initial = {
+                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+            }
+            self._key, self._model = policy_key(cfg), model
+            return model
+        with torch.no_grad():
+            for n, p in self._model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(self._initial[n])
+                    p.grad = None
+        self.reuses += 1
+        log.info("sweep workspace: policy restored to %s in place (branch %d)", cfg.policy, self.reuses + 1)
+        return self._model
+
+    def optimizer(self, cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        """A new AdamW with the run's settings; the previous branch's moment buffers are zeroed and reused."""
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
+        for p in params:
+            state = self._moments.get(p)
+            if state:  # step, exp_avg, exp_avg_sq (max_exp_avg_sq with amsgrad): all zero in a fresh AdamW
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()
+                optimizer.state[p] = state
+        self._moments = {}
+        return optimizer
+
+    def keep(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Take back the trained policy (unwrapped, without accelerate's precision wrapper) and its optimizer
+        state, for the next branch to overwrite."""
+        self._model = model
+        self._moments = {p: s for p, s in optimizer.state.items() if isinstance(s, dict) and s}
