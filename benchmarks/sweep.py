@@ -8,8 +8,9 @@ each tool does on the way: loading, tokenization, reference log-probs, training,
 
 sacpo: `run_pipeline` with stages [helpful β, safe λ=[...]]; the finished helpful stage is skipped, the three safe
 branches share one reference pass through the cache and one built policy (`reuse_policy`, the default: the first
-branch builds it and runs the reference pass with it, the next ones restore the parent's weights in place). TRL: for each λ, a fresh `DPOTrainer` with the helpful
-model as policy and (its default) a live reference copy loaded from the same directory.
+branch builds it and runs the reference pass with it, the next ones restore the parent's weights in place).
+TRL: for each λ, a fresh `DPOTrainer` with the helpful model as policy and (its default) a live reference copy
+loaded from the same directory.
 """
 
 from __future__ import annotations

@@ -406,7 +406,9 @@ def train(
     # the policy before its first update is the reference when none is given: built first, it also serves the
     # reference pass (one model load, not two). A separate reference is loaded, used and freed before the policy
     # is built, so the two are never in memory together.
-    build = functools.partial(workspace.policy, build=_build_policy) if workspace is not None else _build_policy
+    build = (
+        functools.partial(workspace.policy, build=_build_policy) if workspace is not None else _build_policy
+    )
     model = None
     if cfg.reference in (None, cfg.policy):
         model = ref_kwargs["model"] = build(cfg)
