@@ -372,10 +372,8 @@ def train(
     if workspace is not None and (resume or acc.num_processes > 1):
         workspace.clear()
         workspace = None
-    if workspace is not None:
-        workspace.release_unless(
-            cfg
-        )  # another parent's policy must not sit in memory through this reference pass
+    if workspace is not None:  # another parent's policy must not sit in memory through this reference pass
+        workspace.release_unless(cfg)
     set_seed(cfg.seed)
     if acc.is_main_process and not resume:  # a resumed run is checked against its checkpoint first
         checkpoint.begin_run(out, keep_checkpoints=False)

@@ -144,8 +144,7 @@ def reference_logps(
         log.info("reference log-probs: cache hit %s (reference model not loaded)", path.name)
         return RefLogps(cached, path, computed=False)
     log.info("reference log-probs: computing with %s for %d pairs", reference, len(pairs))
-    given = model is not None
-    if not given:
+    if model is None:
         model = load_model(reference, trust_remote_code=trust_remote_code)
     was_training = model.training
     model = model.to(device).eval()

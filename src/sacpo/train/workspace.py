@@ -34,9 +34,8 @@ def policy_key(cfg: Any) -> tuple:
     the settings `_build_policy` applies (remote code, fused SwiGLU, gradient checkpointing, LoRA)."""
     p = check_model_dir(cfg.policy).resolve()
     files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
-    state = tuple(
-        (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in files if (st := f.stat())
-    )
+    stats = [(f.name, f.stat()) for f in files]
+    state = tuple((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats)
     options = (cfg.trust_remote_code, cfg.fused_swiglu, cfg.gradient_checkpointing)
     return (str(p), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
 
