@@ -128,7 +128,8 @@ def test_workspace_restores_the_parent_and_zeroes_adam_state(tiny_model, pku_tin
         assert torch.equal(p, q), n
         assert p.grad is None
     params = [p for p in restored.parameters() if p.requires_grad]
-    optimizer = ws.optimizer(cfg, params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=cfg.fused_adamw)
+    ws.reuse_moments(optimizer)
     state = optimizer.state[params[0]]
     assert state is moments and float(state["step"]) == 0 and not state["exp_avg"].any()
     assert not state["exp_avg_sq"].any()

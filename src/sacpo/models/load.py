@@ -92,6 +92,19 @@ def hash_files(paths: list[Path], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def model_files(path: str | Path) -> tuple[Path, list[Path], tuple[tuple, ...]]:
+    """A model directory, its config and safetensors files, and each file's identity (name, inode, size, mtime_ns,
+    ctime_ns): any write changes the ctime, and sacpo rewrites a model by renaming a new directory into place."""
+    p = check_model_dir(path)
+    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
+    stats = [(f.name, f.stat()) for f in files]
+    return (
+        p,
+        files,
+        tuple((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats),
+    )
+
+
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
@@ -103,18 +116,12 @@ def fingerprint_model(path: str | Path) -> str:
     files changed less than 2 s ago are not memoised, since timestamps are only as fine as a kernel tick ("racy"
     entries, as git's index handles them).
     """
-    p = check_model_dir(path)
-    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
-    stats = [f.stat() for f in files]
-    state = [
-        (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        for f, st in zip(files, stats, strict=True)
-    ]
+    p, files, state = model_files(path)
     key = (str(p.resolve()), *state)
     if key in _FINGERPRINTS:
         return _FINGERPRINTS[key]
     digest = hash_files(files)
-    if all(time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > 2_000_000_000 for st in stats):
+    if all(time.time_ns() - max(mtime, ctime) > 2_000_000_000 for *_, mtime, ctime in state):
         _FINGERPRINTS[key] = digest
     return digest
 

@@ -372,8 +372,6 @@ def train(
     if workspace is not None and (resume or acc.num_processes > 1):
         workspace.clear()
         workspace = None
-    if workspace is not None:  # another parent's policy must not sit in memory through this reference pass
-        workspace.release_unless(cfg)
     set_seed(cfg.seed)
     if acc.is_main_process and not resume:  # a resumed run is checked against its checkpoint first
         checkpoint.begin_run(out, keep_checkpoints=False)
@@ -381,7 +379,7 @@ def train(
     acc.wait_for_everyone()
     started = time.time()
 
-    tokenizer = (
+    tokenizer = (  # the workspace first releases another parent's policy, before this stage's reference pass
         workspace.tokenizer(cfg, load_tokenizer)
         if workspace is not None
         else load_tokenizer(cfg.policy, cfg.trust_remote_code)
@@ -434,11 +432,9 @@ def train(
         model = build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters (CPU and CUDA); ~4x faster than the per-tensor loop on 135M params
-    optimizer = (
-        workspace.optimizer(cfg, params)
-        if workspace is not None
-        else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
-    )
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
+    if workspace is not None:
+        workspace.reuse_moments(optimizer)
     raw_optimizer = optimizer
     scheduler = _scheduler(optimizer, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)

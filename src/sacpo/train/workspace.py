@@ -23,27 +23,23 @@ from typing import Any
 
 import torch
 
-from sacpo.models.load import check_model_dir
+from sacpo.models.load import model_files
 
 log = logging.getLogger("sacpo.train")
 
 
 def policy_key(cfg: Any) -> tuple:
-    """What the built policy depends on: the parent directory and its files' identity (name, inode, size,
-    mtime, ctime: sacpo rewrites a model by renaming a new directory into place, so a rewrite changes them), and
-    the settings `_build_policy` applies (remote code, fused SwiGLU, gradient checkpointing, LoRA)."""
-    p = check_model_dir(cfg.policy).resolve()
-    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
-    stats = [(f.name, f.stat()) for f in files]
-    state = tuple((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in stats)
+    """What the built policy depends on: the parent directory and its files' identity (`model_files`), and the
+    settings `_build_policy` applies (remote code, fused SwiGLU, gradient checkpointing, LoRA)."""
+    p, _, state = model_files(cfg.policy)
     options = (cfg.trust_remote_code, cfg.fused_swiglu, cfg.gradient_checkpointing)
-    return (str(p), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
+    return (str(p.resolve()), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
 
 
 class SweepWorkspace:
     """Reusable policy for consecutive `train()` calls on the same parent (see the module docstring).
 
-    `train(cfg, workspace=ws)` asks for the tokenizer, the policy and the optimizer, and hands them back with
+    `train(cfg, workspace=ws)` asks for the tokenizer, the policy and the optimizer's buffers, and hands them back with
     `keep` after its final save. Anything with another `policy_key` releases what the workspace holds first.
     """
 
@@ -94,18 +90,19 @@ class SweepWorkspace:
         log.info("sweep workspace: policy restored to %s in place (branch %d)", cfg.policy, self.reuses + 1)
         return self._model
 
-    def optimizer(self, cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-        """A new AdamW with the run's settings; the previous branch's moment buffers are zeroed and reused."""
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
-        for p in params:
-            state = self._moments.get(p)
-            if state:  # step, exp_avg, exp_avg_sq (max_exp_avg_sq with amsgrad): all zero in a fresh AdamW
-                for v in state.values():
-                    if isinstance(v, torch.Tensor):
-                        v.zero_()
-                optimizer.state[p] = state
+    def reuse_moments(self, optimizer: torch.optim.AdamW) -> None:
+        """Give a new AdamW (no step taken yet) the previous branch's moment buffers, zeroed in place."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = self._moments.get(p)
+                if (
+                    state
+                ):  # step, exp_avg, exp_avg_sq (max_exp_avg_sq with amsgrad): all zero in a fresh AdamW
+                    for v in state.values():
+                        if isinstance(v, torch.Tensor):
+                            v.zero_()
+                    optimizer.state[p] = state
         self._moments = {}
-        return optimizer
 
     def keep(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
         """Take back the trained policy (unwrapped, without accelerate's precision wrapper) and its optimizer
