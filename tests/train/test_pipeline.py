@@ -142,3 +142,21 @@ def test_the_shipped_pipeline_config_runs_from_the_cli(tmp_path, monkeypatch, ca
     assert out.count("merge psacpo") == 3 and out.count("merge naive") == 1
     assert main(argv) == 0
     assert "0 computed, 0 from cache, 5 finished stages skipped" in capsys.readouterr().out
+
+
+def test_a_runtime_only_setting_does_not_make_a_finished_stage_stale(tiny_model, pku_tiny, tmp_path):
+    from sacpo.config import to_yaml
+    from sacpo.train.config import TrainConfig, same_computation
+
+    cfg = from_dict(
+        TrainConfig,
+        {"policy": str(tiny_model), "output_dir": str(tmp_path), "data": {"source": str(pku_tiny)}},
+    )
+    saved = to_yaml(cfg)
+    # a run finished before the field existed, or with the other value: still the same training
+    older = "".join(line for line in saved.splitlines(True) if not line.startswith("malloc_tuning:"))
+    assert older != saved and same_computation(older, cfg)
+    assert same_computation(saved.replace("malloc_tuning: true", "malloc_tuning: false"), cfg)
+    assert not same_computation(saved.replace("lr: 5.0e-06", "lr: 1.0e-05"), cfg)
+    assert "lr: 5.0e-06" in saved
+    assert not same_computation("not a mapping", cfg)

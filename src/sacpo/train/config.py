@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from sacpo.config import ConfigError, help_field
+import yaml
+
+from sacpo.config import ConfigError, help_field, to_yaml
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class TrainConfig:
         True,
         help="Llama-family MLPs keep 2 activations for backward instead of 3 (same output, gradients equal to "
         "rounding; sacpo.models.swiglu)",
+    )
+    malloc_tuning: bool = help_field(
+        True,
+        help="on glibc, fix malloc's mmap/trim thresholds so the step's large buffers are reused from the heap "
+        "instead of mapped and unmapped every step (process-wide; sacpo.train.allocator)",
     )
     warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
     scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")
@@ -155,3 +162,19 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {data_kind}"
         )
+
+
+# settings that change only speed or memory, never a computed value: a finished run trained with other values of
+# these (or before they existed) is still current
+RUNTIME_ONLY_FIELDS = frozenset({"malloc_tuning"})
+
+
+def same_computation(saved_yaml: str, cfg: TrainConfig) -> bool:
+    """True when a run's saved config.yaml describes the same training as cfg: equal but for RUNTIME_ONLY_FIELDS."""
+    saved, current = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
+    if not isinstance(saved, dict):
+        return False
+    for key in RUNTIME_ONLY_FIELDS:
+        saved.pop(key, None)
+        current.pop(key, None)
+    return saved == current

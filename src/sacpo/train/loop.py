@@ -32,6 +32,7 @@ from sacpo.models.load import check_model_dir, load_model, load_tokenizer
 from sacpo.models.logprobs import sequence_logps
 from sacpo.models.swiglu import fuse_swiglu
 from sacpo.train import checkpoint
+from sacpo.train.allocator import tune_malloc
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
 from sacpo.train.ref_cache import reference_logps
@@ -373,6 +374,8 @@ def train(
         workspace.clear()
         workspace = None
     set_seed(cfg.seed)
+    if cfg.malloc_tuning and acc.device.type == "cpu":
+        tune_malloc()
     if acc.is_main_process and not resume:  # a resumed run is checked against its checkpoint first
         checkpoint.begin_run(out, keep_checkpoints=False)
         (out / "config.yaml").write_text(to_yaml(cfg))

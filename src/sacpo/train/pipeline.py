@@ -21,7 +21,7 @@ from sacpo.merge.linear import merge_dirs
 from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
 from sacpo.train.checkpoint import DONE
-from sacpo.train.config import DataConfig, TrainConfig
+from sacpo.train.config import DataConfig, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
 from sacpo.train.workspace import SweepWorkspace
 
@@ -164,7 +164,7 @@ def _stale(br: Branch, parent: Branch) -> str | None:
     if not is_done(run_dir):
         return "not finished"
     config = run_dir / "config.yaml"
-    if not config.is_file() or config.read_text() != to_yaml(br.train):
+    if not config.is_file() or not same_computation(config.read_text(), br.train):
         return "its config changed"
     if parent.train is not None:
         parent_done = Path(parent.train.output_dir) / DONE
