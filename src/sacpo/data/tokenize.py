@@ -131,3 +131,72 @@ def pad_sequences(seqs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         resp[i, s.prompt_len : n] = True
     return {"input_ids": ids, "attention_mask": attn, "labels_mask": resp[:, 1:]}
+
+
+def shares_prompt(a: Encoded, b: Encoded) -> bool:
+    """The two sequences of a pair start with the same non-empty prompt (what `pack_pairs` needs)."""
+    p = a.prompt_len
+    return p >= 1 and b.prompt_len == p and a.input_ids[:p] == b.input_ids[:p]
+
+
+def pack_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair — prompt, response a, response b — so the shared prompt is run once, not twice.
+
+    The attention pattern keeps both responses exactly what they are in their own sequence (prefix sharing, Wang
+    et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"):
+
+        prompt token  q:  attends to prompt tokens k ≤ q                      positions 0 … P−1
+        a token       q:  attends to the prompt and a tokens k ≤ q           positions P … P+La−1
+        b token       q:  attends to the prompt and b tokens k ≤ q (not a)   positions P … P+Lb−1 (restart at P)
+        padding       q:  attends to itself only (no all-masked rows)
+
+    Predictions: a's token t (t ≥ P) from the hidden state at t−1; b's first token from the prompt's last state
+    (P−1), its next ones from the previous b state. On data whose prompt is half of each sequence this is a
+    quarter fewer tokens through the backbone.
+
+    Returns input_ids (B, T), position_ids (B, T), allowed (B, 1, T, T) bool (True = may attend), and for the M
+    predicted tokens flat indices into (B·T): src (hidden state that predicts), label (the token) and seq (M,),
+    the sequence each belongs to — a of pair i is sequence i, b is B + i (as `logps.split(B)` expects).
+    """
+    if not pairs:
+        raise ValueError("pack_pairs needs at least one pair")
+    bad = [i for i, (a, b) in enumerate(pairs) if not shares_prompt(a, b)]
+    if bad:
+        raise ValueError(
+            f"pairs {bad[:5]} do not share a non-empty prompt; pad them with pad_sequences instead"
+        )
+    n = len(pairs)
+    width = max(len(a.input_ids) + b.response_len for a, b in pairs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)  # (B, T)
+    pos = torch.zeros((n, width), dtype=torch.long)  # (B, T)
+    seg = torch.full((n, width), 3, dtype=torch.long)  # (B, T): 0 prompt, 1 a, 2 b, 3 padding
+    src, label, seq = [], [], []
+    for i, (a, b) in enumerate(pairs):
+        p, la, lb = a.prompt_len, a.response_len, b.response_len
+        end_a, end = p + la, p + la + lb
+        ids[i, :end] = torch.tensor(a.input_ids + b.input_ids[p:])
+        pos[i, :end_a] = torch.arange(end_a)
+        pos[i, end_a:end] = torch.arange(p, p + lb)
+        seg[i, :p], seg[i, p:end_a], seg[i, end_a:end] = 0, 1, 2
+        row = i * width
+        t_a = torch.arange(p, end_a) + row
+        t_b = torch.arange(end_a, end) + row
+        src_b = t_b - 1
+        if lb:
+            src_b[0] = row + p - 1
+        src += [t_a - 1, src_b]
+        label += [t_a, t_b]
+        seq += [torch.full((la,), i), torch.full((lb,), n + i)]
+    k = torch.arange(width)
+    allowed = (k[None, :] <= k[:, None])[None] & ~(
+        (seg[:, :, None] == 2) & (seg[:, None, :] == 1)
+    )  # (B, T, T)
+    allowed = torch.where((seg == 3)[:, :, None], torch.eye(width, dtype=torch.bool)[None], allowed)
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "allowed": allowed[:, None],
+        "src": torch.cat(src),
+        "label": torch.cat(label),
+        "seq": torch.cat(seq),
+    }

@@ -137,3 +137,92 @@ def sequence_logps(
     token_logps = response_token_logps(model, batch, chunk_size, fused)  # (N, T−1)
     reduce = masked_mean if average else masked_sum
     return reduce(token_logps, batch["labels_mask"])
+
+
+def _attn_implementation(model: Any) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+
+
+def _custom_mask(model: Any, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, 1, T, T) attention pattern in the form the model's attention takes it as a prepared 4D mask:
+    bool for SDPA (True = attend), additive float (0 / most negative) for eager attention."""
+    impl = _attn_implementation(model)
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
+    raise ValueError(f"a shared-prompt forward needs sdpa or eager attention, not {impl!r}")
+
+
+def packed_pair_logps(
+    model: Any,
+    packed: dict[str, torch.Tensor],
+    chunk_size: int = 256,
+    average: bool = False,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """log π(y|x) of both responses of B pairs from one forward over rows prompt + a + b (`pack_pairs`).
+
+    Same values as `sequence_logps` on the 2B padded sequences up to float rounding (each response attends to
+    exactly its own prefix, at its own positions); returns (2B,): the B a-responses, then the B b-responses.
+    """
+    ids, src, seq = packed["input_ids"], packed["src"], packed["seq"]  # (B, T), (M,), (M,)
+    labels = ids.reshape(-1)[packed["label"]]  # (M,)
+    head = _plain_lm_head(model) if fused is not False else None
+    weight = next(model.parameters())
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": _custom_mask(model, packed["allowed"], weight.dtype),
+        "position_ids": packed["position_ids"],
+        "use_cache": False,
+    }
+    if head is not None and (fused or head.weight.shape[0] >= FUSED_MIN_VOCAB):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.base_model(**kwargs).last_hidden_state  # (B, T, H)
+        flat = _FusedHeadLogps.apply(
+            hidden.reshape(-1, hidden.shape[-1])[src], head.weight, labels, chunk_size
+        )
+    else:
+        logits = model(**kwargs).logits  # (B, T, V)
+        rows = logits.reshape(-1, logits.shape[-1])[src]  # (M, V)
+        flat = token_logprobs(rows[None], labels[None], chunk_size=chunk_size)[0]  # (M,)
+    n_seqs = 2 * ids.shape[0]
+    total = torch.zeros(n_seqs, dtype=flat.dtype, device=flat.device).index_add(0, seq, flat)  # (2B,)
+    if average:
+        count = torch.bincount(seq, minlength=n_seqs).clamp(min=1)
+        total = total / count
+    return total
+
+
+def supports_packed_pairs(model: Any) -> bool:
+    """Whether `packed_pair_logps` reproduces `sequence_logps` on this model: its attention takes a prepared 4D
+    mask (sdpa or eager) and it places tokens by `position_ids` (models that derive positions from the 2D mask,
+    or use none, fail the check). Probed once on a 3-token prompt with 2- and 3-token responses; cached on the
+    model."""
+    cached = getattr(model, "_sacpo_packed_pairs", None)
+    if cached is not None:
+        return cached
+    from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences
+
+    ok = False
+    if _attn_implementation(model) in ("sdpa", "eager"):
+        weight = next(model.parameters())
+        a, b = Encoded((3, 4, 5, 6, 7), 3), Encoded((3, 4, 5, 8, 9, 10), 3)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                padded = {k: v.to(weight.device) for k, v in pad_sequences([a, b], 0).items()}
+                packed = {k: v.to(weight.device) for k, v in pack_pairs([(a, b)], 0).items()}
+                ok = torch.allclose(
+                    packed_pair_logps(model, packed), sequence_logps(model, padded), rtol=1e-3, atol=1e-3
+                )
+        except Exception:  # an architecture that refuses the 4D mask or position_ids
+            ok = False
+        finally:
+            model.train(was_training)
+    model._sacpo_packed_pairs = bool(ok)
+    return bool(ok)

@@ -77,6 +77,12 @@ class TrainConfig:
         help="Llama-family MLPs keep 2 activations for backward instead of 3 (same output, gradients equal to "
         "rounding; sacpo.models.swiglu)",
     )
+    share_prompt: bool = help_field(
+        True,
+        help="paired losses: run each pair as one row prompt + chosen + rejected, the prompt once instead of twice "
+        "(same log-probs up to rounding; falls back to two padded rows where the model or pair does not allow "
+        "it; sacpo.data.tokenize.pack_pairs)",
+    )
     malloc_tuning: bool = help_field(
         True,
         help="on glibc, fix malloc's mmap/trim thresholds so the step's large buffers are reused from the heap "

@@ -25,11 +25,18 @@ from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, to_dict, to_yaml
 from sacpo.data.loaders import DataError, get_format, load_examples
-from sacpo.data.tokenize import Encoded, encode_binary, encode_paired, pad_sequences
+from sacpo.data.tokenize import (
+    Encoded,
+    encode_binary,
+    encode_paired,
+    pack_pairs,
+    pad_sequences,
+    shares_prompt,
+)
 from sacpo.math.kl import kl_health
 from sacpo.math.preference import get_loss, kto_reference_point
 from sacpo.models.load import check_model_dir, load_model, load_tokenizer
-from sacpo.models.logprobs import sequence_logps
+from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
 from sacpo.models.swiglu import fuse_swiglu
 from sacpo.train import checkpoint
 from sacpo.train.allocator import tune_malloc
@@ -203,6 +210,13 @@ class Stepper:
     def __init__(self, cfg: TrainConfig, data: Split, pad_id: int, accelerator: Any) -> None:
         self.cfg, self.data, self.pad_id, self.acc = cfg, data, pad_id, accelerator
         self.loss = get_loss(cfg.loss)
+        self.share: bool | None = None  # shared-prompt rows: decided at the first paired batch
+
+    def _share_prompt(self, model: Any) -> bool:
+        """cfg.share_prompt, where the model reproduces the padded log-probs from packed rows (probed once)."""
+        if self.share is None:
+            self.share = self.cfg.share_prompt and supports_packed_pairs(model)
+        return self.share
 
     def _batch(self, seqs: list[Encoded]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) for k, v in pad_sequences(seqs, self.pad_id).items()}
@@ -213,9 +227,14 @@ class Stepper:
         b = [d.pairs[i][1] for i in idx]
         ref = d.ref[idx].to(self.acc.device)  # (b, 2)
         if self.loss.kind == "paired":
-            logps = sequence_logps(
-                model, self._batch(a + b), cfg.logprob_chunk, cfg.average_logprobs
-            )  # (2b,)
+            pairs = [d.pairs[i] for i in idx]
+            if self._share_prompt(model) and all(shares_prompt(x, y) for x, y in pairs):
+                packed = {k: v.to(self.acc.device) for k, v in pack_pairs(pairs, self.pad_id).items()}
+                logps = packed_pair_logps(model, packed, cfg.logprob_chunk, cfg.average_logprobs)  # (2b,)
+            else:
+                logps = sequence_logps(
+                    model, self._batch(a + b), cfg.logprob_chunk, cfg.average_logprobs
+                )  # (2b,)
             chosen, rejected = logps.split(len(idx))
             kwargs = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "dpo" else {}
             out = self.loss.fn(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, **kwargs)
