@@ -44,7 +44,10 @@ def _phases():
 
     return {
         "reference pass": ("sacpo.train.ref_cache.compute_ref_logps", lambda real: _raise),
-        "training step": ("sacpo.train.loop.sequence_logps", lambda real: _raise),
+        "training step": (
+            "sacpo.train.loop.packed_pair_logps",
+            lambda real: _raise,
+        ),  # paired data: one row per pair
         "checkpoint save": ("sacpo.train.checkpoint._write_json", lambda real: _raise),
         "final model save": (
             PreTrainedModel,
