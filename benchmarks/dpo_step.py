@@ -70,7 +70,7 @@ def sacpo_config(spec: dict[str, Any], out: Path, reference: str | None = None):
 
 class LiveReference:
     """Stands in for the cached (N, 2) reference tensor: indexing selects pairs, `.to(device)` runs the reference
-    model on them (chosen and rejected in one padded batch, as the policy's forward does)."""
+    model on them (one batch, computed the way the policy's forward is: one row per pair where prompts are shared)."""
 
     def __init__(
         self, model: Any, pairs: list, pad_id: int, chunk: int, average: bool, idx: list[int] | None = None
@@ -88,16 +88,21 @@ class LiveReference:
         return len(self.idx)
 
     def to(self, device: Any):
-        import torch
+        from sacpo.train.ref_cache import compute_ref_logps
 
-        from sacpo.data.tokenize import pad_sequences
-        from sacpo.models.logprobs import sequence_logps
-
-        seqs = [self.pairs[i][0] for i in self.idx] + [self.pairs[i][1] for i in self.idx]
-        batch = {k: v.to(device) for k, v in pad_sequences(seqs, self.pad_id).items()}
-        with torch.no_grad():
-            logps = sequence_logps(self.model, batch, self.chunk, self.average)  # (2b,)
-        return logps.view(2, -1).T.contiguous()  # (b, 2)
+        pairs = [
+            self.pairs[i] for i in self.idx
+        ]  # one batch, computed as the policy's forward is (shared prompt)
+        return compute_ref_logps(
+            self.model,
+            pairs,
+            self.pad_id,
+            2 * len(pairs),
+            self.chunk,
+            self.average,
+            device,
+            show_progress=False,
+        ).to(device)  # (b, 2)
 
 
 def _patch_live_reference() -> None:

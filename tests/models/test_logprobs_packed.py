@@ -114,3 +114,25 @@ def test_the_probe_accepts_sdpa_and_eager_and_refuses_a_model_that_ignores_posit
     unknown = _llama(300)
     unknown.config._attn_implementation = "flash_attention_2"
     assert not supports_packed_pairs(unknown)
+
+
+def test_the_reference_pass_packs_pairs_that_share_a_prompt_and_pads_the_others(monkeypatch):
+    from sacpo.models import logprobs
+    from sacpo.train import ref_cache
+
+    model = _llama(300)
+    pairs = _pairs(300)
+    calls = []
+    real = logprobs.packed_pair_logps
+    monkeypatch.setattr(ref_cache, "packed_pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    padded = ref_cache.compute_ref_logps(model, pairs, 0, batch_size=4, show_progress=False, share_prompt=False)
+    assert not calls
+    packed = ref_cache.compute_ref_logps(model, pairs, 0, batch_size=4, show_progress=False)
+    assert len(calls) == 2  # 3 pairs, 2 per batch
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert padded.shape == (3, 2)
+    # one pair without a shared prompt: the whole pass takes padded rows
+    odd = [*pairs, (Encoded((1, 2, 3), 2), Encoded((4, 5, 6), 2))]
+    mixed = ref_cache.compute_ref_logps(model, odd, 0, batch_size=4, show_progress=False)
+    assert len(calls) == 2
+    torch.testing.assert_close(mixed[:3], padded)

@@ -420,6 +420,7 @@ def train(
         "chunk_size": cfg.logprob_chunk,
         "device": acc.device,
         "trust_remote_code": cfg.trust_remote_code,
+        "share_prompt": cfg.share_prompt,
     }
     # the policy before its first update is the reference when none is given: built first, it also serves the
     # reference pass (one model load, not two). A separate reference is loaded, used and freed before the policy

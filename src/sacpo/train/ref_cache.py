@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sacpo.data.tokenize import Encoded, pad_sequences
+from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
 from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model
-from sacpo.models.logprobs import sequence_logps
+from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
 
 log = logging.getLogger("sacpo.train")
 
@@ -104,8 +104,24 @@ def compute_ref_logps(
     average: bool = False,
     device: torch.device | str = "cpu",
     show_progress: bool = True,
+    share_prompt: bool = True,
 ) -> torch.Tensor:
-    """log π_ref of both sequences of every pair, batched by length to limit padding. Returns (N, 2)."""
+    """log π_ref of both sequences of every pair, batched by length to limit padding. Returns (N, 2).
+
+    share_prompt: when every pair shares its prompt and the model allows it (`supports_packed_pairs`), each pair is
+    one row prompt + a + b (`pack_pairs`), batch_size/2 pairs per batch — the computation the training step uses.
+    """
+    if share_prompt and all(shares_prompt(a, b) for a, b in pairs) and supports_packed_pairs(model):
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0].input_ids) + pairs[i][1].response_len)
+        out = torch.empty(len(pairs), 2, dtype=torch.float32)
+        per_batch = max(1, batch_size // 2)
+        for start in tqdm(
+            range(0, len(order), per_batch), desc="reference pass", disable=not show_progress, leave=False
+        ):
+            idx = order[start : start + per_batch]
+            packed = {k: v.to(device) for k, v in pack_pairs([pairs[i] for i in idx], pad_id).items()}
+            out[idx] = packed_pair_logps(model, packed, chunk_size, average).float().cpu().view(2, -1).T
+        return out
     seqs = [e for pair in pairs for e in pair]  # 2N sequences: (a0, b0, a1, b1, …)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
     out = torch.empty(len(seqs), dtype=torch.float32)
@@ -131,6 +147,7 @@ def reference_logps(
     trust_remote_code: bool = False,
     show_progress: bool = True,
     model: Any | None = None,
+    share_prompt: bool = True,
 ) -> RefLogps:
     """Reference log-probs from the cache, or computed once and cached.
 
@@ -149,7 +166,15 @@ def reference_logps(
     was_training = model.training
     model = model.to(device).eval()
     logps = compute_ref_logps(
-        model, pairs, tokenizer.pad_token_id, batch_size, chunk_size, average, device, show_progress
+        model,
+        pairs,
+        tokenizer.pad_token_id,
+        batch_size,
+        chunk_size,
+        average,
+        device,
+        show_progress,
+        share_prompt,
     )
     model.train(was_training)
     del model
