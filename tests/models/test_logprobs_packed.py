@@ -125,7 +125,9 @@ def test_the_reference_pass_packs_pairs_that_share_a_prompt_and_pads_the_others(
     calls = []
     real = logprobs.packed_pair_logps
     monkeypatch.setattr(ref_cache, "packed_pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    padded = ref_cache.compute_ref_logps(model, pairs, 0, batch_size=4, show_progress=False, share_prompt=False)
+    padded = ref_cache.compute_ref_logps(
+        model, pairs, 0, batch_size=4, show_progress=False, share_prompt=False
+    )
     assert not calls
     packed = ref_cache.compute_ref_logps(model, pairs, 0, batch_size=4, show_progress=False)
     assert len(calls) == 2  # 3 pairs, 2 per batch
