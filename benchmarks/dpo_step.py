@@ -134,12 +134,17 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
     elif spec["ref"] != "cached":
         raise ValueError(f"sacpo reference mode must be cached or live, got {spec['ref']!r}")
     with StepClock() as clock:
-        loop.train(cfg, show_progress=False)
+        trained = loop.train(cfg, show_progress=False)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     optimizer = f"torch.optim.AdamW fused={cfg.fused_adamw} (sacpo loop)"
-    return {"clock": clock.times, "rss_steps": clock.rss, "optimizer": optimizer}
+    return {
+        "clock": clock.times,
+        "rss_steps": clock.rss,
+        "optimizer": optimizer,
+        "shared_prompt_rows": trained.shared_prompt_rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- TRL
@@ -274,19 +279,27 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_tokens(spec: dict[str, Any]) -> dict[str, list[int]]:
-    """Real (non-pad) and padded tokens of each optimizer step, from sacpo's encoding of the same batches."""
+    """Tokens of each optimizer step, from sacpo's encoding of the same batches.
+
+    tokens: real (non-pad) tokens of the two sequences of every pair, the work both tools deliver (throughput
+    counts these); padded_tokens: the padded two-rows-per-pair batch; shared_tokens: real tokens with each pair's
+    prompt counted once, what shared-prompt rows run through the model (MFU counts these when they are used).
+    """
+    from sacpo.data.tokenize import shares_prompt
     from sacpo.models.load import load_tokenizer
     from sacpo.train import loop
 
     cfg = sacpo_config(spec, Path(spec["work"]) / "runs" / "tokens")
     pairs, _ = loop._prepare_data(cfg, load_tokenizer(cfg.policy))
-    real, padded = [], []
+    real, padded, shared = [], [], []
     for batch in loop.batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)[: cfg.max_steps]:
         seqs = [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch]
         lengths = [len(s.input_ids) for s in seqs]
         real.append(sum(lengths))
         padded.append(len(seqs) * max(lengths))
-    return {"tokens": real, "padded_tokens": padded}
+        packable = all(shares_prompt(*pairs[i]) for i in batch)  # else the step pads this batch
+        shared.append(sum(lengths) - (sum(pairs[i][0].prompt_len for i in batch) if packable else 0))
+    return {"tokens": real, "padded_tokens": padded, "shared_tokens": shared}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

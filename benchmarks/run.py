@@ -193,11 +193,17 @@ def step_throughput(result: dict[str, Any], warmup: int) -> dict[str, float] | N
     intervals = [b - a for a, b in itertools.pairwise(clock)][warmup:]
     tokens = result["tokens"][1 + warmup :][: len(intervals)]
     padded = result["padded_tokens"][1 + warmup :][: len(intervals)]
+    # tokens through the model: each pair's prompt once where sacpo ran shared-prompt rows (older results lack it)
+    computed = result["shared_tokens"] if result.get("shared_prompt_rows") else result["tokens"]
+    computed = computed[1 + warmup :][: len(intervals)]
     # median of the per-step rates: robust to a step stalled by another process on a shared machine
     return {
         "tokens_per_s": statistics.median(t / dt for t, dt in zip(tokens, intervals, strict=True)),
+        "model_tokens_per_s": statistics.median(t / dt for t, dt in zip(computed, intervals, strict=True)),
+        "shared_prompt_rows": bool(result.get("shared_prompt_rows")),
         "s_per_step": statistics.median(intervals),
         "tokens_per_step": statistics.mean(tokens),
+        "model_tokens_per_step": statistics.mean(computed),
         "pad_fraction": 1 - sum(tokens) / sum(padded),
         "rss_mb": result["rss_steps"][-1],
     }
@@ -358,6 +364,12 @@ def report_steps(
             f"Real tokens per step {any_ok['tokens_per_step']:.0f} (padding {100 * any_ok['pad_fraction']:.0f}% of the "
             "padded batch); tokens/s counts real tokens."
         )
+    shared = next((x for v in per.values() for x in v if x and x["shared_prompt_rows"]), None)
+    if shared:
+        lines[-1] += (
+            f" sacpo ran shared-prompt rows (each pair's prompt once): T′ = {shared['model_tokens_per_step']:.0f} "
+            "tokens per step through the model, which its MFU counts (P·T′)."
+        )
     lines += ["", "| variant | tokens/s | s/step | peak RSS (MB) | MFU |", "|---|---|---|---|---|"]
     p = n_params.get(cfg["model"])
     mfu_rows = {}
@@ -365,11 +377,13 @@ def report_steps(
         tps = summary([v["tokens_per_s"] for v in vals if v])
         rss = summary([v["rss_mb"] for v in vals if v])
         sps = summary([v["s_per_step"] for v in vals if v])
+        mtps = summary([v["model_tokens_per_s"] for v in vals if v])
         mfu = "n/a"
-        if tps and p and peak_flops and not cfg["lora"]:
+        if mtps and p and peak_flops and not cfg["lora"]:
             factor = 8 if key.endswith("/live") else 6
-            mfu_val = factor * p * tps[0] / peak_flops
-            mfu = f"{100 * mfu_val:.1f}% ({factor}·P·T)"
+            mfu_val = factor * p * mtps[0] / peak_flops
+            shared = any(v["shared_prompt_rows"] for v in vals if v)
+            mfu = f"{100 * mfu_val:.1f}% ({factor}·P·T{'′' if shared else ''})"
             mfu_rows[key] = mfu_val
         err = f" (errors: {errors[key]})" if key in errors else ""
         lines.append(f"| {key}{err} | {fmt(tps, 0)} | {fmt(sps, 3)} | {fmt(rss, 0)} | {mfu} |")
@@ -658,7 +672,8 @@ def write_report(results: dict[str, Any], path: Path) -> dict[str, Any]:
             "",
             f"Peak measured: {peak / 1e9:.1f} GFLOP/s with {hw['threads']} threads. MFU of the DPO step = "
             "FLOPs/step ÷ step time ÷ peak, FLOPs/step ≈ 6·P·T for the policy (+ 2·P·T for a live reference; the "
-            "cached reference adds none), T = real tokens, P = parameters: "
+            "cached reference adds none), T = real tokens run through the model (T′ for shared-prompt rows: each "
+            "pair's prompt once), P = parameters: "
             + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in n_params.items())
             + ".",
             "",

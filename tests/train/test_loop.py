@@ -223,7 +223,8 @@ def test_shared_prompt_rows_train_like_two_padded_rows(tiny_model, pku_tiny, tmp
     for share in (True, False):
         out = tmp_path / f"share-{share}"
         cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=3, log_every=1, kl_prompts=0, share_prompt=share)
-        train(cfg, show_progress=False)
+        result = train(cfg, show_progress=False)
+        assert result.shared_prompt_rows is share  # reported to the caller (and in summary.json)
         runs[share] = (read_metrics(out), load_file(out / "model" / "model.safetensors"), len(calls))
     (m_on, w_on, n_on), (m_off, w_off, n_off) = runs[True], runs[False]
     assert n_on >= 3 and n_off == n_on  # every step of the first run packed, none of the second

@@ -55,6 +55,7 @@ class TrainResult:
     steps: int
     reference_pass: str  # "computed" or "cached"
     final_metrics: dict[str, float]
+    shared_prompt_rows: bool = False  # paired batches ran as prompt + chosen + rejected rows (share_prompt)
 
 
 @dataclass(frozen=True)
@@ -551,6 +552,7 @@ def train(
         "reference_cache": str(ref.path),
         "seconds": round(time.time() - started, 2),
         "num_processes": acc.num_processes,
+        "shared_prompt_rows": bool(stepper.share),
         "final": last,
     }
     if acc.is_main_process:
@@ -558,7 +560,7 @@ def train(
     acc.wait_for_everyone()
     if workspace is not None:
         workspace.keep(acc.unwrap_model(model, keep_fp32_wrapper=False), raw_optimizer)
-    return TrainResult(out, model_dir, step, summary["reference_pass"], last)
+    return TrainResult(out, model_dir, step, summary["reference_pass"], last, summary["shared_prompt_rows"])
 
 
 def is_done(output_dir: str | Path) -> bool:
