@@ -10,7 +10,9 @@ sacpo: `run_pipeline` with stages [helpful β, safe λ=[...]]; the finished help
 branches share one reference pass through the cache and one built policy (`reuse_policy`, the default: the first
 branch builds it and runs the reference pass with it, the next ones restore the parent's weights in place).
 TRL: for each λ, a fresh `DPOTrainer` with the helpful model as policy and (its default) a live reference copy
-loaded from the same directory.
+loaded from the same directory. With `malloc_tuning: true` the TRL child first applies sacpo's glibc malloc
+thresholds (`sacpo.train.allocator.tune_malloc`, what sacpo's `train()` does on CPU): a like-for-like allocator
+arm, so the report can show how much of the gap is that process setting.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    if spec.get("malloc_tuning"):
+        from sacpo.train.allocator import tune_malloc
+
+        if not tune_malloc():
+            raise RuntimeError("malloc_tuning requested but this C library is not glibc")
     policy = spec["helpful_model"]
     out = Path(spec["work"]) / "sweep" / spec["model"] / "trl"
     shutil.rmtree(out, ignore_errors=True)
