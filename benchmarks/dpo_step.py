@@ -15,6 +15,8 @@ Reference (`ref`):
                      (no_grad, `sequence_logps`) on each micro-batch: what the loop would cost without the cache
   trl live         — TRL's default: a reference model copy (full) or the adapter-disabled policy (LoRA) per step
   trl precompute   — `precompute_ref_log_probs=True`: one reference pass before training, kept in the dataset
+  trl live+malloc  — TRL live after `sacpo.train.allocator.tune_malloc()` (the glibc malloc thresholds sacpo's
+                     `train()` sets on CPU): like for like on the allocator
 
 `--spec '{"mode": "parity", ...}'` instead computes the first batch's loss with sacpo's `Stepper` and TRL's
 `compute_loss` (reference = a perturbed copy of the policy, so the loss is not trivially log 2), checks the token ids
@@ -202,8 +204,13 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    if spec["ref"] not in ("live", "precompute"):
-        raise ValueError(f"TRL reference mode must be live or precompute, got {spec['ref']!r}")
+    if spec["ref"] not in ("live", "precompute", "live+malloc"):
+        raise ValueError(f"TRL reference mode must be live, precompute or live+malloc, got {spec['ref']!r}")
+    if spec["ref"] == "live+malloc":  # like for like on the allocator: what sacpo's train() applies on CPU
+        from sacpo.train.allocator import tune_malloc
+
+        if not tune_malloc():
+            raise RuntimeError("live+malloc needs glibc (mallopt)")
     out = Path(spec["work"]) / "runs" / f"trl-{spec['tag']}-{os.getpid()}"
     trainer = trl_trainer(spec, out)
     opt = None

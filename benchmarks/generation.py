@@ -87,11 +87,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     sample(model, prompts[:2], eos, pad, n=2, max_new_tokens=4, batch_size=2)
     sample(model, prompts[:1], eos, pad, n=2, max_new_tokens=4, batch_size=1)
     hf_generate(model, prompts[:2], eos, pad, n=2, max_new_tokens=4)
+    min_seconds = spec.get("min_seconds", 1.0)
     for rep in range(spec["reps"]):
         names = list(arms) if rep % 2 == 0 else list(arms)[::-1]  # the three arms alternate
         for name in names:
-            seconds, seqs = _timed(arms[name], seed=rep)
-            row = {"seconds": seconds, "tokens": _new_tokens(seqs), "sequences": len(seqs)}
+            # one timed sample = as many whole calls as fill min_seconds (a tiny model's call takes ~0.1 s, where
+            # one scheduler hiccup would decide the ratio); seeds differ per call
+            row = {"seconds": 0.0, "tokens": 0, "sequences": 0, "calls": 0}
+            while row["calls"] == 0 or row["seconds"] < min_seconds:
+                seconds, seqs = _timed(arms[name], seed=1000 * rep + row["calls"])
+                row["seconds"] += seconds
+                row["tokens"] += _new_tokens(seqs)
+                row["sequences"] += len(seqs)
+                row["calls"] += 1
             result["bon"][name].append(row)
     if spec.get("cd", True):
         result["cd"] = controlled(spec, model, tokenizer, prompts)
