@@ -89,7 +89,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     hf_generate(model, prompts[:2], eos, pad, n=2, max_new_tokens=4)
     min_seconds = spec.get("min_seconds", 1.0)
     for rep in range(spec["reps"]):
-        names = list(arms) if rep % 2 == 0 else list(arms)[::-1]  # the three arms alternate
+        names = list(arms) if rep < spec.get("hf_reps", spec["reps"]) else ["batched", "loop"]
+        names = names if rep % 2 == 0 else names[::-1]  # the arms alternate
         for name in names:
             # one timed sample = as many whole calls as fill min_seconds (a tiny model's call takes ~0.1 s, where
             # one scheduler hiccup would decide the ratio); seeds differ per call
