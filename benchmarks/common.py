@@ -63,7 +63,18 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def max_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
+    """Peak resident set size of this process so far, in MB.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this process's own address space. Not ru_maxrss:
+    Linux carries that across fork and exec, so a child of a parent that once held 1.5 GB (the runner converting
+    SmolLM2 on a fresh machine) would report at least 1.5 GB whatever it did itself. Elsewhere ru_maxrss.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 

@@ -668,7 +668,8 @@ def write_report(results: dict[str, Any], path: Path) -> dict[str, Any]:
         f"{info['peft']}, accelerate {info['accelerate']}. Load average at the start: {info['load_average']}.",
         "",
         "Numbers are median [min, max] over repetitions; ratios are taken within each repetition, then summarised. "
-        "Each configuration runs in its own child process (peak RSS = ru_maxrss of that child at the end of its last "
+        "Each configuration runs in its own child process (peak RSS = VmHWM, the high-water mark of that child's own "
+        "memory, at the end of its last "
         "training step, before any final save; it includes the interpreter and imported libraries).",
         *(
             [
