@@ -62,6 +62,15 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+def match_sacpo_allocator() -> None:
+    """Apply in this (TRL) process the glibc malloc thresholds sacpo's `train()` sets on CPU
+    (`sacpo.train.allocator.tune_malloc`): the like-for-like allocator arms of the step and sweep benchmarks."""
+    from sacpo.train.allocator import tune_malloc
+
+    if not tune_malloc():
+        raise RuntimeError("the like-for-like allocator arm needs glibc (mallopt)")
+
+
 def max_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB.
 

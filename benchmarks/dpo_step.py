@@ -29,7 +29,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRL_ARGS, StepClock, child_main, paired_rows, trl_dataset
+from benchmarks.common import (
+    TRL_ARGS,
+    StepClock,
+    child_main,
+    match_sacpo_allocator,
+    paired_rows,
+    trl_dataset,
+)
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
 
@@ -206,11 +213,8 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["ref"] not in ("live", "precompute", "live+malloc"):
         raise ValueError(f"TRL reference mode must be live, precompute or live+malloc, got {spec['ref']!r}")
-    if spec["ref"] == "live+malloc":  # like for like on the allocator: what sacpo's train() applies on CPU
-        from sacpo.train.allocator import tune_malloc
-
-        if not tune_malloc():
-            raise RuntimeError("live+malloc needs glibc (mallopt)")
+    if spec["ref"] == "live+malloc":
+        match_sacpo_allocator()
     out = Path(spec["work"]) / "runs" / f"trl-{spec['tag']}-{os.getpid()}"
     trainer = trl_trainer(spec, out)
     opt = None

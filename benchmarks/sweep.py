@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import TRL_ARGS, child_main, paired_rows, trl_dataset
+from benchmarks.common import TRL_ARGS, child_main, match_sacpo_allocator, paired_rows, trl_dataset
 
 
 def preload(side: str) -> dict[str, float]:
@@ -121,10 +121,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     if spec.get("malloc_tuning"):
-        from sacpo.train.allocator import tune_malloc
-
-        if not tune_malloc():
-            raise RuntimeError("malloc_tuning requested but this C library is not glibc")
+        match_sacpo_allocator()
     policy = spec["helpful_model"]
     out = Path(spec["work"]) / "sweep" / spec["model"] / "trl"
     shutil.rmtree(out, ignore_errors=True)
