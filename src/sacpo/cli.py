@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_libraries()
+    import sacpo.worlds.toyworld  # noqa: F401  (registers the toyworld's gold oracles in sacpo.scoring)
+
     try:
         args.func(args)
     except _user_errors() as e:

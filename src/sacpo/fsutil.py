@@ -40,3 +40,20 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically and durably: temp file in the same directory, fsync, rename, fsync parent.
+
+    Readers see the old file or the new one, never a partial write; the file gets normal permissions (umask).
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    fsync_dir(p.parent)
+    return p

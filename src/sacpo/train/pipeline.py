@@ -23,6 +23,7 @@ from sacpo.models.resolve import resolve_policy
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
+from sacpo.train.onpolicy import LABEL_FIELDS, OnPolicyConfig, generate_preferences
 from sacpo.train.workspace import SweepWorkspace
 
 log = logging.getLogger("sacpo.pipeline")
@@ -41,6 +42,11 @@ class StageConfig:
     )
     start_from: str | None = help_field(None, help="'sft' or a stage name; default: the previous stage")
     overrides: dict[str, Any] = help_field({}, help="TrainConfig fields for this stage only")
+    on_policy: OnPolicyConfig | None = help_field(
+        None,
+        help="regenerate this stage's pairs from its own reference (parent) policy on the prompts of `data`, "
+        "labelled by a named judge (sacpo.train.onpolicy); None: train on `data` as given",
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Branch:
     beta: float | None
     model_dir: Path
     train: TrainConfig | None  # None for the SFT policy
+    stage_cfg: StageConfig | None = None  # None for the SFT policy
 
 
 def _values(x: float | list[float] | None) -> list[float] | None:
@@ -118,10 +125,19 @@ def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
                 if len(values) > 1:
                     name += f"-{sweep_key}{v:g}"
                 fields = deep_update(cfg.defaults, stage.overrides)
+                data = dict(stage.data.__dict__)
+                if stage.on_policy is not None:
+                    if stage.data.format not in LABEL_FIELDS:
+                        raise ConfigError(
+                            f"stage {stage.name!r}: on_policy needs a PKU data.format {sorted(LABEL_FIELDS)}, "
+                            f"got {stage.data.format!r}"
+                        )
+                    data.update(source=str(onpolicy_dir(out, stage.name, pb.name) / "preferences.jsonl"))
+                    data.update(split="train", max_rows=None)
                 fields.update(
                     policy=str(pb.model_dir),
                     reference=None,
-                    data=stage.data.__dict__,
+                    data=data,
                     loss=stage.loss,
                     output_dir=str(out / "stages" / name),
                     cache_dir=str(out / ".ref_cache"),
@@ -134,11 +150,34 @@ def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
                     msg = str(e)
                     raise ConfigError(msg if msg.startswith("stage ") else f"stage {name}: {msg}") from None
                 new.append(
-                    Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg)
+                    Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg, stage)
                 )
         branches[stage.name] = new
         previous = stage.name
     return branches
+
+
+def onpolicy_dir(out: Path, stage: str, parent: str) -> Path:
+    """Where a stage's on-policy pairs from one parent live (shared by the branches of a sweep)."""
+    return out / "onpolicy" / stage / parent
+
+
+def _make_onpolicy_data(br: Branch, parent: Branch, out: Path) -> None:
+    """Sample and label the branch's pairs from its parent policy (reused when the parent is unchanged)."""
+    from sacpo.data.loaders import load_rows
+    from sacpo.data.prompts import prompt_from_json
+
+    stage = br.stage_cfg
+    rows = load_rows(stage.data.source, stage.data.split, stage.data.max_rows)
+    prompts = [prompt_from_json(r["prompt"]) for r in rows if "prompt" in r]
+    generate_preferences(
+        parent.model_dir,
+        prompts,
+        stage.data.format,
+        stage.on_policy,
+        onpolicy_dir(out, stage.name, parent.name),
+        max_prompt_length=br.train.max_prompt_length,
+    )
 
 
 def _find(branches: dict[str, list[Branch]], ref: str) -> list[Branch]:
@@ -202,6 +241,8 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
                 summary = json.loads((run_dir / "summary.json").read_text())
             else:
                 log.info("stage %s (%s): %s β=%g from %s", br.name, reason, br.train.loss, br.beta, br.parent)
+                if br.stage_cfg.on_policy is not None:
+                    _make_onpolicy_data(br, by_name[br.parent], out)
                 # siblings (same stage and parent) still to train after this one share the loaded policy
                 later = [b for b in stage_branches[stage_branches.index(br) + 1 :] if b.parent == br.parent]
                 reuse = cfg.reuse_policy and (workspace.holds_policy or bool(later))
