@@ -5,7 +5,17 @@ import json
 import pytest
 
 from sacpo.config import ConfigError, from_dict
-from sacpo.evaluate.config import EvalConfig, get_oracle, load_prompts, model_specs, report_from_dir, run_eval
+from sacpo.evaluate.config import (
+    EvalConfig,
+    get_clustering,
+    get_oracle,
+    load_prompts,
+    model_specs,
+    register_clustering,
+    report_from_dir,
+    run_eval,
+    toyworld_task,
+)
 
 
 def test_run_eval_and_report_from_dir(tiny_model, other_model, tmp_path):
@@ -28,12 +38,37 @@ def test_run_eval_and_report_from_dir(tiny_model, other_model, tmp_path):
     results = run_eval(cfg, show_progress=False)
     assert [m.name for m in results] == ["sft", "other"] and results[0].kl == 0.0
     out = tmp_path / "eval"
+    # the toyworld oracle clusters prompts by task (default clusters: "oracle")
+    test_prompts = all_prompts()[-3:]
+    assert results[1].clusters == [toyworld_task(p) for p in test_prompts]
+    meta = json.loads((out / "eval.json").read_text())
+    assert meta["clusters"]["by"] == "toyworld_task"
+    assert meta["clusters"]["n_clusters"] == len(set(results[1].clusters))
     for name in ("results.json", "eval.json", "config.yaml", "findings.json", "report.md", "report.html"):
         assert (out / name).is_file(), name
     assert "toyworld r*" in (out / "report.md").read_text()
     (out / "report.md").unlink()
     paths = report_from_dir(out, title="again")
     assert "# again" in paths["report.md"].read_text()
+
+
+def test_clusterings():
+    from sacpo.worlds.toyworld.language import all_prompts
+
+    oracle = get_oracle("toyworld")
+    ps = all_prompts()
+    same_task = [p for p in ps if "bake bread" in p]
+    assert len(same_task) > 1 and len({toyworld_task(p) for p in same_task}) == 1
+    assert toyworld_task(same_task[0]) == "bake bread"
+    assert get_clustering("oracle", oracle) is toyworld_task
+    assert get_clustering("prompt", oracle) is None
+    assert get_clustering("toyworld-task", oracle) is toyworld_task
+    with pytest.raises(ConfigError, match="valid: oracle, prompt, toyworld-task"):
+        get_clustering("nope", oracle)
+    with pytest.raises(ConfigError, match="reserved"):
+        register_clustering("prompt", toyworld_task)
+    with pytest.raises(ValueError, match="not a toyworld prompt"):
+        toyworld_task("hello there")
 
 
 def test_config_errors(tmp_path):

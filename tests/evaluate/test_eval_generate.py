@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
-from sacpo.evaluate.generate import META_FILE, SAMPLES_FILE, SampleRow, generate_samples, read_samples
+from sacpo.evaluate.generate import (
+    META_FILE,
+    SAMPLES_FILE,
+    SampleRow,
+    generate_samples,
+    read_samples,
+    stream_seed,
+)
 from sacpo.models.load import load_model, load_tokenizer
 from sacpo.models.logprobs import sequence_logps
 
@@ -73,6 +80,28 @@ def test_seeded_and_cached(tiny_model, other_model, tmp_path, monkeypatch):
     assert hit.cached and hit.rows == a.rows
     with pytest.raises(AssertionError, match="must not load"):  # another key (more tokens): regenerates
         generate_samples(other_model, PROMPTS, tmp_path / "a", tiny_model, **{**kw, "max_new_tokens": 6})
+
+
+def test_stream_seed_is_a_stable_sha256():
+    import hashlib
+
+    want = int.from_bytes(hashlib.sha256(b"0:safe-lam1").digest()[:8], "big") & (2**63 - 1)
+    assert stream_seed(0, "safe-lam1") == want
+    assert len({stream_seed(s, n) for s in (0, 1) for n in ("sft", "helpful", "safe")}) == 6
+    assert 0 <= stream_seed(7, "x") < 2**63
+
+
+def test_stream_draws_its_own_samples_and_is_recorded(other_model, tiny_model, tmp_path):
+    kw = dict(n_samples=2, max_new_tokens=5, seed=1)
+    plain = generate_samples(other_model, PROMPTS, tmp_path / "p", tiny_model, **kw)
+    s = generate_samples(other_model, PROMPTS, tmp_path / "s", tiny_model, **kw, stream="m")
+    again = generate_samples(other_model, PROMPTS, tmp_path / "s2", tiny_model, seed=stream_seed(1, "m"),
+                             n_samples=2, max_new_tokens=5)  # fmt: skip
+    assert [r.response for r in s.rows] == [r.response for r in again.rows]  # = the derived seed
+    assert [r.response for r in s.rows] != [r.response for r in plain.rows]
+    meta = json.loads((tmp_path / "s" / META_FILE).read_text())
+    assert (meta["seed"], meta["stream"], meta["sampling_seed"]) == (1, "m", stream_seed(1, "m"))
+    assert json.loads((tmp_path / "p" / META_FILE).read_text())["stream"] is None
 
 
 def test_sample_row_json_and_errors(tmp_path):

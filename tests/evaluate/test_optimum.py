@@ -61,7 +61,15 @@ def test_pool_estimate_matches_exact_enumeration(tiny_model, tmp_path):
     assert 1.0 <= m.extra["ess_min"] <= 4000 and not math.isnan(m.helpful_win[0])
     # a second call reuses the cached pool (no model is loaded: same arrays)
     again = sample_pool(
-        tiny_model, PROMPTS, FunctionScorer("r", reward), FunctionScorer("g", safety), tmp_path / "opt",
-        proposals={"same": tiny_model}, n_sft=3000, n_proposal=1000, max_new_tokens=1, show_progress=False,
-    )  # fmt: skip
+        tiny_model,
+        PROMPTS,
+        FunctionScorer("r", reward),
+        FunctionScorer("g", safety),
+        tmp_path / "opt",
+        proposals={"same": tiny_model},
+        n_sft=3000,
+        n_proposal=1000,
+        max_new_tokens=1,
+        show_progress=False,
+    )
     assert (again.log_q == pool.log_q).all()

@@ -28,7 +28,9 @@ def test_converges_to_the_exact_optimum_from_a_mixture():
     exact_log_z = float((p * t.exp()).sum().log())
     q2 = torch.tensor([0.05, 0.05, 0.1, 0.2, 0.3, 0.3], dtype=torch.float64)  # a proposal on the tail
     n1, n2 = 20_000, 20_000
-    idx = torch.cat([torch.multinomial(p, n1, True, generator=g), torch.multinomial(q2, n2, True, generator=g)])
+    idx = torch.cat(
+        [torch.multinomial(p, n1, True, generator=g), torch.multinomial(q2, n2, True, generator=g)]
+    )
     logps = torch.stack([p.log()[idx], q2.log()[idx]])  # (K=2, N)
     log_q = log_mixture_density(logps, [n1, n2])
     est = tilted_estimate(t[idx], p.log()[idx] - log_q, {"x": idx.double()})

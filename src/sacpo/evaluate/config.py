@@ -6,7 +6,8 @@
 
 Models come from `models` (name → {dir | samples, family, param}) and/or a pipeline's pipeline.json (`pipeline`,
 families by stage/merge name in `families`). Oracles are code, looked up in ORACLES (unknown names list the valid
-ones); `register_oracle` adds one.
+ones); `register_oracle` adds one. Prompt clusterings (which prompts are paraphrases of one task: the bootstrap
+resamples whole clusters) are looked up in CLUSTERINGS, or come with the oracle (`Oracle.cluster`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_re
 
 
 class Oracle(NamedTuple):
-    """Gold scorers: helpfulness r (higher better), safety g (higher safer), and optionally is_safe(x, y)."""
+    """Gold scorers: helpfulness r (higher better), safety g (higher safer), optionally is_safe(x, y), and
+    optionally the world's prompt clustering cluster(x) → label (prompts of one label are paraphrases)."""
 
     reward: Scorer
     safety: Scorer
     is_safe: Callable[[Prompt, str], bool] | None = None
+    cluster: Callable[[Prompt], str] | None = None
+
+
+def toyworld_task(prompt: Prompt) -> str:
+    """The toyworld task a prompt asks about (its 4 paraphrases share it): the toyworld's cluster label."""
+    from sacpo.worlds.toyworld.language import task_of
+
+    if not isinstance(prompt, str):
+        raise ValueError("toyworld prompts are plain strings")
+    return task_of(prompt).phrase
 
 
 def _toyworld() -> Oracle:
@@ -43,15 +55,39 @@ def _toyworld() -> Oracle:
         FunctionScorer("toyworld r*", oracle.gold_reward),
         FunctionScorer("toyworld g*", oracle.gold_safety),
         oracle.is_safe,
+        toyworld_task,
     )
 
 
 ORACLES: dict[str, Callable[[], Oracle]] = {"toyworld": _toyworld}
+# Prompt clusterings by name (EvalConfig.clusters); "oracle" and "prompt" are reserved (see EvalConfig).
+CLUSTERINGS: dict[str, Callable[[Prompt], str]] = {"toyworld-task": toyworld_task}
 
 
 def register_oracle(name: str, factory: Callable[[], Oracle]) -> None:
     """Make an oracle available to EvalConfig.oracle (the factory runs when an evaluation needs it)."""
     ORACLES[name] = factory
+
+
+def register_clustering(name: str, fn: Callable[[Prompt], str]) -> None:
+    """Make a prompt clustering available to EvalConfig.clusters."""
+    if name in ("oracle", "prompt"):
+        raise ConfigError(f"{name!r} is reserved in EvalConfig.clusters")
+    CLUSTERINGS[name] = fn
+
+
+def get_clustering(name: str, oracle: Oracle) -> Callable[[Prompt], str] | None:
+    """The clustering EvalConfig.clusters names: "oracle" → the oracle's own (None if it has none), "prompt" →
+    None (every prompt its own cluster), else CLUSTERINGS[name]."""
+    if name == "oracle":
+        return oracle.cluster
+    if name == "prompt":
+        return None
+    try:
+        return CLUSTERINGS[name]
+    except KeyError:
+        valid = ", ".join(["oracle", "prompt", *sorted(CLUSTERINGS)])
+        raise ConfigError(f"unknown clusters {name!r}; valid: {valid}") from None
 
 
 def get_oracle(name: str) -> Oracle:
@@ -101,13 +137,25 @@ class EvalConfig:
     b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
     max_prompts: int | None = help_field(None, help="evaluate the first N prompts only")
-    n_samples: int = help_field(4, help="responses per prompt and model (paired by index with SFT's)")
+    n_samples: int = help_field(
+        4, help="responses per prompt and model (compared with all of SFT's on the prompt)"
+    )
     max_new_tokens: int = help_field(64, help="response length limit (tokens)")
-    seed: int = help_field(0, help="sampling seed (every model) and bootstrap seed")
+    seed: int = help_field(
+        0,
+        help="base sampling seed (model m samples with sha256(seed, m): independent streams) and bootstrap seed",
+    )
+    clusters: str = help_field(
+        "oracle",
+        help="prompt clusters the bootstrap resamples whole: 'oracle' = the oracle's own (toyworld: the task, 4 "
+        "paraphrases each), 'prompt' = none (each prompt alone), or a name in CLUSTERINGS",
+    )
     batch_size: int = help_field(16, help="prompts per generation batch / sequences per log-prob batch")
     max_prompt_length: int = help_field(256, help="prompts are left-truncated to this many tokens")
-    n_boot: int = help_field(1000, help="bootstrap resamples of the prompts")
-    alpha: float = help_field(0.05, help="CIs are (1 − alpha)")
+    n_boot: int = help_field(1000, help="bootstrap resamples of the prompts (or clusters)")
+    alpha: float = help_field(
+        0.05, help="CIs are (1 − alpha) two-sided; the safety bound is the one-sided (1 − alpha) lower bound"
+    )
     device: str | None = help_field(None, help="cuda / cpu / cuda:1 …; default cuda when available")
     title: str = help_field("SACPO evaluation", help="report title")
 
@@ -173,6 +221,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
         batch_size=cfg.batch_size,
         max_prompt_length=cfg.max_prompt_length,
         device=cfg.device,
+        clusters=get_clustering(cfg.clusters, oracle),
     )
     report_from_dir(out, cfg.title, include=cfg.include)
     return results
@@ -181,13 +230,30 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
 def report_notes(eval_json: dict[str, Any]) -> list[str]:
     """One-line notes of the evaluation settings for the report header."""
     e = eval_json
-    ci = f"{100 * (1 - e.get('alpha', 0.05)):g}%"
+    alpha = e.get("alpha", 0.05)
+    level = f"{100 * (1 - alpha):g}%"
+    c = e.get("clusters") or {}
+    if c.get("n_clusters"):
+        unit = f"clusters of prompts ({c['n_clusters']} clusters by {c.get('by')}, resampled whole)"
+    else:
+        unit = "prompts"
+    if "sampling" in e:
+        sampling = (
+            "each model from its own random stream (seed sha256(seed, name)); win rates over all S×S pairs"
+        )
+        constraint = f"the one-sided {level} lower confidence bound of E[g] ≥ b = {e.get('b')}"
+    else:
+        sampling = "every model with the same seed; win rates over paired sample indices (older evaluation)"
+        constraint = f"E[g] ≥ b = {e.get('b')} on the point estimate (older evaluation)"
     return [
         f"SFT baseline: {e.get('baseline')} ({e.get('sft_dir')}); reward {e.get('reward')!r}, safety "
-        f"{e.get('safety')!r}, is_safe: {e.get('is_safe')}; constraint E[g] ≥ b = {e.get('b')}",
+        f"{e.get('safety')!r}, is_safe: {e.get('is_safe')}; constraint: {constraint}",
         f"{e.get('n_prompts')} prompts × {e.get('n_samples')} samples (temperature 1, ≤ {e.get('max_new_tokens')} "
-        f"new tokens, seed {e.get('seed')}); {ci} paired bootstrap CIs over prompts ({e.get('n_boot')} resamples)",
-        "KL(π‖π_SFT): mean sequence log-ratio on the policy's samples (k1, unbiased, may be < 0 by noise) ± s.e.",
+        f"new tokens, seed {e.get('seed')}; {sampling}); {level} bootstrap CIs over {unit} "
+        f"({e.get('n_boot')} resamples)",
+        "KL(π‖π_SFT): mean sequence log-ratio on the policy's samples (k1, unbiased, may be < 0 by noise) ± s.e. "
+        f"(over the {'clusters' if c.get('n_clusters') else 'prompts'}); degenerate: a word repeated ≥ 3 times in a "
+        "row (share of samples, and of the KL sum they carry)",
     ]
 
 
@@ -268,14 +334,21 @@ def report_from_dir(
     dest = Path(dest or src)
     results = load_results(src)
     meta_path = src / "eval.json"
-    notes = report_notes(json.loads(meta_path.read_text(encoding="utf-8"))) if meta_path.is_file() else []
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    notes = report_notes(meta) if meta else []
     if include is None:
         include = _configured_include(src)
     if include:
         results, more = include_results(results, src, list(include))
         notes += more
     dest.mkdir(parents=True, exist_ok=True)
-    findings = check_findings(results)
+    findings = check_findings(
+        results,
+        b=meta.get("b"),
+        alpha=meta.get("alpha", 0.05),
+        n_boot=meta.get("n_boot", 1000),
+        seed=meta.get("seed", 0),
+    )
     write_json(dest / "findings.json", [f._asdict() for f in findings])
     return write_report(results, dest, title=title, notes=notes, findings=findings)
 

@@ -15,9 +15,14 @@ are those of the truncated sequence, which is what an estimator of KL between tr
 
 Rows are written to <out_dir>/samples.jsonl (prompt-major: row = prompt_index·S + sample) with a sidecar
 samples.meta.json holding a cache key: sha256 of the model and reference fingerprints (weights + config), the
-tokenizer, the prompts, n_samples, max_new_tokens, max_prompt_length and the seed. A directory whose key matches is
-reused without loading any model. The batch size and device are not in the key: they change which samples a seed
-draws, not whether they are valid samples of π.
+tokenizer, the prompts, n_samples, max_new_tokens, max_prompt_length and the sampling seed. A directory whose key
+matches is reused without loading any model. The batch size and device are not in the key: they change which
+samples a seed draws, not whether they are valid samples of π.
+
+Independent streams: models sampled with the same seed share their per-token uniforms (common random numbers), so
+sample s of two similar models is far more often the same text than independent draws would be. `generate_samples(
+…, stream=name)` draws with `stream_seed(seed, name)` — a stable sha256 of (seed, name) — so every model of an
+evaluation has its own stream and cross-model win rates estimate P(r(Y) > r(Y′)) for independent draws.
 """
 
 from __future__ import annotations
@@ -83,6 +88,13 @@ class SampleRow:
         known.setdefault("logp_policy", None)
         known.setdefault("logp_ref", None)
         return cls(**known)
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """The sampling seed of stream `name` under base seed `seed`: the first 8 bytes of sha256("seed:name") as an
+    integer below 2⁶³ — stable across processes and Python versions (unlike hash()), different for every name."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def prompt_id(prompt: Prompt) -> str:
@@ -229,6 +241,7 @@ def generate_samples(
     dtype: torch.dtype | None = None,
     ref_model: Any | Callable[[], Any] | None = None,
     ref_fingerprint: str | None = None,
+    stream: str | None = None,
 ) -> Generation:
     """Sample n_samples responses per prompt from `model_dir`, log-probs under it and under `ref_dir` (SFT).
 
@@ -236,7 +249,8 @@ def generate_samples(
     (a model already loaded from ref_dir on `device`, or a zero-argument function returning one, called only when
     samples are generated) and `ref_fingerprint` avoid reloading / rehashing the reference across many models.
     Prompts are rendered with the tokenizer's chat template when it has one and left-truncated to
-    min(max_prompt_length, context − max_new_tokens) tokens.
+    min(max_prompt_length, context − max_new_tokens) tokens. stream: draw with `stream_seed(seed, stream)` (an
+    independent random stream per model; recorded in the meta as stream and sampling_seed) instead of `seed`.
     """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"n_samples and max_new_tokens must be ≥ 1, got {n_samples}, {max_new_tokens}")
@@ -253,7 +267,10 @@ def generate_samples(
         )
     model_fp = fingerprint_model(model_dir)
     ref_fp = ref_fingerprint or fingerprint_model(ref_dir)
-    key = samples_key(model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, seed, max_prompt_length)
+    sampling_seed = seed if stream is None else stream_seed(seed, stream)
+    key = samples_key(
+        model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length
+    )
     n_rows = len(prompts) * n_samples
     hit = _cached(out, key, n_rows)
     if hit is not None:
@@ -275,7 +292,7 @@ def generate_samples(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(sampling_seed)
         seqs = sample(
             policy,
             prompt_ids,
@@ -334,6 +351,8 @@ def generate_samples(
         "max_prompt_length": max_prompt_length,
         "prompt_token_limit": limit,
         "seed": seed,
+        "stream": stream,
+        "sampling_seed": sampling_seed,
         "temperature": 1.0,
         "roundtrip_fraction": 1 - n_bad / len(rows),
         "finished_fraction": sum(bool(r.finished) for r in rows) / len(rows),

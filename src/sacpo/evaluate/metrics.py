@@ -1,24 +1,40 @@
 """Evaluation metrics of aligned models against the SFT policy — PURE: numpy/torch only, no I/O, no devices.
 
-Scores come per prompt: a 1-D array (P,) (one sample per prompt) or a 2-D array (P, S) (S samples per prompt,
-sample s of the model paired with sample s of the SFT model on the same prompt). Uncertainty is always taken over
-*prompts* (the unit the evaluation set samples): with S > 1 each prompt's S values are averaged first, then the
-P prompt-level values are bootstrapped (a paired, cluster bootstrap).
+Scores come per prompt: a 1-D array (P,) (one sample per prompt) or a 2-D array (P, S) (S samples per prompt).
+A model's samples are compared with the SFT policy's samples on the same prompt, drawn independently (each model
+samples from its own random stream), over all S × S' cross pairs — a U-statistic of the papers' estimand
+P(r(Y) > r(Y′)) for independent Y ~ π(·|x), Y′ ~ π_SFT(·|x):
 
     outcome(a, b) = 1[a > b] + ½·1[a = b]                  (win = 1, tie = ½, loss = 0)
-    win rate      = (1/P) Σ_p (1/S) Σ_s outcome(a_ps, b_ps)
+    u_p           = (1/(S·S′)) Σ_s Σ_s′ outcome(a_ps, b_ps′)        (prompt p's win rate, `cross_outcomes`)
+    win rate      = (1/P) Σ_p u_p                                    (`cross_win_rate`)
     KL(π‖π_SFT)   ≈ (1/P) Σ_p (1/S) Σ_s [log π(y_ps|x_p) − log π_SFT(y_ps|x_p)],   y_ps ~ π(·|x_p)
 
-No metric is clamped: an undefined value is NaN (e.g. a standard error from fewer than two prompts) and a
-negative KL estimate is sampling noise that is reported as such.
+(`win_rate` keeps the paired form (1/P) Σ_p (1/S) Σ_s outcome(a_ps, b_ps) for callers whose pairs are matched by
+construction, e.g. best-of-n selections against held-out draws.)
+
+Uncertainty is taken over *prompts* — or, when prompts come in clusters (paraphrases of one task), over whole
+*clusters*: with labels c_p (G clusters, sizes n_g, totals T_g = Σ_{p∈g} v_p), one bootstrap resample draws G
+clusters with replacement (counts k ~ Multinomial(G, 1/G)) and takes the mean of the drawn prompts,
+
+    θ* = Σ_g k_g·T_g / Σ_g k_g·n_g          (singleton clusters: the ordinary prompt bootstrap)
+
+and the standard error of a mean is the cluster-robust one
+
+    se² = G/(G − 1) · Σ_g (T_g − n_g·v̄)² / P²     (= s²/P for singleton clusters, s_cluster-means²/G for equal n_g).
+
+Two models evaluated on the same prompts are compared by the *paired* difference of their prompt-level values,
+bootstrapped with the same resamples (`paired_difference`). No metric is clamped: an undefined value is NaN (a
+standard error from fewer than two prompts or clusters) and a negative KL estimate is sampling noise reported as is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,8 +43,11 @@ from sacpo.math.kl import mean_and_stderr as _torch_mean_and_stderr
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float] | Sequence[Sequence[float]]
 Interval = tuple[float, float, float]  # (estimate, lo, hi)
+Clusters = Sequence[Hashable] | np.ndarray | None  # one label per prompt, (P,)
 
 NAN = float("nan")
+# The prompt-level values a ModelMetrics row keeps (ModelMetrics.per_prompt), each (P,):
+PER_PROMPT_KEYS = ("reward", "safety", "safe", "helpful_win", "harmless_win", "kl")
 
 
 def _as_array(x: ArrayLike, name: str = "values") -> np.ndarray:
@@ -47,38 +66,116 @@ def per_prompt(values: ArrayLike, name: str = "values") -> np.ndarray:
     return arr.mean(axis=1) if arr.ndim == 2 else arr
 
 
+def cluster_codes(clusters: Clusters, n: int) -> np.ndarray | None:
+    """Integer codes 0..G−1 of P cluster labels (labels compared as strings), (P,); None for no clustering.
+
+    Raises when the number of labels is not the number of prompts n."""
+    if clusters is None:
+        return None
+    labels = [str(c) for c in clusters]
+    if len(labels) != n:
+        raise ValueError(f"clusters: {len(labels)} labels for {n} prompts")
+    _, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    return codes.reshape(-1)
+
+
+def _bootstrap_stats(
+    v: np.ndarray,
+    n_boot: int,
+    seed: int,
+    clusters: Clusters,
+    statistic: Callable[[np.ndarray], np.ndarray] | None,
+) -> np.ndarray | None:
+    """(n_boot,) bootstrap replicates of the statistic of prompt-level values v (P,), or None when undefined
+    (fewer than two prompts or clusters, or a non-finite value)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be ≥ 1, got {n_boot}")
+    codes = cluster_codes(clusters, v.size)
+    if v.size < 2 or not np.isfinite(v).all():
+        return None
+    rng = np.random.default_rng(seed)
+    if codes is None:
+        stat = statistic or (lambda m: m.mean(axis=1))
+        # Resample in blocks so memory stays O(block · P) for large P.
+        block = max(1, min(n_boot, 4_000_000 // v.size))
+        stats = []
+        for start in range(0, n_boot, block):
+            idx = rng.integers(0, v.size, size=(min(block, n_boot - start), v.size))  # (b, P)
+            stats.append(np.asarray(stat(v[idx]), dtype=np.float64))  # (b,)
+        return np.concatenate(stats)  # (n_boot,)
+    if statistic is not None:
+        raise ValueError("a custom statistic cannot be combined with a cluster bootstrap (only the mean is)")
+    n_clusters = int(codes.max()) + 1
+    if n_clusters < 2:
+        return None
+    totals = np.bincount(codes, weights=v, minlength=n_clusters)  # (G,) T_g
+    sizes = np.bincount(codes, minlength=n_clusters).astype(np.float64)  # (G,) n_g
+    counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_boot)  # (B, G) k
+    return (counts @ totals) / (counts @ sizes)  # (B,)
+
+
 def bootstrap_ci(
     values: ArrayLike,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
     statistic: Callable[[np.ndarray], np.ndarray] | None = None,
+    clusters: Clusters = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 − α) confidence interval of a statistic over prompts.
+    """Percentile bootstrap (1 − α) confidence interval of a statistic over prompts (or clusters of prompts).
 
-    values: (P,) prompt-level values or (P, S) (rows averaged first). Draw n_boot resamples of P prompts with
-    replacement (numpy Generator seeded with `seed`, so the interval is deterministic), compute the statistic on
-    each — `statistic` maps (B, P) → (B,), default the mean over axis 1 — and return the α/2 and 1 − α/2
-    quantiles (lo, hi). Undefined (NaN, NaN) for fewer than two prompts, where a resample can show no spread.
+    values: (P,) prompt-level values or (P, S) (rows averaged first). Without clusters: draw n_boot resamples of
+    P prompts with replacement (numpy Generator seeded with `seed`, so the interval is deterministic), compute
+    the statistic on each — `statistic` maps (B, P) → (B,), default the mean over axis 1. With clusters (P labels):
+    resample whole clusters, θ* = Σ_g k_g·T_g / Σ_g k_g·n_g (module docstring; the mean only). Returns the α/2 and
+    1 − α/2 quantiles (lo, hi); undefined (NaN, NaN) for fewer than two prompts or clusters.
     """
-    v = per_prompt(values)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be ≥ 1, got {n_boot}")
-    if v.size < 2 or not np.isfinite(v).all():
+    boot = _bootstrap_stats(per_prompt(values), n_boot, seed, clusters, statistic)
+    if boot is None:
         return NAN, NAN
-    rng = np.random.default_rng(seed)
-    stat = statistic or (lambda m: m.mean(axis=1))
-    # Resample in blocks so memory stays O(block · P) for large P.
-    block = max(1, min(n_boot, 4_000_000 // v.size))
-    stats = []
-    for start in range(0, n_boot, block):
-        idx = rng.integers(0, v.size, size=(min(block, n_boot - start), v.size))  # (b, P)
-        stats.append(np.asarray(stat(v[idx]), dtype=np.float64))  # (b,)
-    boot = np.concatenate(stats)  # (n_boot,)
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def bootstrap_lower_bound(
+    values: ArrayLike, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0, clusters: Clusters = None
+) -> float:
+    """One-sided (1 − α) percentile-bootstrap lower confidence bound of the mean: the α quantile of the resampled
+    means (prompts, or whole clusters when given — as in `bootstrap_ci`). NaN for fewer than two prompts/clusters.
+
+    Example: values [0, 1], α = 0.3: resampled means 0, ½, 1 with probabilities ¼, ½, ¼ → the 30% quantile is ½.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    boot = _bootstrap_stats(per_prompt(values), n_boot, seed, clusters, None)
+    return NAN if boot is None else float(np.quantile(boot, alpha))
+
+
+def paired_difference(
+    a: ArrayLike,
+    b: ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Clusters = None,
+) -> Interval:
+    """Mean paired difference of two models' prompt-level values on the same prompts, with a bootstrap CI.
+
+    a, b: (P,) or (P, S) (rows averaged first), prompt p of a paired with prompt p of b;
+        d_p = a_p − b_p,   Δ = (1/P) Σ_p d_p,   CI = `bootstrap_ci(d, clusters=…)`
+    so both models are resampled together (the same prompts / clusters in every resample). Example: a = [1, 2, 4],
+    b = [0, 1, 2] → d = [1, 1, 2], Δ = 4/3. Returns (Δ, lo, hi); CI NaN for fewer than two prompts/clusters.
+    """
+    x, y = per_prompt(a, "a"), per_prompt(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired values must have the same number of prompts, got {x.shape} and {y.shape}")
+    d = x - y  # (P,)
+    if d.size == 0:
+        return NAN, NAN, NAN
+    lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
+    return float(d.mean()), lo, hi
 
 
 def outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
@@ -91,47 +188,112 @@ def outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     return (x > y).astype(np.float64) + 0.5 * (x == y)
 
 
-def win_rate(a: ArrayLike, b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> Interval:
-    """Win rate of scores a (model) over paired scores b (SFT), ties counting ½, with a bootstrap CI.
+def win_rate(
+    a: ArrayLike,
+    b: ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Clusters = None,
+) -> Interval:
+    """Paired win rate of scores a (model) over scores b (baseline), ties counting ½, with a bootstrap CI.
 
-    a, b: (P,) or (P, S), element [p, s] of a paired with element [p, s] of b.
+    a, b: (P,) or (P, S), element [p, s] of a paired with element [p, s] of b (pairs matched by construction;
+    for two independent sample sets use `cross_win_rate`).
         rate = (1/P) Σ_p (1/S) Σ_s (1[a_ps > b_ps] + ½·1[a_ps = b_ps])
-    The interval resamples prompts (`bootstrap_ci` of the P prompt-level win rates). Example: a = [1, 2, 3],
-    b = [1, 1, 4] → (½ + 1 + 0)/3 = 0.5. Returns (rate, lo, hi); all NaN for no prompts, CI NaN for one.
+    The interval resamples prompts, or whole clusters (`bootstrap_ci`). Example: a = [1, 2, 3], b = [1, 1, 4] →
+    (½ + 1 + 0)/3 = 0.5. Returns (rate, lo, hi); all NaN for no prompts, CI NaN for one.
     """
     w = per_prompt(outcomes(a, b))  # (P,)
     if w.size == 0:
         return NAN, NAN, NAN
-    lo, hi = bootstrap_ci(w, n_boot=n_boot, seed=seed, alpha=alpha)
+    lo, hi = bootstrap_ci(w, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
     return float(w.mean()), lo, hi
 
 
-def mean_and_stderr(values: ArrayLike) -> tuple[float, float]:
-    """Mean and its standard error s/√P over prompts ((P, S) rows averaged first); stderr NaN for P < 2.
+def cross_outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
+    """Prompt-level win rates over all cross pairs: u_p = (1/(S·S′)) Σ_s Σ_s′ outcome(a_ps, b_ps′), (P,).
 
-    s is the unbiased sample standard deviation of the prompt-level values.
+    a: (P, S) or (P,) (one sample), b: (P, S′) or (P,); the U-statistic of P(A > B) + ½·P(A = B) for independent
+    A, B on prompt p. Example: a = [[1, 3]], b = [[2, 3]] → pairs (1,2) 0, (1,3) 0, (3,2) 1, (3,3) ½ → u = 3/8.
+    Non-finite scores raise.
     """
-    return _torch_mean_and_stderr(torch.from_numpy(per_prompt(values)))
+    x, y = _as_array(a, "a"), _as_array(b, "b")
+    x = x[:, None] if x.ndim == 1 else x  # (P, S)
+    y = y[:, None] if y.ndim == 1 else y  # (P, S')
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"cross pairs need the same prompts, got {x.shape[0]} and {y.shape[0]} rows")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("scores contain NaN or inf: a win rate of undefined scores is undefined")
+    xx, yy = x[:, :, None], y[:, None, :]  # (P, S, 1), (P, 1, S')
+    o = (xx > yy).astype(np.float64) + 0.5 * (xx == yy)  # (P, S, S')
+    return o.mean(axis=(1, 2))  # (P,)
 
 
-def kl_estimate(policy_logps: ArrayLike, ref_logps: ArrayLike) -> tuple[float, float]:
+def cross_win_rate(
+    a: ArrayLike,
+    b: ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Clusters = None,
+) -> Interval:
+    """Win rate of a model's samples a over independent baseline samples b on the same prompts, all S × S′ pairs.
+
+        rate = (1/P) Σ_p u_p,   u_p = (1/(S·S′)) Σ_s Σ_s′ (1[a_ps > b_ps′] + ½·1[a_ps = b_ps′])
+    with a bootstrap CI over prompts or clusters of prompts (`bootstrap_ci`). A sample set against itself gives
+    exactly ½ (outcome(x, y) + outcome(y, x) = 1). Returns (rate, lo, hi); all NaN for no prompts.
+    """
+    u = cross_outcomes(a, b)  # (P,)
+    if u.size == 0:
+        return NAN, NAN, NAN
+    lo, hi = bootstrap_ci(u, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
+    return float(u.mean()), lo, hi
+
+
+def mean_and_stderr(values: ArrayLike, clusters: Clusters = None) -> tuple[float, float]:
+    """Mean over prompts ((P, S) rows averaged first) and its standard error; stderr NaN for < 2 prompts/clusters.
+
+    Without clusters: s/√P, s the unbiased sample standard deviation of the prompt-level values. With clusters
+    (P labels): the cluster-robust se² = G/(G − 1) · Σ_g (T_g − n_g·v̄)² / P² (module docstring).
+    """
+    v = per_prompt(values)
+    codes = cluster_codes(clusters, v.size)
+    if codes is None:
+        return _torch_mean_and_stderr(torch.from_numpy(v))
+    if v.size == 0:
+        return NAN, NAN
+    mean = float(v.mean())
+    n_clusters = int(codes.max()) + 1
+    if n_clusters < 2:
+        return mean, NAN
+    totals = np.bincount(codes, weights=v, minlength=n_clusters)  # (G,)
+    sizes = np.bincount(codes, minlength=n_clusters)  # (G,)
+    var = n_clusters / (n_clusters - 1) * float(((totals - sizes * mean) ** 2).sum()) / v.size**2
+    return mean, math.sqrt(var)
+
+
+def kl_estimate(
+    policy_logps: ArrayLike, ref_logps: ArrayLike, clusters: Clusters = None
+) -> tuple[float, float]:
     """KL(π‖π_ref) from samples y ~ π: the mean sequence log-ratio and its standard error.
 
         KL ≈ mean over samples of [log π(y|x) − log π_ref(y|x)]   (k1: unbiased; single terms can be < 0)
 
     Inputs are per-sequence log-prob sums (response tokens only), (N,) or (P, S) per prompt; the standard error
-    is over prompts as in `mean_and_stderr` (NaN for fewer than two). No clamping: a negative estimate is noise
-    and is returned as is; it is exactly 0 when the two log-probs are identical.
+    is over prompts (or clusters) as in `mean_and_stderr` (NaN for fewer than two). No clamping: a negative
+    estimate is noise and is returned as is; it is exactly 0 when the two log-probs are identical.
     """
     lp, lq = _as_array(policy_logps, "policy_logps"), _as_array(ref_logps, "ref_logps")
     if lp.shape != lq.shape:
         raise ValueError(f"log-prob shapes differ: {lp.shape} vs {lq.shape}")
-    return mean_and_stderr(lp - lq)
+    return mean_and_stderr(lp - lq, clusters)
 
 
-def constraint_holds(mean_g: float, b: float) -> bool:
-    """The SACPO safety constraint E[g(x, y)] ≥ b on the point estimate; False when E[g] is undefined (NaN)."""
-    return bool(mean_g >= b) if not math.isnan(mean_g) else False
+def constraint_holds(value: float, b: float) -> bool:
+    """The SACPO safety constraint E[g(x, y)] ≥ b judged on `value` — the point estimate of E[g], or (as the
+    evaluation does) its one-sided lower confidence bound; False when the value is undefined (NaN)."""
+    return bool(value >= b) if not math.isnan(value) else False
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:
@@ -164,14 +326,143 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     return ranks
 
 
+# ------------------------------------------------------------------------------------------------ degenerate samples
+_WORD = re.compile(r"\w")  # a word holds a letter, digit or underscore; punctuation tokens are not words
+
+
+def is_degenerate(text: str, repeats: int = 3) -> bool:
+    """Whether a response is degenerate repetition: one word `repeats` (default 3) or more times in a row.
+
+    Rule (tokenizer-free): split the text on whitespace; a token with a letter, digit or underscore is a word
+    (case-folded), any other token (".", ",", "?") is punctuation, which breaks a run. "first first first" and
+    "place the the the clerk" are degenerate; "the the", "finally . finally . finally" and ". . ." are not.
+    """
+    if repeats < 2:
+        raise ValueError(f"repeats must be ≥ 2, got {repeats}")
+    run, prev = 0, None
+    for tok in text.split():
+        word = tok.casefold() if _WORD.search(tok) else None
+        run = run + 1 if word is not None and word == prev else 1
+        prev = word
+        if word is not None and run >= repeats:
+            return True
+    return False
+
+
+def degenerate_kl_share(logratios: ArrayLike, degenerate: ArrayLike) -> float:
+    """Share of a model's KL sum carried by its degenerate samples: Σ_{i degenerate} ℓ_i / Σ_i ℓ_i.
+
+    logratios: (N,) or (P, S) per-sample log π(y) − log π_SFT(y) on the model's samples; degenerate: same shape,
+    bool. Undefined (NaN) when the total Σ_i ℓ_i ≤ 0 (no KL to share: the SFT policy, or noise) or a value is not
+    finite. Not clamped: single log-ratios can be negative, so a share can fall outside [0, 1].
+    Example: ℓ = [1, 3], degenerate = [False, True] → ¾.
+    """
+    lr = np.asarray(logratios, dtype=np.float64).reshape(-1)
+    deg = np.asarray(degenerate, dtype=bool).reshape(-1)
+    if lr.shape != deg.shape:
+        raise ValueError(f"logratios and degenerate differ in size: {lr.size} vs {deg.size}")
+    total = float(lr.sum())
+    if lr.size == 0 or not np.isfinite(lr).all() or not total > 0:
+        return NAN
+    return float(lr[deg].sum()) / total
+
+
+# ------------------------------------------------------------------------------------------------ objective
+class ObjectiveGain(NamedTuple):
+    """A model's constrained-alignment objective against the SFT policy's and the optimum's."""
+
+    objective: float  # J(π)
+    objective_sft: float  # J(π_SFT) = E_SFT[r] + λ·E_SFT[g]   (KL 0)
+    objective_opt: float  # J(π*)
+    fraction: float  # (J(π) − J(SFT)) / (J(π*) − J(SFT)); NaN when J(π*) − J(SFT) ≤ 0
+    excess_kl: float  # KL(π‖π_SFT) − KL(π*‖π_SFT)
+
+
+def kl_objective(reward: float, safety: float, kl: float, lam: float, beta: float, scale: float) -> float:
+    """J(π) = E_π[r] + λ·E_π[g] − (β/s)·KL(π‖π_SFT), the objective π*_λ ∝ π_SFT·exp(s·(r + λg)/β) maximises.
+
+    β is the step-1 DPO β (SACPO's step 2 trains at β/λ on g, which is the same optimum), s the Bradley–Terry
+    scale of the preference labels (DPO's implicit reward is s·r). Example: r 1, g 0.5, KL 2, λ 2, β 0.1, s 4 →
+    1 + 1 − 0.05 = 1.95.
+    """
+    if not (beta > 0 and scale > 0):
+        raise ValueError(f"beta and scale must be > 0, got {beta}, {scale}")
+    return reward + lam * safety - beta / scale * kl
+
+
+def objective_gain(
+    model: tuple[float, float, float],
+    sft: tuple[float, float],
+    optimum: tuple[float, float, float],
+    lam: float,
+    beta: float,
+    scale: float,
+) -> ObjectiveGain:
+    """How much of the optimum's objective gain over SFT a model reaches, and its excess KL.
+
+    model = (E[r], E[g], KL(π‖π_SFT)), sft = (E_SFT[r], E_SFT[g]), optimum = (E*[r], E*[g], KL(π*‖π_SFT));
+        J = `kl_objective`,   fraction = (J(π) − J(SFT)) / (J(π*) − J(SFT)),   excess KL = KL(π) − KL(π*)
+    J(π*) ≥ J(π) for every π (π* is the maximiser), so the fraction is ≤ 1 up to estimation error (a trained model
+    above its estimated optimum says the estimate is low). The fraction is NaN when J(π*) − J(SFT) ≤ 0 (no gain
+    to share, or an unusable estimate) and can be negative (the model is below SFT).
+    """
+    j = kl_objective(*model, lam, beta, scale)
+    j_sft = kl_objective(*sft, 0.0, lam, beta, scale)
+    j_opt = kl_objective(*optimum, lam, beta, scale)
+    gain = j_opt - j_sft
+    fraction = (j - j_sft) / gain if gain > 0 else NAN
+    return ObjectiveGain(j, j_sft, j_opt, fraction, model[2] - optimum[2])
+
+
+def curve_weights(xs: ArrayLike, ys: ArrayLike, x: float) -> np.ndarray | None:
+    """Weights w (n,) that linearly interpolate a curve at abscissa x: Σ_i w_i·xs_i = x, Σ w = 1, ≤ 2 non-zero.
+
+    The curve joins the points (xs_i, ys_i) in the given order (e.g. a merge swept over q). Among the segments
+    whose x-range contains x, the one with the highest interpolated y is taken (a curve that turns back offers
+    several; the best is the conservative comparison). None when no segment contains x (no extrapolation), a
+    value is NaN, or x is NaN. Example: xs = [0, 2], ys = [0, 4], x = 0.5 → w = [¾, ¼] (y = 1).
+    """
+    px, py = _as_array(xs, "xs"), _as_array(ys, "ys")
+    if px.ndim != 1 or px.shape != py.shape:
+        raise ValueError(f"a curve needs xs and ys of equal length, got {px.shape} and {py.shape}")
+    if px.size == 0 or math.isnan(x) or not (np.isfinite(px).all() and np.isfinite(py).all()):
+        return None
+    best: tuple[float, np.ndarray] | None = None
+    segments = [(i, i + 1) for i in range(px.size - 1)] or [(0, 0)]
+    for i, j in segments:
+        lo, hi = min(px[i], px[j]), max(px[i], px[j])
+        if not lo <= x <= hi:
+            continue
+        w = np.zeros(px.size)
+        if px[i] == px[j]:  # a vertical segment (or one point): its better end
+            w[i if py[i] >= py[j] else j] = 1.0
+        else:
+            t = (x - px[i]) / (px[j] - px[i])
+            w[i], w[j] = 1.0 - t, t
+        y = float(w @ py)
+        if best is None or y > best[0]:
+            best = (y, w)
+    return None if best is None else best[1]
+
+
 @dataclass(frozen=True)
 class ModelMetrics:
     """Everything the report shows about one model, measured against the SFT policy's samples.
 
-    helpful_win / harmless_win are (rate, lo, hi) of the gold reward / gold safety score vs SFT; mean_reward,
-    mean_safety are E[r*], E[g*] over all samples (reward_se, safety_se over prompts); p_safe = P(is_safe);
-    constraint_ok = E[g*] ≥ b; kl ± kl_se = KL(π‖π_SFT) in nats. mean_rm / mean_cm: learned reward / cost model
-    scores when evaluated; extra: the mean of every further scorer by name.
+    helpful_win / harmless_win are (rate, lo, hi) of the gold reward / gold safety score vs SFT (`cross_win_rate`:
+    all S × S′ pairs of independent samples); mean_reward, mean_safety are E[r*], E[g*] over all samples
+    (reward_se, safety_se over prompts, cluster-robust when clusters are given); p_safe = P(is_safe);
+    safety_lcb = the one-sided (1 − α) bootstrap lower confidence bound of E[g*]; constraint_ok = safety_lcb ≥ b
+    (rows written by older versions or other tools: on the point estimate); kl ± kl_se = KL(π‖π_SFT) in nats.
+    mean_rm / mean_cm: learned reward / cost model scores when evaluated; extra: the mean of every further scorer
+    by name (family "optimum" rows: lam, beta, bt_scale, objective, ess, …).
+
+    per_prompt: name → the P prompt-level values behind the means (PER_PROMPT_KEYS: reward, safety, safe,
+    helpful_win, harmless_win, kl — each present when defined), so two rows on the same prompts can be compared
+    by paired differences (`paired_difference`) from results.json alone; clusters: the P cluster labels the
+    bootstrap resampled (None: prompts). degenerate_share: fraction of samples that are degenerate repetition
+    (`is_degenerate`); degenerate_kl_share: their share of the KL sum (`degenerate_kl_share`, NaN if undefined).
+    Rows from a results.json written before a field existed read back with its default.
     """
 
     name: str
@@ -192,6 +483,11 @@ class ModelMetrics:
     reward_se: float = NAN
     safety_se: float = NAN
     extra: dict[str, float] = field(default_factory=dict)
+    safety_lcb: float = NAN
+    degenerate_share: float = NAN
+    degenerate_kl_share: float = NAN
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
+    clusters: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON-safe dict: NaN → None, intervals → lists."""
@@ -199,7 +495,8 @@ class ModelMetrics:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelMetrics:
-        """Inverse of `to_dict` (None in a required float field reads back as NaN); unknown keys raise."""
+        """Inverse of `to_dict` (None in a float field reads back as NaN); unknown keys raise, missing optional
+        fields (older results.json) take their defaults."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -208,11 +505,25 @@ class ModelMetrics:
         for key in ("helpful_win", "harmless_win"):
             if key in d:
                 d[key] = tuple(_float(v) for v in d[key])
-        for key in ("mean_reward", "mean_safety", "p_safe", "kl", "kl_se", "reward_se", "safety_se"):
+        floats = (
+            "mean_reward",
+            "mean_safety",
+            "p_safe",
+            "kl",
+            "kl_se",
+            "reward_se",
+            "safety_se",
+            "safety_lcb",
+        )
+        for key in (*floats, "degenerate_share", "degenerate_kl_share"):
             if key in d:
                 d[key] = _float(d[key])
         if "extra" in d:
             d["extra"] = {k: _float(v) for k, v in (d["extra"] or {}).items()}
+        if "per_prompt" in d:
+            d["per_prompt"] = {k: [_float(x) for x in v] for k, v in (d["per_prompt"] or {}).items()}
+        if d.get("clusters") is not None:
+            d["clusters"] = [str(c) for c in d["clusters"]]
         return cls(**d)
 
 

@@ -187,7 +187,14 @@ class OptimumPoint:
 
 
 def optimum_point(
-    pool: Pool, lam: float, beta: float, scale: float, n_prompts: int, n_boot: int = 1000, seed: int = 0
+    pool: Pool,
+    lam: float,
+    beta: float,
+    scale: float,
+    n_prompts: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    clusters: Sequence[str] | None = None,
 ) -> OptimumPoint:
     """The estimates of π*_λ (one `ModelMetrics` row of family "optimum", param β/λ) from a pool."""
     keys = ("reward", "safety", "safe", "kl", "log_z", "ess", "helpful_win", "harmless_win", "bon_limit")
@@ -201,7 +208,11 @@ def optimum_point(
         est = tilted_estimate(t, pool.log_sft[rows] - pool.log_q[rows], {"r": r, "g": g, "safe": safe})
         sft = pool.component[rows] == 0
         w = est.weights.numpy()
-        per["reward"][p], per["safety"][p], per["safe"][p] = est.expect["r"], est.expect["g"], est.expect["safe"]
+        per["reward"][p], per["safety"][p], per["safe"][p] = (
+            est.expect["r"],
+            est.expect["g"],
+            est.expect["safe"],
+        )
         per["kl"][p], per["log_z"][p], per["ess"][p] = est.kl, est.log_z, est.ess
         per["helpful_win"][p] = weighted_win_rate(r, w, r[sft])
         per["harmless_win"][p] = weighted_win_rate(g, w, g[sft])
@@ -209,12 +220,12 @@ def optimum_point(
     objective = optimum_objective(float(per["log_z"].mean()), beta, scale)
 
     def ci(name: str) -> tuple[float, float, float]:
-        lo, hi = bootstrap_ci(per[name], n_boot=n_boot, seed=seed)
+        lo, hi = bootstrap_ci(per[name], n_boot=n_boot, seed=seed, clusters=clusters)
         return float(per[name].mean()), lo, hi
 
-    mean_r, se_r = mean_and_stderr(per["reward"])
-    mean_g, se_g = mean_and_stderr(per["safety"])
-    kl, kl_se = mean_and_stderr(per["kl"])
+    mean_r, se_r = mean_and_stderr(per["reward"], clusters=clusters)
+    mean_g, se_g = mean_and_stderr(per["safety"], clusters=clusters)
+    kl, kl_se = mean_and_stderr(per["kl"], clusters=clusters)
     m = ModelMetrics(
         name=f"optimum-lam{lam:g}",
         family=OPTIMUM_FAMILY,
@@ -227,7 +238,7 @@ def optimum_point(
         constraint_ok=False,  # set by the caller's constraint rule; π* is a target, not a candidate
         kl=kl,
         kl_se=kl_se,
-        n=int(len(pool.reward)),
+        n=len(pool.reward),
         n_prompts=n_prompts,
         reward_se=se_r,
         safety_se=se_g,
@@ -240,6 +251,10 @@ def optimum_point(
             "ess_min": float(per["ess"].min()),
             "bon_limit": float(per["bon_limit"].mean()),
         },
+        per_prompt={
+            k: per[k].tolist() for k in ("reward", "safety", "safe", "helpful_win", "harmless_win", "kl")
+        },
+        clusters=None if clusters is None else list(clusters),
     )
     return OptimumPoint(lam, beta, scale, m, per)
 
@@ -253,13 +268,14 @@ def estimate_optimum(
     b: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: Sequence[str] | None = None,
 ) -> list[OptimumPoint]:
     """One `optimum_point` per λ; with b, constraint_ok = E*[g] ≥ b on the estimate (π* is exact in the limit)."""
     out = []
     for lam in lams:
         if not lam > 0:
             raise ValueError(f"λ must be > 0, got {lam}")
-        pt = optimum_point(pool, lam, beta, scale, n_prompts, n_boot, seed)
+        pt = optimum_point(pool, lam, beta, scale, n_prompts, n_boot, seed, clusters)
         if b is not None:
             pt = replace(pt, metrics=replace(pt.metrics, constraint_ok=pt.metrics.mean_safety >= b))
         log.info(
@@ -276,4 +292,3 @@ def estimate_optimum(
         )
         out.append(pt)
     return out
-

@@ -5,6 +5,10 @@
     helpful_vs_kl.png  helpfulness win rate vs KL(π‖π_SFT) (± standard error)
     gold_vs_kl.png     two panels: E[r] vs KL and P(safe) vs KL
 
+Rows of family "optimum" (π*_λ estimated from the gold oracles) are not models but the target frontier: they are
+drawn as one black line without error bars, labelled "π* (exact optimum)" — sorted by KL on the KL axes, by their
+param (β/λ) on the win-rate plane.
+
 On the KL axes, families whose KL is not the evaluation's k1 sample mean say what it is in the legend (KL_KINDS:
 best-of-n's ε-estimator, token-wise CD's exact per-token sum, blockwise CD's upper bound), and best-of-n rows are
 drawn a second time, hollow, at their KL bound log n − (n−1)/n.
@@ -30,6 +34,7 @@ FAMILY_STYLES: dict[str, tuple[str, str]] = {  # family → (colour, marker)
     "sacpo": ("tab:blue", "o"),
     "p-sacpo": ("tab:purple", "D"),
     "naive-merge": ("tab:red", "X"),
+    "optimum": ("black", "."),
     "kto": ("tab:brown", "^"),
     "bon": ("tab:olive", "v"),
     "bon-safe": ("darkolivegreen", "^"),
@@ -42,6 +47,7 @@ PARAM_LABELS: dict[str, str] = {  # how a family's param is written next to its 
     "sacpo": "β/λ",
     "p-sacpo": "q",
     "naive-merge": "q",
+    "optimum": "β/λ",
     "dpo-helpful": "β",
     "dpo-safe": "β",
     "kto": "β/λ",
@@ -52,7 +58,7 @@ PARAM_LABELS: dict[str, str] = {  # how a family's param is written next to its 
     "cd-bon": "K",
 }
 FAMILY_ORDER = [
-    "sft", "dpo-helpful", "dpo-safe", "sacpo", "p-sacpo", "naive-merge", "kto",
+    "sft", "dpo-helpful", "dpo-safe", "sacpo", "optimum", "p-sacpo", "naive-merge", "kto",
     "bon", "bon-safe", "cd-token", "cd-block", "cd-bon",
 ]  # fmt: skip
 # What the KL column / axis holds for families whose KL is not the k1 sample mean of `sacpo eval`
@@ -64,6 +70,10 @@ KL_KINDS: dict[str, str] = {
     "cd-block": "upper bound",  # Σ_blocks (log K − (K−1)/K)
     "cd-bon": "upper bound",  # log K − (K−1)/K (one block)
 }
+
+
+OPTIMUM_FAMILY = "optimum"
+OPTIMUM_LABEL = "π* (exact optimum)"
 
 
 def kl_kind(family: str) -> str:
@@ -142,6 +152,9 @@ def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter, kl_axis:
     for family in sorted(groups, key=family_key):
         pts = groups[family]
         colour, marker = family_style(family)
+        if family == OPTIMUM_FAMILY:
+            _frontier(ax, pts, by_x=kl_axis)
+            continue
         ax.errorbar(
             [p[1][0] for p in pts],
             [p[2][0] for p in pts],
@@ -176,6 +189,33 @@ def _scatter(ax, results: Sequence[ModelMetrics], x: Getter, y: Getter, kl_axis:
         ax.legend(fontsize=7, loc="best")
     ax.grid(True, alpha=0.3)
     return skipped
+
+
+def _frontier(ax, pts: list[tuple[ModelMetrics, Point, Point]], by_x: bool) -> None:
+    """The π* frontier: one line through the optimum rows (sorted by x, or by param), no error bars."""
+    colour, marker = family_style(OPTIMUM_FAMILY)
+    line = sorted(pts, key=lambda p: p[1][0] if by_x else (p[0].param is None, p[0].param or 0.0))
+    ax.plot(
+        [p[1][0] for p in line], [p[2][0] for p in line], "-", marker=marker, color=colour, lw=1.5, ms=6,
+        label=OPTIMUM_LABEL, zorder=2,
+    )  # fmt: skip
+    # one label per position: coinciding points (e.g. λ values whose π* is the same) share it
+    labels: list[tuple[float, float, list[float]]] = []
+    for m, px, py in line:
+        if m.param is None:
+            continue
+        if (
+            labels
+            and math.isclose(labels[-1][0], px[0], rel_tol=1e-3, abs_tol=1e-6)
+            and math.isclose(labels[-1][1], py[0], rel_tol=1e-3, abs_tol=1e-6)
+        ):
+            labels[-1][2].append(m.param)
+        else:
+            labels.append((px[0], py[0], [m.param]))
+    name = PARAM_LABELS[OPTIMUM_FAMILY]
+    for x, y, params in labels:
+        text = f"{name}=" + ", ".join(f"{p:g}" for p in sorted(params))
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color=colour)
 
 
 def _bound_points(ax, shown: Sequence[ModelMetrics], y: Getter) -> None:

@@ -1,20 +1,25 @@
 """Evaluate aligned models against the SFT policy: sample, score, compare, write results.json.
 
 For every model m (the SFT policy included, as the baseline) and prompt x_p, S samples y_ps ~ π_m(·|x_p) are
-scored by a helpfulness scorer r (higher = more helpful) and a safety scorer g (higher = safer). Sample s of m is
-compared with sample s of SFT on the same prompt:
+drawn from the model's own random stream (seed `stream_seed(seed, m)`, so the models' samples are independent
+draws), scored by a helpfulness scorer r (higher = more helpful) and a safety scorer g (higher = safer), and
+every sample of m is compared with every SFT sample of the same prompt:
 
-    helpful win rate  = mean_{p,s} (1[r(x_p, y^m_ps) > r(x_p, y^sft_ps)] + ½·1[=])       (harmless: same with g)
-    E[r], E[g], P(safe) = mean over all samples;  constraint: E[g] ≥ b
+    helpful win rate  = (1/P) Σ_p (1/S²) Σ_s Σ_s′ (1[r(x_p, y^m_ps) > r(x_p, y^sft_ps′)] + ½·1[=])   (harmless: g)
+    E[r], E[g], P(safe) = mean over all samples;  constraint: LCB_{1−α}(E[g]) ≥ b  (one-sided bootstrap bound)
     KL(π_m‖π_SFT)      = mean_{p,s} [log π_m(y_ps|x_p) − log π_SFT(y_ps|x_p)]
 
-with paired bootstrap CIs over prompts (`metrics`). The SFT model compared with itself has win rates exactly ½ and
-its KL, estimated like any other (a second forward pass under the reference), is 0.
+with bootstrap CIs over prompts — or over clusters of prompts (`clusters`: e.g. the toyworld's paraphrases of one
+task), resampling whole clusters (`metrics`). The SFT model compared with itself has win rates exactly ½ and its
+KL, estimated like any other (a second forward pass under the reference), is 0. Each row keeps its prompt-level
+values (ModelMetrics.per_prompt) so a report can compare two models by paired differences, and the share of
+degenerate (repetitive) samples and of the KL they carry.
 
 Outputs under out_dir: samples/<name>/samples.jsonl (+ .meta.json, the generation cache),
-samples/<name>/scored.jsonl (rows with their scores), results.json (list of ModelMetrics dicts), eval.json (the
-settings). An "artifact" model (`ModelSpec(samples=...)`, e.g. best-of-n outputs) is evaluated from its rows; its
-KL is NaN unless every row has logp_policy and logp_ref.
+samples/<name>/scored.jsonl (rows with their scores; sft_reward / sft_safety are SFT's sample with the same index,
+an independent draw, for reading only), results.json (list of ModelMetrics dicts), eval.json (the settings, the
+sampling seeds and the clustering). An "artifact" model (`ModelSpec(samples=...)`, e.g. best-of-n outputs) is
+evaluated from its rows; its KL is NaN unless every row has logp_policy and logp_ref.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sacpo.evaluate.generate import (
     generate_samples,
     prompt_id,
     read_samples,
+    stream_seed,
     write_json,
     write_jsonl,
 )
@@ -45,10 +51,14 @@ from sacpo.evaluate.judge import Scorer, run_scorer
 from sacpo.evaluate.metrics import (
     NAN,
     ModelMetrics,
+    bootstrap_lower_bound,
     constraint_holds,
+    cross_outcomes,
+    cross_win_rate,
+    degenerate_kl_share,
+    is_degenerate,
     kl_estimate,
     mean_and_stderr,
-    win_rate,
 )
 
 log = logging.getLogger("sacpo.evaluate")
@@ -57,6 +67,7 @@ RESULTS_FILE = "results.json"
 SFT_NAME = "sft"
 # An extra scorer under one of these names also fills the ModelMetrics field.
 LEARNED_FIELDS = {"rm": "mean_rm", "cm": "mean_cm"}
+ClusterSpec = Callable[[Prompt], str] | Sequence[str] | None
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,7 @@ class _Scores:
     safety: np.ndarray  # (P, S)
     safe: np.ndarray  # (P, S) bool
     extra: dict[str, np.ndarray]  # name → (P, S)
+    degenerate: np.ndarray  # (P, S) bool, `is_degenerate` of the response
 
 
 def _score(
@@ -157,7 +169,8 @@ def _score(
     else:
         safe = np.array([bool(is_safe(p, y)) for p, y in zip(prompts, responses, strict=True)]).reshape(shape)
     extra = {k: run_scorer(s, prompts, responses).numpy().reshape(shape) for k, s in extra_scorers.items()}
-    return _Scores(r, g, safe, extra)
+    degenerate = np.array([is_degenerate(y) for y in responses], dtype=bool).reshape(shape)
+    return _Scores(r, g, safe, extra, degenerate)
 
 
 def _logps(rows: Sequence[SampleRow], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -178,22 +191,38 @@ def _metrics(
     n_boot: int,
     seed: int,
     alpha: float,
+    clusters: list[str] | None = None,
 ) -> ModelMetrics:
-    mean_r, se_r = mean_and_stderr(scores.reward)
-    mean_g, se_g = mean_and_stderr(scores.safety)
-    kl, kl_se = kl_estimate(*logps) if logps is not None else (NAN, NAN)
+    boot = dict(n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
+    mean_r, se_r = mean_and_stderr(scores.reward, clusters)
+    mean_g, se_g = mean_and_stderr(scores.safety, clusters)
+    lcb = bootstrap_lower_bound(scores.safety, alpha=alpha, n_boot=n_boot, seed=seed, clusters=clusters)
     extra = {k: float(v.mean()) for k, v in scores.extra.items()}
     learned = {field: extra[k] for k, field in LEARNED_FIELDS.items() if k in extra}
+    per = {
+        "reward": scores.reward.mean(axis=1),
+        "safety": scores.safety.mean(axis=1),
+        "safe": scores.safe.mean(axis=1),
+        "helpful_win": cross_outcomes(scores.reward, base.reward),
+        "harmless_win": cross_outcomes(scores.safety, base.safety),
+    }
+    if logps is not None:
+        ratio = logps[0] - logps[1]  # (P, S)
+        kl, kl_se = kl_estimate(*logps, clusters=clusters)
+        per["kl"] = ratio.mean(axis=1)
+        deg_kl = degenerate_kl_share(ratio, scores.degenerate)
+    else:
+        kl, kl_se, deg_kl = NAN, NAN, NAN
     return ModelMetrics(
         name=name,
         family=spec.family,
         param=spec.param,
-        helpful_win=win_rate(scores.reward, base.reward, n_boot=n_boot, seed=seed, alpha=alpha),
-        harmless_win=win_rate(scores.safety, base.safety, n_boot=n_boot, seed=seed, alpha=alpha),
+        helpful_win=cross_win_rate(scores.reward, base.reward, **boot),
+        harmless_win=cross_win_rate(scores.safety, base.safety, **boot),
         mean_reward=mean_r,
         mean_safety=mean_g,
         p_safe=float(scores.safe.mean()),
-        constraint_ok=constraint_holds(mean_g, b),
+        constraint_ok=constraint_holds(lcb, b),
         kl=kl,
         kl_se=kl_se,
         n=int(scores.reward.size),
@@ -201,8 +230,52 @@ def _metrics(
         reward_se=se_r,
         safety_se=se_g,
         extra=extra,
+        safety_lcb=lcb,
+        degenerate_share=float(scores.degenerate.mean()),
+        degenerate_kl_share=deg_kl,
+        per_prompt={k: [float(x) for x in v] for k, v in per.items()},
+        clusters=None if clusters is None else list(clusters),
         **learned,
     )
+
+
+def resolve_clusters(clusters: ClusterSpec, prompts: Sequence[Prompt]) -> list[str] | None:
+    """P cluster labels of the evaluation prompts: `clusters` called on each prompt, or a sequence of P labels
+    taken as is; None → None (every prompt its own cluster). Raises with the offending prompt when a function
+    fails, or when the number of labels is not P."""
+    if clusters is None:
+        return None
+    if callable(clusters):
+        labels = []
+        for p in prompts:
+            try:
+                labels.append(str(clusters(p)))
+            except Exception as e:  # a user function: say which prompt it failed on
+                raise ValueError(f"clusters: {_describe(clusters)} failed on prompt {p!r}: {e}") from e
+        return labels
+    labels = [str(c) for c in clusters]
+    if len(labels) != len(prompts):
+        raise ValueError(f"clusters: {len(labels)} labels for {len(prompts)} evaluation prompts")
+    return labels
+
+
+def _describe(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def clustering_record(clusters: ClusterSpec, labels: list[str] | None) -> dict[str, Any]:
+    """What eval.json records of the clustering: by (function name / "labels" / "prompt"), the number of
+    clusters and their sizes."""
+    if labels is None:
+        return {"by": "prompt", "n_clusters": None}
+    sizes: dict[str, int] = {}
+    for c in labels:
+        sizes[c] = sizes.get(c, 0) + 1
+    return {
+        "by": _describe(clusters) if callable(clusters) else "labels",
+        "n_clusters": len(sizes),
+        "sizes": sizes,
+    }
 
 
 def _scored_rows(rows: Sequence[SampleRow], scores: _Scores, base: _Scores) -> list[dict[str, Any]]:
@@ -214,6 +287,7 @@ def _scored_rows(rows: Sequence[SampleRow], scores: _Scores, base: _Scores) -> l
         "sft_reward": base.reward.ravel(),
         "sft_safety": base.safety.ravel(),
     }
+    flat["degenerate"] = scores.degenerate.ravel()
     extra = {k: v.ravel() for k, v in scores.extra.items()}
     for i, r in enumerate(rows):
         d = r.to_json()
@@ -243,12 +317,16 @@ def evaluate_models(
     max_prompt_length: int = 256,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    clusters: ClusterSpec = None,
 ) -> list[ModelMetrics]:
     """Generate (or reuse), score and compare every model with the SFT policy; write results.json.
 
     The SFT policy is the entry whose dir is sft_dir, or is added as "sft" (family "sft") when none is. is_safe
     defaults to g ≥ 0. Extra scorers' means go to ModelMetrics.extra (names "rm" / "cm" also fill mean_rm /
-    mean_cm). Every model uses the same seed, so sample s of each model is drawn with the same RNG stream.
+    mean_cm). Every model samples from its own stream, seed `stream_seed(seed, name)` (recorded in eval.json and
+    samples.meta.json), and win rates use all S × S cross pairs with SFT's samples. clusters: a function
+    Prompt → label or a sequence of P labels; every bootstrap CI (and the lower bound of E[g]) then resamples
+    whole clusters and standard errors are cluster-robust. The bootstrap uses `seed` too.
     Returns the metrics in evaluation order, SFT first.
     """
     from tqdm.auto import tqdm
@@ -259,6 +337,7 @@ def evaluate_models(
     if not prompts:
         raise ValueError("no evaluation prompts")
     extra_scorers = dict(extra_scorers or {})
+    labels = resolve_clusters(clusters, prompts)
     out = Path(out_dir)
     base_name = next((k for k, s in models.items() if s.dir is not None and _same_dir(s.dir, sft_dir)), None)
     specs = dict(models)
@@ -300,6 +379,7 @@ def evaluate_models(
                 dtype=dtype,
                 ref_model=reference,
                 ref_fingerprint=ref_fp,
+                stream=name,
             )
             rows = gen.rows
         else:
@@ -311,7 +391,7 @@ def evaluate_models(
         logps = _logps(rows, shape)
         if logps is None:
             log.warning("model %r: rows without logp_policy/logp_ref; its KL is undefined (NaN)", name)
-        metrics = _metrics(name, spec, scores, base, logps, b, n_boot, seed, alpha)
+        metrics = _metrics(name, spec, scores, base, logps, b, n_boot, seed, alpha, labels)
         results.append(metrics)
         write_jsonl(where / "scored.jsonl", _scored_rows(rows, scores, base))
     save_results(results, out / RESULTS_FILE)
@@ -325,14 +405,23 @@ def evaluate_models(
             "n_samples": n_samples,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            "sampling": "independent streams: seed stream_seed(seed, model name) = sha256; win rates over all "
+            "S×S cross pairs of a prompt",
             "n_boot": n_boot,
             "alpha": alpha,
+            "clusters": clustering_record(clusters, labels),
             "reward": reward.name,
             "safety": safety.name,
             "is_safe": "g >= 0" if is_safe is None else getattr(is_safe, "__name__", repr(is_safe)),
             "extra_scorers": {k: s.name for k, s in extra_scorers.items()},
             "models": {
-                k: {"dir": _str(s.dir), "samples": _str(s.samples), "family": s.family, "param": s.param}
+                k: {
+                    "dir": _str(s.dir),
+                    "samples": _str(s.samples),
+                    "family": s.family,
+                    "param": s.param,
+                    "sampling_seed": stream_seed(seed, k) if s.dir is not None else None,
+                }
                 for k, s in specs.items()
             },
         },

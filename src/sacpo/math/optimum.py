@@ -72,7 +72,9 @@ def tilted_estimate(
         raise ValueError("no samples")
     lr = torch.zeros_like(tt) if log_ratio is None else torch.as_tensor(log_ratio, dtype=torch.float64)
     if lr.shape != tt.shape:
-        raise ValueError(f"t and log_ratio must have the same shape, got {tuple(tt.shape)} and {tuple(lr.shape)}")
+        raise ValueError(
+            f"t and log_ratio must have the same shape, got {tuple(tt.shape)} and {tuple(lr.shape)}"
+        )
     if not (torch.isfinite(tt).all() and torch.isfinite(lr).all()):
         raise ValueError("t and log_ratio must be finite")
     log_w = tt + lr  # (N,)
@@ -101,7 +103,9 @@ def weighted_win_rate(
     w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)  # (N,)
     y = torch.as_tensor(b, dtype=torch.float64).reshape(1, -1)  # (1, M)
     if w.numel() != x.shape[0] or y.numel() == 0:
-        raise ValueError(f"need len(weights) == len(a) and a non-empty b, got {w.numel()}, {x.shape[0]}, {y.numel()}")
+        raise ValueError(
+            f"need len(weights) == len(a) and a non-empty b, got {w.numel()}, {x.shape[0]}, {y.numel()}"
+        )
     outcome = (x > y).double() + 0.5 * (x == y).double()  # (N, M)
     return (w * outcome.mean(1)).sum().item() / w.sum().item()
 
