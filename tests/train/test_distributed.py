@@ -22,6 +22,25 @@ def run(args, cwd):
     return proc
 
 
+ONE = [sys.executable, "-m", "sacpo.cli"]
+TWO = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--multi_gpu",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "-m",
+    "sacpo.cli",
+]
+
+
 def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
     base = {
         "policy": str(tiny_model),
@@ -38,25 +57,7 @@ def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
         "cache_dir": str(tmp_path / "cache"),
     }
     outs = {}
-    for name, launcher in {
-        "one": [sys.executable, "-m", "sacpo.cli"],
-        "two": [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--multi_gpu",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "sacpo.cli",
-        ],
-    }.items():
+    for name, launcher in {"one": ONE, "two": TWO}.items():
         cfg = tmp_path / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / name)}))
         run([*launcher, "-q", "train", str(cfg)], cwd=tmp_path)
@@ -74,3 +75,36 @@ def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
     assert summary["num_processes"] == 2, "the launcher started one process: the comparison would be vacuous"
     assert json.loads((outs["one"] / "summary.json").read_text())["num_processes"] == 1
     assert summary["reference_pass"] == "cached"  # the single-process run filled the shared cache
+
+
+def test_kl_budget_stops_both_processes_at_the_same_step(tiny_model, pku_tiny, tmp_path):
+    """The KL estimate runs on the main process only; its stop decision is broadcast. A process that did not stop
+    would wait in its next gather forever (the run would time out): both runs end, at the same step as the
+    single-process run, with stopped_early in summary.json."""
+    base = {
+        "policy": str(tiny_model),
+        "data": {"source": str(pku_tiny), "format": "pku_helpful"},
+        "max_steps": 8,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "max_length": 80,
+        "max_prompt_length": 40,
+        "log_every": 4,
+        "kl_every": 2,
+        "kl_prompts": 4,
+        "kl_max_new_tokens": 8,
+        "kl_budget": 1e-3,
+        "eval_fraction": 0.2,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    summaries = {}
+    for name, launcher in {"one": ONE, "two": TWO}.items():
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "output_dir": str(tmp_path / name)}))
+        run([*launcher, "-q", "train", str(cfg)], cwd=tmp_path)
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    one, two = summaries["one"], summaries["two"]
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert one["stopped_early"] is not None and one["stopped_early"]["step"] < 8
+    assert two["stopped_early"]["step"] == one["stopped_early"]["step"] == two["steps"]
+    assert two["stopped_early"]["kl"] == pytest.approx(one["stopped_early"]["kl"], abs=1e-3)

@@ -121,6 +121,11 @@ def test_ipo_and_kto_stages_run(tiny_model, pku_tiny, tmp_path, loss, fmt):
     )
     last = read_metrics(out)[-1]
     assert torch.isfinite(torch.tensor(last["loss"]))
+    # average_logprobs auto: IPO length-averages (as TRL's IPO), KTO sums; the resolved value is in summary.json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["average_logprobs"] is (loss == "ipo")
+    if loss == "ipo":  # per-token log-probs of a byte-level model: a few nats, not a sequence's tens of nats
+        assert -10 < last["logps/chosen"] < 0
     if loss == "kto":
         assert last["kto/z_ref"] >= 0 and "rewards/desirable" in last
 
@@ -234,3 +239,37 @@ def test_shared_prompt_rows_train_like_two_padded_rows(tiny_model, pku_tiny, tmp
     for k in w_on:
         # rounding-level gradient differences, amplified where AdamW divides a near-zero gradient by its own size
         torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-3, atol=2e-4, msg=k)
+
+
+def test_kl_budget_stops_the_stage_early_and_says_so(tiny_model, pku_tiny, tmp_path, caplog):
+    """Without a budget the run goes to max_steps and writes a record at every KL step (kl_every=3) besides the
+    log steps (log_every=4). With a budget below one of those estimates the same trajectory (the KL estimate is
+    seeded by step) stops at the first KL step whose estimate exceeds it: last record, summary.json and the
+    saved model all at that step."""
+    kw = {"max_steps": 12, "log_every": 4, "kl_every": 3, "kl_prompts": 4, "kl_samples": 2, "lr": 1e-2}
+    free = tmp_path / "free"
+    r = train(make_cfg(tiny_model, pku_tiny, free, **kw), show_progress=False)
+    records = read_metrics(free)
+    assert r.steps == 12 and r.stopped_early is None
+    assert [x["step"] for x in records] == [3, 4, 6, 8, 9, 12]
+    assert json.loads((free / "summary.json").read_text())["stopped_early"] is None
+    kl = {x["step"]: x["eval/kl"] for x in records if x["step"] in (3, 6, 9)}
+    assert max(kl.values()) > 0, kl  # lr 1e-2 moves the policy away from the reference within 9 steps
+    # between the first estimate and the largest: step 3 stays within the budget and a later KL step exceeds it
+    # (here KL ≈ 0.34, 0.45, 0.28 at steps 3, 6, 9: budget ≈ 0.39, stop at 6)
+    top = max(kl.values())
+    budget = (kl[3] + top) / 2 if top > kl[3] else kl[3] / 2
+    stop = min(s for s, v in kl.items() if v > budget)
+
+    out = tmp_path / "budget"
+    with caplog.at_level("INFO", logger="sacpo.train"):
+        r = train(make_cfg(tiny_model, pku_tiny, out, kl_budget=budget, **kw), show_progress=False)
+    records = read_metrics(out)
+    assert r.steps == stop and records[-1]["step"] == stop and is_done(out)
+    assert all(x["eval/kl"] <= budget for x in records[:-1] if "eval/kl" in x)
+    assert records[-1]["eval/kl"] == pytest.approx(kl[stop], rel=1e-4, abs=1e-4)  # same trajectory until then
+    expected = {"step": stop, "kl": pytest.approx(kl[stop], rel=1e-4, abs=1e-4), "budget": budget}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] == expected and r.stopped_early == expected and summary["steps"] == stop
+    assert f"exceeds kl_budget={budget:g}: stopping the stage early" in caplog.text
+    assert (out / "model" / "model.safetensors").is_file()

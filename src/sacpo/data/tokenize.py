@@ -7,13 +7,18 @@ the response is cut at its end to fit max_length.
 
 from __future__ import annotations
 
+import logging
+import random
 from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sacpo.data.records import BinaryExample, PairedExample, Prompt
+
+log = logging.getLogger(__name__)
 
 PLAIN_SEPARATOR = "\n"
 
@@ -94,24 +99,91 @@ def encode_paired(
     return out
 
 
+def mismatched_partners(prompt_keys: Sequence[Hashable], seed: int = 0) -> list[int]:
+    """partner[i] = j: the example whose completion is paired with prompt i in KTO's mismatched pairs — always one
+    whose prompt key differs from prompt i's (a derangement across prompts).
+
+    Construction: group the N examples by prompt key, shuffle the order of the groups and the order inside each
+    group (random.Random(seed)), lay the examples out group after group in positions 0 … N−1, and pair position k
+    with position (k + m) mod N, m the size of the largest group. A group of size s ≤ m occupies a run of
+    positions [a, a+s); its targets [a+m, a+s+m) mod N miss the run when s + m ≤ N, which holds for every group
+    when m ≤ N/2. So when no prompt has more than half of the examples, `partner` is a permutation with no
+    fixed prompt: every completion is used exactly once, always under another prompt.
+
+    When one prompt has more than half (m > N/2) no such permutation exists; a target that falls in its own group
+    moves forward to the next position of another group (valid pairs, some completions used more than once; a
+    warning says so). When all examples share one prompt there is no mismatched pair at all: partner[i] = (i+1)
+    mod N with a warning (z_ref then measures matched completions of the same prompt).
+    """
+    n = len(prompt_keys)
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(prompt_keys):
+        groups.setdefault(key, []).append(i)
+    if len(groups) < 2:
+        if n > 1:
+            log.warning(
+                "all %d KTO examples share one prompt: no mismatched (prompt, completion) pair exists; "
+                "z_ref pairs each prompt with the next example's completion of the same prompt",
+                n,
+            )
+        return [(i + 1) % n for i in range(n)]
+    rng = random.Random(seed)
+    ordered = list(groups.values())
+    rng.shuffle(ordered)
+    for members in ordered:
+        rng.shuffle(members)
+    layout = [i for members in ordered for i in members]  # (N,) example index at each position
+    group_of = [0] * n  # position → group number
+    pos = 0
+    for g, members in enumerate(ordered):
+        group_of[pos : pos + len(members)] = [g] * len(members)
+        pos += len(members)
+    m = max(len(members) for members in ordered)
+    if 2 * m > n:
+        log.warning(
+            "one prompt has %d of the %d KTO examples (more than half): some completions are used in more than "
+            "one mismatched pair for z_ref",
+            m,
+            n,
+        )
+    partner = [0] * n
+    for k in range(n):
+        t = (k + m) % n
+        while group_of[t] == group_of[k]:  # only when 2m > N; another group exists, so this ends
+            t = (t + 1) % n
+        partner[layout[k]] = layout[t]
+    return partner
+
+
 def encode_binary(
     tokenizer: Any,
     examples: list[BinaryExample],
     max_length: int,
     max_prompt_length: int,
     stats: Counter | None = None,
+    seed: int = 0,
 ) -> list[tuple[Encoded, Encoded]]:
-    """(completion, mismatched) encodings: the mismatched sequence pairs prompt i with the completion of example
-    (i+1) mod N — the KTO paper's / TRL's pairs for the reference point z_ref. Fixed at the data level, so it
-    does not depend on batch size or the number of processes."""
-    n = len(examples)
+    """(completion, mismatched) encodings for KTO: the mismatched sequence is prompt i followed by the completion
+    of example `mismatched_partners(...)[i]`, an example whose (encoded) prompt differs from prompt i's.
+
+    The mismatched pairs estimate the reference point z_ref ≈ KL(π‖π_ref) from completions not written for the
+    prompt (KTO paper §4.1, `kto_reference_point`). TRL rotates completions by one inside each batch of its
+    sequential dataset, and this function used to rotate over the whole list ((i+1) mod N). On data with several
+    records per prompt next to each other — pku_safe_kto writes two per PKU row — half of those pairs are a
+    prompt with its own other completion: a matched pair, whose log-ratio the loss moves (an undesirable one far
+    below zero), so z_ref was biased (in the demo it clamped to 0 while the sampled KL was tens of nats). Here no
+    pair shares its prompt, unless one prompt has more than half of the examples or all share one (see
+    mismatched_partners). The pairing is fixed at the data level by `seed`: it does not depend on batch size or
+    the number of processes, and the reference log-probs of the pairs are cached with the encoded data.
+    """
     prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats) for ex in examples]
+    partner = mismatched_partners([tuple(p) for p in prompts], seed)
     return [
         (
             encode(tokenizer, prompts[i], examples[i].completion, max_length, stats),
-            encode(tokenizer, prompts[i], examples[(i + 1) % n].completion, max_length),
+            encode(tokenizer, prompts[i], examples[partner[i]].completion, max_length),
         )
-        for i in range(n)
+        for i in range(len(examples))
     ]
 
 

@@ -72,7 +72,8 @@ def ipo_loss(
     h = log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x)
     L = (h − 1/(2β))²                        (β plays the role of τ in the paper)
 
-    Inputs (B,); pass length-averaged log-probs to get TRL's normalised IPO (`average_logprobs` in the trainer).
+    Inputs (B,); pass length-averaged log-probs (log π(y|x)/|y|) to get TRL's normalised IPO — what the trainer
+    does by default for ipo (`average_logprobs: null` = auto, sacpo.train.config.resolve_average_logprobs).
     """
     _check_beta(beta)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
@@ -87,6 +88,8 @@ def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tenso
 
     (y'_i, x_i) are *mismatched* pairs (a completion paired with another example's prompt), as in the KTO paper
     (Ethayarajh et al. 2024, §4.1) and TRL. Inputs (B,) — gather across processes before calling; returns a scalar.
+    y'_i must not have been written for x_i: a matched pair's log-ratio is what the loss moves, not the KL
+    (sacpo.data.tokenize.mismatched_partners pairs across different prompts).
     """
     return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
 

@@ -19,12 +19,19 @@ class DataConfig:
     split: str = help_field("train", help="dataset split")
     max_rows: int | None = help_field(None, help="use only the first N rows")
     skip_invalid: bool = help_field(False, help="skip (and count) invalid rows instead of failing")
+    drop_both_safe: bool = help_field(
+        False,
+        help="PKU formats: drop rows whose two responses are both safe (their safer_response_id is noise for a "
+        "safety preference)",
+    )
 
     def __post_init__(self) -> None:
         from sacpo.data.loaders import FORMATS
 
         if self.format not in FORMATS:
             raise ConfigError(f"unknown data.format {self.format!r}; valid formats: {', '.join(FORMATS)}")
+        if self.drop_both_safe and not self.format.startswith("pku_"):
+            raise ConfigError(f"data.drop_both_safe needs a PKU format, got {self.format!r}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows must be >= 1 or null, got {self.max_rows}")
 
@@ -56,8 +63,10 @@ class TrainConfig:
     loss: str = help_field("dpo", help="dpo | ipo | kto")
     beta: float = help_field(0.1, help="KL coefficient β (β/λ for a SACPO realignment stage)")
     label_smoothing: float = help_field(0.0, help="conservative DPO ε (dpo only)")
-    average_logprobs: bool = help_field(
-        False, help="length-average sequence log-probs (TRL's IPO does this; set for parity)"
+    average_logprobs: bool | None = help_field(
+        None,
+        help="length-average sequence log-probs (divide by the response's token count); None = auto: true for ipo "
+        "(as TRL's IPO, whose β then means the same), false for dpo and kto",
     )
     desirable_weight: float = help_field(1.0, help="KTO λ_D")
     undesirable_weight: float = help_field(1.0, help="KTO λ_U")
@@ -100,6 +109,11 @@ class TrainConfig:
     kl_prompts: int = help_field(16, help="held-out prompts sampled for the KL estimate (0 disables)")
     kl_samples: int = help_field(2, help="samples per KL prompt")
     kl_max_new_tokens: int = help_field(64, help="max new tokens when sampling for KL")
+    kl_budget: float | None = help_field(
+        None,
+        help="stop the stage early once the held-out KL(π‖π_ref) estimate exceeds this many nats (checked every "
+        "kl_every steps; needs kl_every > 0, kl_prompts > 0 and eval_fraction > 0); None = no budget",
+    )
     eval_fraction: float = help_field(0.1, help="fraction of prompts held out (KL prompts, eval metrics)")
     save_every: int = help_field(0, help="checkpoint every N steps for --resume (0: never)")
     cache_dir: str | None = help_field(
@@ -110,6 +124,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_train_config(self)
+
+    @property
+    def resolved_average_logprobs(self) -> bool:
+        """average_logprobs with None resolved by `resolve_average_logprobs` — what training uses."""
+        return resolve_average_logprobs(self.loss, self.average_logprobs)
+
+
+# losses whose sequence log-probs are length-averaged when average_logprobs is None (TRL's conventions)
+AVERAGED_BY_DEFAULT = frozenset({"ipo"})
+
+
+def resolve_average_logprobs(loss: str, average_logprobs: bool | None) -> bool:
+    """The one rule for `average_logprobs`: an explicit value wins; None means True for ipo, False otherwise.
+
+    TRL's DPOTrainer with loss_type="ipo" divides each sequence's log-ratio by its completion length (the IPO
+    authors' normalised form); its DPO and KTO sum. Auto matches both, so a β carries over from TRL unchanged."""
+    if average_logprobs is not None:
+        return average_logprobs
+    return loss in AVERAGED_BY_DEFAULT
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
@@ -157,6 +190,16 @@ def validate_train_config(cfg: TrainConfig) -> None:
             "KTO weights must be finite and > 0",
         ),
         (cfg.logprob_chunk >= 1, "logprob_chunk must be >= 1"),
+        (
+            cfg.kl_budget is None or (cfg.kl_budget > 0 and finite(cfg.kl_budget)),
+            f"kl_budget must be > 0 and finite (nats), or null for no budget; got {cfg.kl_budget}",
+        ),
+        (
+            cfg.kl_budget is None or (cfg.kl_every > 0 and cfg.kl_prompts > 0 and cfg.eval_fraction > 0),
+            f"kl_budget={cfg.kl_budget} needs the periodic held-out KL estimate: set kl_every > 0, kl_prompts > 0 "
+            f"and eval_fraction > 0 (got kl_every={cfg.kl_every}, kl_prompts={cfg.kl_prompts}, "
+            f"eval_fraction={cfg.eval_fraction})",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -174,13 +217,39 @@ def validate_train_config(cfg: TrainConfig) -> None:
 # these (or before they existed) is still current
 RUNTIME_ONLY_FIELDS = frozenset({"malloc_tuning"})
 
+# fields added after runs were first written, with the value that reproduces the behaviour from before they
+# existed: a saved config without the field describes the same computation as one with this value
+ADDED_FIELDS: dict[str, object] = {"kl_budget": None}
+ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields
+
+
+def comparable(fields: dict, ignore: frozenset[str] = frozenset()) -> dict:
+    """A TrainConfig as a plain dict (to_dict or a saved config.yaml), normalised for comparing computations:
+    average_logprobs resolved (None → its auto value for the loss), fields of ADDED_FIELDS at their old-behaviour
+    value dropped, the fields in `ignore` dropped. Returns a new dict."""
+    out = dict(fields)
+    out["average_logprobs"] = resolve_average_logprobs(
+        out.get("loss", "dpo"), out.get("average_logprobs", False)
+    )
+    for key, old in ADDED_FIELDS.items():
+        if key in out and out[key] == old:
+            del out[key]
+    if isinstance(out.get("data"), dict):
+        out["data"] = {
+            k: v for k, v in out["data"].items() if not (k in ADDED_DATA_FIELDS and v == ADDED_DATA_FIELDS[k])
+        }
+    for key in ignore:
+        out.pop(key, None)
+    return out
+
 
 def same_computation(saved_yaml: str, cfg: TrainConfig) -> bool:
-    """True when a run's saved config.yaml describes the same training as cfg: equal but for RUNTIME_ONLY_FIELDS."""
+    """True when a run's saved config.yaml describes the same training as cfg: equal once both are `comparable`
+    (runtime-only settings ignored, average_logprobs resolved, fields added since at their old-behaviour value).
+
+    A config saved before average_logprobs became auto holds an explicit false: still current for dpo and kto,
+    stale for ipo (which now length-averages by default)."""
     saved, current = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
     if not isinstance(saved, dict):
         return False
-    for key in RUNTIME_ONLY_FIELDS:
-        saved.pop(key, None)
-        current.pop(key, None)
-    return saved == current
+    return comparable(saved, RUNTIME_ONLY_FIELDS) == comparable(current, RUNTIME_ONLY_FIELDS)

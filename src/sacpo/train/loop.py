@@ -40,7 +40,7 @@ from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_pa
 from sacpo.models.swiglu import fuse_swiglu
 from sacpo.train import checkpoint
 from sacpo.train.allocator import tune_malloc
-from sacpo.train.config import TrainConfig
+from sacpo.train.config import TrainConfig, comparable
 from sacpo.train.kl_eval import estimate_kl
 from sacpo.train.ref_cache import reference_logps
 from sacpo.train.workspace import SweepWorkspace
@@ -56,6 +56,7 @@ class TrainResult:
     reference_pass: str  # "computed" or "cached"
     final_metrics: dict[str, float]
     shared_prompt_rows: bool = False  # paired batches ran as prompt + chosen + rejected rows (share_prompt)
+    stopped_early: dict[str, float] | None = None  # {"step", "kl", "budget"} when kl_budget stopped the stage
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,12 @@ def _prepare_data(
             f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {spec.kind}"
         )
     examples = load_examples(
-        cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
+        cfg.data.source,
+        cfg.data.format,
+        cfg.data.split,
+        cfg.data.max_rows,
+        cfg.data.skip_invalid,
+        cfg.data.drop_both_safe,
     )
     stats: Counter = Counter()
     if loss_kind == "paired":
@@ -211,6 +217,7 @@ class Stepper:
     def __init__(self, cfg: TrainConfig, data: Split, pad_id: int, accelerator: Any) -> None:
         self.cfg, self.data, self.pad_id, self.acc = cfg, data, pad_id, accelerator
         self.loss = get_loss(cfg.loss)
+        self.average = cfg.resolved_average_logprobs  # length-averaged log-probs (auto: ipo only)
         self.share: bool | None = None  # shared-prompt rows: decided at the first paired batch
 
     def _share_prompt(self, model: Any) -> bool:
@@ -231,11 +238,9 @@ class Stepper:
             pairs = [d.pairs[i] for i in idx]
             if self._share_prompt(model) and all(shares_prompt(x, y) for x, y in pairs):
                 packed = {k: v.to(self.acc.device) for k, v in pack_pairs(pairs, self.pad_id).items()}
-                logps = packed_pair_logps(model, packed, cfg.logprob_chunk, cfg.average_logprobs)  # (2b,)
+                logps = packed_pair_logps(model, packed, cfg.logprob_chunk, self.average)  # (2b,)
             else:
-                logps = sequence_logps(
-                    model, self._batch(a + b), cfg.logprob_chunk, cfg.average_logprobs
-                )  # (2b,)
+                logps = sequence_logps(model, self._batch(a + b), cfg.logprob_chunk, self.average)  # (2b,)
             chosen, rejected = logps.split(len(idx))
             kwargs = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "dpo" else {}
             out = self.loss.fn(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, **kwargs)
@@ -248,9 +253,9 @@ class Stepper:
                 "rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
             }
         else:
-            logps = sequence_logps(model, self._batch(a), cfg.logprob_chunk, cfg.average_logprobs)  # (b,)
+            logps = sequence_logps(model, self._batch(a), cfg.logprob_chunk, self.average)  # (b,)
             with torch.no_grad():
-                kl_logps = sequence_logps(model, self._batch(b), cfg.logprob_chunk, cfg.average_logprobs)
+                kl_logps = sequence_logps(model, self._batch(b), cfg.logprob_chunk, self.average)  # (b,)
             # z_ref over the whole global batch (all processes), as in KTO / TRL
             z_ref = kto_reference_point(self.acc.gather(kl_logps), self.acc.gather(ref[:, 1].contiguous()))
             desirable = d.desirable[idx].to(self.acc.device)
@@ -317,6 +322,23 @@ def _kl_eval(cfg: TrainConfig, model: Any, acc: Any, tokenizer: Any, prompts: li
     return {f"eval/{k}": v for k, v in result.items()}
 
 
+def _budget_exceeded(acc: Any, kl: float | None, budget: float, step: int) -> dict[str, float] | None:
+    """{"step", "kl", "budget"} when the main process's KL estimate exceeds `budget`, else None — on every process.
+
+    Only the main process estimates KL (`_kl_eval`); its value is broadcast so that all processes take the same
+    decision and stop at the same step (a process that went on alone would hang in its next gather). An undefined
+    estimate (NaN) does not stop the stage."""
+    value = torch.tensor([math.nan if kl is None else kl], dtype=torch.float64, device=acc.device)  # (1,)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        value = broadcast(value, from_process=0)
+    kl_main = value.item()
+    if not kl_main > budget:
+        return None
+    return {"step": step, "kl": kl_main, "budget": budget}
+
+
 @torch.no_grad()
 def _eval_loss(stepper: Stepper, model: Any, n: int, acc: Any) -> dict[str, float]:
     """Loss and reward metrics on the n held-out examples: example-weighted means, Σ_b |b|·mean_b / Σ_b |b|.
@@ -366,7 +388,7 @@ RESUME_FREE = frozenset(
 def _run_identity(cfg: TrainConfig, ref_cache: Path) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the trajectory's settings and the reference cache (which is
     keyed on the reference weights, tokenizer, encoded data and max_length)."""
-    fields = {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE}
+    fields = comparable({k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE})
     return json.loads(json.dumps({**fields, "reference_cache": ref_cache.name}))
 
 
@@ -415,7 +437,7 @@ def train(
         pairs,
         cache_dir,
         cfg.max_length,
-        cfg.average_logprobs,
+        cfg.resolved_average_logprobs,
     )
     ref_kwargs = {
         "chunk_size": cfg.logprob_chunk,
@@ -441,6 +463,11 @@ def train(
     train_data = _subset(pairs, ref.logps, desirable, train_idx)
     eval_data = _subset(pairs, ref.logps, desirable, eval_idx)
     kl_prompts = [list(p.input_ids[: p.prompt_len]) for p, _ in eval_data.pairs[: cfg.kl_prompts]]
+    if cfg.kl_budget is not None and not kl_prompts:
+        raise ConfigError(
+            f"kl_budget={cfg.kl_budget} needs held-out prompts for the KL estimate, but eval_fraction="
+            f"{cfg.eval_fraction} holds out none of the {len(pairs)} examples; raise eval_fraction"
+        )
 
     examples_per_step = cfg.batch_size * cfg.grad_accum
     batches_per_epoch = len(train_data.pairs) // cfg.batch_size
@@ -476,12 +503,13 @@ def train(
     eval_stepper = Stepper(cfg, eval_data, tokenizer.pad_token_id, acc)
     metrics_file = out / "metrics.jsonl"
     log.info(
-        "training %s: %d pairs (%d held out), %d steps of %d examples, reference pass %s",
+        "training %s: %d pairs (%d held out), %d steps of %d examples, %s log-probs, reference pass %s",
         cfg.loss,
         len(train_data.pairs),
         len(eval_data.pairs),
         total_steps,
         examples_per_step,
+        "length-averaged" if cfg.resolved_average_logprobs else "summed",
         "computed" if ref.computed else "cached",
     )
     bar = tqdm(
@@ -491,6 +519,7 @@ def train(
         disable=not (show_progress and acc.is_main_process),
     )
     last: dict[str, float] = {}
+    stopped_early: dict[str, float] | None = None
     sums: dict[str, list[torch.Tensor]] = defaultdict(list)
     for key, values in restored.pending.items():  # metrics of steps after the last record, before the crash
         sums[key] = [torch.tensor(v, dtype=torch.float32) for v in values]
@@ -524,13 +553,17 @@ def train(
         step += 1
         bar.update(1)
         is_last = step == total_steps
-        if step % cfg.log_every == 0 or is_last:
+        kl_due = cfg.kl_every > 0 and step % cfg.kl_every == 0
+        # a KL step writes a record even off the log cadence (its estimate, and the budget check, are not skipped)
+        if step % cfg.log_every == 0 or is_last or kl_due:
             record = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0]}
             record.update(_reduce(acc, sums))
             sums.clear()
-            if is_last or (cfg.kl_every and step % cfg.kl_every == 0):
+            if is_last or kl_due:
                 record.update(_eval_loss(eval_stepper, model, len(eval_data.pairs), acc))
                 record.update(_kl_eval(cfg, model, acc, tokenizer, kl_prompts, step))
+                if cfg.kl_budget is not None and not is_last:
+                    stopped_early = _budget_exceeded(acc, record.get("eval/kl"), cfg.kl_budget, step)
             last = record
             if acc.is_main_process:
                 with open(metrics_file, "a") as f:
@@ -538,6 +571,16 @@ def train(
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', float('nan')):.2f}"
                 )
+        if stopped_early is not None:
+            log.info(
+                "step %d of %d: held-out KL(π‖π_ref) estimate %.3f nats exceeds kl_budget=%g: stopping the stage "
+                "early and saving this policy",
+                step,
+                total_steps,
+                stopped_early["kl"],
+                cfg.kl_budget,
+            )
+            break
         if cfg.save_every and step % cfg.save_every == 0 and not is_last:
             checkpoint.check_weights_finite(acc, params, step, out)
             pending = {key: [float(x) for x in vals] for key, vals in sums.items()}
@@ -553,6 +596,8 @@ def train(
         "seconds": round(time.time() - started, 2),
         "num_processes": acc.num_processes,
         "shared_prompt_rows": bool(stepper.share),
+        "average_logprobs": cfg.resolved_average_logprobs,
+        "stopped_early": stopped_early,
         "final": last,
     }
     if acc.is_main_process:
@@ -560,7 +605,9 @@ def train(
     acc.wait_for_everyone()
     if workspace is not None:
         workspace.keep(acc.unwrap_model(model, keep_fp32_wrapper=False), raw_optimizer)
-    return TrainResult(out, model_dir, step, summary["reference_pass"], last, summary["shared_prompt_rows"])
+    return TrainResult(
+        out, model_dir, step, summary["reference_pass"], last, summary["shared_prompt_rows"], stopped_early
+    )
 
 
 def is_done(output_dir: str | Path) -> bool:
