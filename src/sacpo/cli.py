@@ -35,6 +35,7 @@ from sacpo.config import (
     help_field,
     load_config,
     parse_overrides,
+    to_dict,
     to_yaml,
 )
 
@@ -213,8 +214,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.help_config:
         print(f"DemoConfig fields:\n{describe(DemoConfig)}")
         return
-    cfg = from_dict(DemoConfig, deep_update({"out": args.out}, parse_overrides(args.overrides)))
-    cfg = quick(cfg) if args.quick else cfg
+    overrides = parse_overrides(args.overrides)
+    # --quick is a preset: the key=value overrides apply on top of it
+    base = to_dict(quick(DemoConfig(out=args.out))) if args.quick else {"out": args.out}
+    cfg = from_dict(DemoConfig, deep_update(base, overrides))
     summary = run_demo(cfg, show_progress=not args.quiet)
     for f in summary["findings"]:
         print(f"{'✓' if f['holds'] else '✗'} {f['claim']}\n    {f['evidence']}")

@@ -178,3 +178,33 @@ def test_is_local_versus_hub_names(tmp_path):
 
 def test_every_format_has_a_kind_matching_a_loss_kind():
     assert {spec.kind for spec in FORMATS.values()} == {"paired", "unpaired"}
+
+
+def test_drop_both_safe_keeps_only_pairs_with_an_unsafe_response(tmp_path):
+    from sacpo.data.loaders import DataError, load_examples
+
+    rows = [
+        {"prompt": "p1", "response_0": "a", "response_1": "b", "safer_response_id": 0,
+         "is_response_0_safe": True, "is_response_1_safe": True},
+        {"prompt": "p2", "response_0": "c", "response_1": "d", "safer_response_id": 1,
+         "is_response_0_safe": False, "is_response_1_safe": True},
+        {"prompt": "p3", "response_0": "e", "response_1": "f", "safer_response_id": 0,
+         "is_response_0_safe": False, "is_response_1_safe": False},
+    ]  # fmt: skip
+    path = tmp_path / "pku.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_examples(str(path), "pku_safe")) == 3
+    kept = load_examples(str(path), "pku_safe", drop_both_safe=True)
+    assert [(e.prompt, e.chosen, e.rejected) for e in kept] == [("p2", "d", "c"), ("p3", "e", "f")]
+    del rows[1]["is_response_1_safe"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"row 2.*is_response_1_safe"):
+        load_examples(str(path), "pku_safe", drop_both_safe=True)
+
+
+def test_drop_both_safe_needs_a_pku_format():
+    from sacpo.config import ConfigError
+    from sacpo.train.config import DataConfig
+
+    with pytest.raises(ConfigError, match="drop_both_safe"):
+        DataConfig(source="x.jsonl", format="trl_paired", drop_both_safe=True)

@@ -25,7 +25,7 @@ def test_label_rules():
     assert label_pair(1.0, 1.0, "argmax", 1.0, rng) is None
     # bt: the frequency of label 1 is σ(s·(u1 − u0)) = σ(2·0.5) = 0.731
     draws = [label_pair(0.0, 0.5, "bt", 2.0, rng) for _ in range(20_000)]
-    assert sum(draws) / len(draws) == pytest.approx(1 / (1 + 2.718281828 ** -1.0), abs=0.01)
+    assert sum(draws) / len(draws) == pytest.approx(1 / (1 + 2.718281828**-1.0), abs=0.01)
 
 
 def test_make_rows_schema_and_counts():
@@ -55,7 +55,7 @@ def test_make_rows_schema_and_counts():
 
 
 def test_unknown_judge_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="test.length"):
+    with pytest.raises(ValueError, match=r"test\.length"):
         get_scorer("no.such.judge")
     with pytest.raises(ConfigError):
         OnPolicyConfig(judge="test.length", label="vote")
@@ -67,16 +67,27 @@ def _cfg(model, data, out, **on_policy):
         {
             "policy": str(model),
             "output_dir": str(out),
-            "defaults": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "max_length": 64, "max_prompt_length": 32,
-                         "kl_prompts": 0},  # fmt: skip
+            "defaults": {
+                "max_steps": 2,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "max_length": 64,
+                "max_prompt_length": 32,
+                "kl_prompts": 0,
+            },
             "stages": [
                 {"name": "helpful", "data": {"source": str(data), "format": "pku_helpful"}, "beta": 0.1},
                 {
                     "name": "safe",
                     "data": {"source": str(data), "format": "pku_safe"},
                     "lam": [1.0, 2.0],
-                    "on_policy": {"judge": "test.length", "label": "argmax", "pairs_per_prompt": 2,
-                                  "max_new_tokens": 6, **on_policy},  # fmt: skip
+                    "on_policy": {
+                        "judge": "test.length",
+                        "label": "argmax",
+                        "pairs_per_prompt": 2,
+                        "max_new_tokens": 6,
+                        **on_policy,
+                    },
                 },
             ],
         },
@@ -107,9 +118,17 @@ def test_on_policy_needs_a_pku_format(tiny_model, pku_tiny, tmp_path):
     cfg = _cfg(tiny_model, pku_tiny, tmp_path / "p")
     bad = from_dict(
         PipelineConfig,
-        {**{k: v for k, v in cfg.__dict__.items() if k != "stages"},
-         "stages": [{"name": "s", "data": {"source": str(pku_tiny), "format": "trl_paired"}, "beta": 0.1,
-                     "on_policy": {"judge": "test.length"}}]},  # fmt: skip
+        {
+            **{k: v for k, v in cfg.__dict__.items() if k != "stages"},
+            "stages": [
+                {
+                    "name": "s",
+                    "data": {"source": str(pku_tiny), "format": "trl_paired"},
+                    "beta": 0.1,
+                    "on_policy": {"judge": "test.length"},
+                }
+            ],
+        },
     )
     with pytest.raises(ConfigError, match="on_policy"):
         plan(bad, tiny_model)

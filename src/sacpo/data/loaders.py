@@ -372,16 +372,46 @@ def convert_rows(
     return Loaded(examples, n, skipped)
 
 
+def without_both_safe(rows: list[dict[str, Any]], source: str = "<rows>") -> list[dict[str, Any]]:
+    """The rows that do not have two safe responses (PKU schema); a row without the flags raises `DataError`."""
+    kept = []
+    for n, row in enumerate(rows, start=1):
+        try:
+            flags = [_flag(row, f"is_response_{i}_safe") for i in (0, 1)]  # both read: a missing flag raises
+        except RowError as e:
+            raise DataError(
+                f"{source}: row {n}: {e} (data.drop_both_safe needs the PKU safety flags)"
+            ) from None
+        if not all(flags):
+            kept.append(row)
+    log.info(
+        "%s: dropped %d of %d rows whose two responses are both safe",
+        source,
+        len(rows) - len(kept),
+        len(rows),
+    )
+    if not kept:
+        raise DataError(f"{source}: every row has two safe responses; nothing left with data.drop_both_safe")
+    return kept
+
+
 def load_examples(
     source: str,
     format: str,
     split: str = "train",
     max_rows: int | None = None,
     skip_invalid: bool = False,
+    drop_both_safe: bool = False,
 ) -> list[Example]:
-    """Read `source` and convert it with `format` (see the module docstring); logs skipped rows."""
+    """Read `source` and convert it with `format` (see the module docstring); logs skipped rows.
+
+    drop_both_safe (PKU formats): leave out the rows whose two responses are both safe (is_response_0_safe and
+    is_response_1_safe true) — their safer_response_id ranks two responses the safety judgement calls equal, a
+    label that is noise for a safety preference (docs/toyworld.md: half of the toyworld's safety pairs)."""
     get_format(format)  # fail on a bad name before reading anything
     rows = load_rows(source, split, max_rows)
+    if drop_both_safe:
+        rows = without_both_safe(rows, source)
     loaded = convert_rows(rows, format, source, skip_invalid)
     if loaded.skipped:
         log.warning(

@@ -157,7 +157,9 @@ def generate_preferences(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for _ in range(cfg.pairs_per_prompt):
-            seqs = sample(model, pids, tok.eos_token_id, tok.pad_token_id, 2, cfg.max_new_tokens, batch_size=batch_size)
+            seqs = sample(
+                model, pids, tok.eos_token_id, tok.pad_token_id, 2, cfg.max_new_tokens, batch_size=batch_size
+            )
             texts = [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True).strip() for s in seqs]
             pair_prompts += prompts
             pairs += [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
@@ -170,6 +172,8 @@ def generate_preferences(
         raise ConfigError(f"on-policy data from {policy_dir}: every pair was dropped ({counts})")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_text(meta_path, json.dumps({"key": key, "policy": str(policy_dir), "judge": cfg.judge, **counts}, indent=1))
+    atomic_write_text(
+        meta_path, json.dumps({"key": key, "policy": str(policy_dir), "judge": cfg.judge, **counts}, indent=1)
+    )
     log.info("on-policy data from %s judged by %s: %s", policy_dir, cfg.judge, counts)
     return data_path

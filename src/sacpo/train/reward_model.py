@@ -438,7 +438,12 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     examples = load_examples(
-        cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_rows, cfg.data.skip_invalid
+        cfg.data.source,
+        cfg.data.format,
+        cfg.data.split,
+        cfg.data.max_rows,
+        cfg.data.skip_invalid,
+        cfg.data.drop_both_safe,
     )
     pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
     train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
