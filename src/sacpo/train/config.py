@@ -35,6 +35,14 @@ class DataConfig:
         if self.max_rows is not None and self.max_rows < 1:
             raise ConfigError(f"data.max_rows must be >= 1 or null, got {self.max_rows}")
 
+    def load(self) -> list:
+        """The records of this data: `sacpo.data.loaders.load_examples` with every field of this config."""
+        from sacpo.data.loaders import load_examples
+
+        return load_examples(
+            self.source, self.format, self.split, self.max_rows, self.skip_invalid, self.drop_both_safe
+        )
+
 
 @dataclass(frozen=True)
 class LoraSettings:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, to_dict, to_yaml
-from sacpo.data.loaders import DataError, get_format, load_examples
+from sacpo.data.loaders import DataError, get_format
 from sacpo.data.tokenize import (
     Encoded,
     encode_binary,
@@ -87,14 +87,7 @@ def _prepare_data(
         raise ConfigError(
             f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {spec.kind}"
         )
-    examples = load_examples(
-        cfg.data.source,
-        cfg.data.format,
-        cfg.data.split,
-        cfg.data.max_rows,
-        cfg.data.skip_invalid,
-        cfg.data.drop_both_safe,
-    )
+    examples = cfg.data.load()
     stats: Counter = Counter()
     if loss_kind == "paired":
         pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, help_field, to_yaml
-from sacpo.data.loaders import get_format, load_examples
+from sacpo.data.loaders import get_format
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode, encode_paired, encode_prompt, pad_sequences
 from sacpo.models.load import ModelLoadError, check_model_dir, fingerprint_tokenizer, load_tokenizer
@@ -437,14 +437,7 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     started = time.time()
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    examples = load_examples(
-        cfg.data.source,
-        cfg.data.format,
-        cfg.data.split,
-        cfg.data.max_rows,
-        cfg.data.skip_invalid,
-        cfg.data.drop_both_safe,
-    )
+    examples = cfg.data.load()
     pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
     train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
     train_pairs, eval_pairs = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
