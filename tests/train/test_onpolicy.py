@@ -112,6 +112,12 @@ def test_pipeline_stage_regenerates_its_pairs_from_its_parent(tiny_model, pku_ti
     stamp = data.stat().st_mtime_ns
     run_pipeline(cfg, show_progress=False, force=True)  # same parent weights: the data is reused
     assert data.stat().st_mtime_ns == stamp
+    # a finished branch is stale once its on-policy settings change (the data path alone does not say so)
+    changed = run_pipeline(
+        _cfg(tiny_model, pku_tiny, tmp_path / "p", pairs_per_prompt=1), show_progress=False
+    )
+    assert changed["reference_passes"]["skipped_stages"] == 1  # helpful only: both safe branches retrained
+    assert json.loads((data.parent / "onpolicy.json").read_text())["settings"]["pairs_per_prompt"] == 1
 
 
 def test_on_policy_needs_a_pku_format(tiny_model, pku_tiny, tmp_path):

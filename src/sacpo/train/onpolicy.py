@@ -115,6 +115,15 @@ def make_rows(
     return rows, counts
 
 
+def made_with(data_file: str | Path, cfg: OnPolicyConfig) -> bool:
+    """Whether the on-policy data at data_file was generated with these settings (its onpolicy.json says so)."""
+    meta = Path(data_file).with_name(META_FILE)
+    try:
+        return json.loads(meta.read_text()).get("settings") == asdict(cfg)
+    except (OSError, ValueError):
+        return False
+
+
 def generate_preferences(
     policy_dir: str | Path,
     prompts: Sequence[Prompt],
@@ -173,7 +182,11 @@ def generate_preferences(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_text(
-        meta_path, json.dumps({"key": key, "policy": str(policy_dir), "judge": cfg.judge, **counts}, indent=1)
+        meta_path,
+        json.dumps(
+            {"key": key, "policy": str(policy_dir), "judge": cfg.judge, "settings": asdict(cfg), **counts},
+            indent=1,
+        ),
     )
     log.info("on-policy data from %s judged by %s: %s", policy_dir, cfg.judge, counts)
     return data_path

@@ -23,7 +23,7 @@ from sacpo.models.resolve import resolve_policy
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
-from sacpo.train.onpolicy import LABEL_FIELDS, OnPolicyConfig, generate_preferences
+from sacpo.train.onpolicy import LABEL_FIELDS, OnPolicyConfig, generate_preferences, made_with
 from sacpo.train.workspace import SweepWorkspace
 
 log = logging.getLogger("sacpo.pipeline")
@@ -205,6 +205,13 @@ def _stale(br: Branch, parent: Branch) -> str | None:
     config = run_dir / "config.yaml"
     if not config.is_file() or not same_computation(config.read_text(), br.train):
         return "its config changed"
+    on_policy = br.stage_cfg.on_policy if br.stage_cfg is not None else None
+    if on_policy is not None:
+        data = Path(br.train.data.source)
+        if not made_with(data, on_policy):
+            return "its on-policy data settings changed"
+        if data.stat().st_mtime_ns > (run_dir / DONE).stat().st_mtime_ns:
+            return "its on-policy data was regenerated after it (by a sibling branch)"
     if parent.train is not None:
         parent_done = Path(parent.train.output_dir) / DONE
         if parent_done.stat().st_mtime_ns > (run_dir / DONE).stat().st_mtime_ns:
