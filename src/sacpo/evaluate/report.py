@@ -562,7 +562,15 @@ def _optimum_note(results: Sequence[ModelMetrics]) -> str:
     if not rows:
         return ""
     ess = ", ".join(f"{m.name} {_num(m.extra.get('ess'), 0)}" for m in rows)
-    return f"{OPTIMUM_NOTE} Effective sample size of the estimate (mean over prompts): {ess}."
+    note = f"{OPTIMUM_NOTE} Effective sample size of the estimate (mean over prompts): {ess}."
+    limit = [m for m in rows if m.extra.get("bon_limit") is not None]
+    if limit:  # best-of-n of the SFT samples on r + λg: where the frontier goes as β → 0
+        note += (
+            " β → 0 limit (best-of-n of the SFT samples on r + λg, mean over prompts): "
+            + ", ".join(f"λ = {_num(m.extra.get('lam'), 2)}: {_num(m.extra['bon_limit'])}" for m in limit)
+            + "."
+        )
+    return note
 
 
 def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_note="") -> str:

@@ -247,7 +247,7 @@ def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     from sacpo.evaluate.config import get_oracle
     from sacpo.evaluate.optimum import estimate_optimum, sample_pool
     from sacpo.evaluate.report import check_findings, write_report
-    from sacpo.evaluate.run import evaluate_models, specs_from_pipeline
+    from sacpo.evaluate.run import RESULTS_FILE, evaluate_models, save_results, specs_from_pipeline
     from sacpo.train.pipeline import run_pipeline
     from sacpo.train.reward_model import RewardModelScorer
     from sacpo.worlds.toyworld.build import build_world
@@ -322,6 +322,10 @@ def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     times["optimum"] = time.perf_counter() - t
 
     main = [m for m in evaluated if not m.family.startswith(ARM_PREFIX)] + optimum
+    # results.json holds what the report shows (so `sacpo report` rebuilds it, π* included); the arms go apart
+    save_results(main, out / "eval" / RESULTS_FILE)
+    if cfg.ablations:
+        save_results([m for m in evaluated if m.family.startswith(ARM_PREFIX)], out / "eval" / "ablations.json")
     findings = check_findings(main, b=cfg.b)
     ablation_md = None
     if cfg.ablations:
