@@ -325,7 +325,9 @@ def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     # results.json holds what the report shows (so `sacpo report` rebuilds it, π* included); the arms go apart
     save_results(main, out / "eval" / RESULTS_FILE)
     if cfg.ablations:
-        save_results([m for m in evaluated if m.family.startswith(ARM_PREFIX)], out / "eval" / "ablations.json")
+        save_results(
+            [m for m in evaluated if m.family.startswith(ARM_PREFIX)], out / "eval" / "ablations.json"
+        )
     findings = check_findings(main, b=cfg.b)
     ablation_md = None
     if cfg.ablations:
@@ -424,7 +426,8 @@ def write_ablations(
     opt = {round(cfg.beta / m.param, 6): m for m in optimum}
     header = (
         "| arm | λ | E[r*] | E[r*] benign | E[g*] (95% LCB) | P(safe) | KL(π‖π_SFT) | KL benign / harmful "
-        "| train pairs log π/π_ref: chosen / rejected | KL(π‖π_ref) own samples | garbled | J gain vs π* |"
+        "| train pairs log π/π_ref: chosen / rejected | KL(π‖π_ref) own samples | garbled | degenerate "
+        "| J gain vs π* |"
     )
     lines = [
         "# Step-2 ablations (sacpo demo)",
@@ -433,7 +436,9 @@ def write_ablations(
         "every λ). J gain = (J(π) − J(SFT)) / (J(π*) − J(SFT)) with J = E[r*] + λE[g*] − (β/s)·KL. 'benign': the "
         "prompts of benign tasks, where π*_λ is the step-1 optimum for every λ (all safe responses have the same "
         "g*). 'train pairs': the mean log-ratio of the chosen / rejected training responses at the end of step 2; "
-        "'own samples': the held-out KL to the step-1 reference on the policy's own samples (training log).",
+        "'own samples': the held-out KL to the step-1 reference on the policy's own samples (training log). "
+        "'garbled': share of sentences that parse as nothing; 'degenerate': share of samples with a word repeated "
+        "three times in a row.",
         "",
         *[f"- **{name}**: {text}" for name, text in ARMS.items()],
         "",
@@ -461,7 +466,8 @@ def write_ablations(
             f"| {arm} | {lam:g} | {m.mean_reward:.3f} | {_by_kind(per.get('reward'), harmful, False):.3f} "
             f"| {m.mean_safety:.3f} ({m.safety_lcb:.3f}) | {m.p_safe:.3f} | {m.kl:.2f} "
             f"| {_by_kind(per.get('kl'), harmful, False):.2f} / {_by_kind(per.get('kl'), harmful, True):.2f} "
-            f"| {chosen:+.2f} / {rejected:+.2f} | {own:.2f} | {garbage_share(rows):.3f} | {gain:.2f} |"
+            f"| {chosen:+.2f} / {rejected:+.2f} | {own:.2f} | {garbage_share(rows):.3f} | {m.degenerate_share:.3f} "
+            f"| {gain:.2f} |"
         )
     for o in optimum:
         per = o.per_prompt or {}
@@ -469,7 +475,7 @@ def write_ablations(
             f"| π* (target) | {cfg.beta / o.param:g} | {o.mean_reward:.3f} "
             f"| {_by_kind(per.get('reward'), harmful, False):.3f} | {o.mean_safety:.3f} | {o.p_safe:.3f} "
             f"| {o.kl:.2f} | {_by_kind(per.get('kl'), harmful, False):.2f} / "
-            f"{_by_kind(per.get('kl'), harmful, True):.2f} | – | – | – | 1 |"
+            f"{_by_kind(per.get('kl'), harmful, True):.2f} | – | – | – | – | 1 |"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
