@@ -12,7 +12,8 @@ Each λ becomes one `ModelMetrics` row of family "optimum" with param β/λ (the
 the target of) and extra = {lam, beta, bt_scale, objective, ess, ess_min, bon_limit}: bon_limit is the mean over
 prompts of max_i (r_i + λg_i) over the SFT samples — best-of-n_sft, the β → 0 end of the frontier. The pool
 (token ids, log-densities, scores) is cached in <out_dir>/pool.pt under a content key, so a report rebuilt with
-other λ values reuses it.
+other λ values reuses it. Responses are cut at max_new_tokens as in the evaluation, so π* lives on the same space of
+(possibly cut) responses the trained models are scored on: a cut response stands for all its continuations.
 """
 
 from __future__ import annotations
