@@ -45,7 +45,13 @@ from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.models.generate import sample
-from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model, load_tokenizer
+from sacpo.models.load import (
+    default_device,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    load_model,
+    load_tokenizer,
+)
 from sacpo.models.logprobs import sequence_logps
 
 log = logging.getLogger("sacpo.evaluate")
@@ -192,10 +198,6 @@ def _cached(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str
         log.warning("%s: samples cache has %d rows, expected %d; regenerating", out, len(rows), n_rows)
         return None
     return rows, meta
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def max_positions(model: Any) -> int | None:

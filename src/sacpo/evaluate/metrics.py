@@ -153,6 +153,14 @@ def bootstrap_lower_bound(
     return NAN if boot is None else float(np.quantile(boot, alpha))
 
 
+def _mean_with_ci(v: np.ndarray, n_boot: int, seed: int, alpha: float, clusters: Clusters) -> Interval:
+    """(mean, lo, hi) of prompt-level values v (P,) with `bootstrap_ci`'s interval; all NaN for no prompts."""
+    if v.size == 0:
+        return NAN, NAN, NAN
+    lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
+    return float(v.mean()), lo, hi
+
+
 def paired_difference(
     a: ArrayLike,
     b: ArrayLike,
@@ -171,11 +179,7 @@ def paired_difference(
     x, y = per_prompt(a, "a"), per_prompt(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"paired values must have the same number of prompts, got {x.shape} and {y.shape}")
-    d = x - y  # (P,)
-    if d.size == 0:
-        return NAN, NAN, NAN
-    lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
-    return float(d.mean()), lo, hi
+    return _mean_with_ci(x - y, n_boot, seed, alpha, clusters)
 
 
 def outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
@@ -183,6 +187,11 @@ def outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     x, y = _as_array(a, "a"), _as_array(b, "b")
     if x.shape != y.shape:
         raise ValueError(f"paired scores must have the same shape, got {x.shape} and {y.shape}")
+    return _outcome(x, y)
+
+
+def _outcome(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """1[x > y] + ½·1[x = y], broadcast; non-finite scores raise."""
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("scores contain NaN or inf: a win rate of undefined scores is undefined")
     return (x > y).astype(np.float64) + 0.5 * (x == y)
@@ -204,11 +213,7 @@ def win_rate(
     The interval resamples prompts, or whole clusters (`bootstrap_ci`). Example: a = [1, 2, 3], b = [1, 1, 4] →
     (½ + 1 + 0)/3 = 0.5. Returns (rate, lo, hi); all NaN for no prompts, CI NaN for one.
     """
-    w = per_prompt(outcomes(a, b))  # (P,)
-    if w.size == 0:
-        return NAN, NAN, NAN
-    lo, hi = bootstrap_ci(w, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
-    return float(w.mean()), lo, hi
+    return _mean_with_ci(per_prompt(outcomes(a, b)), n_boot, seed, alpha, clusters)
 
 
 def cross_outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
@@ -223,11 +228,7 @@ def cross_outcomes(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     y = y[:, None] if y.ndim == 1 else y  # (P, S')
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"cross pairs need the same prompts, got {x.shape[0]} and {y.shape[0]} rows")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("scores contain NaN or inf: a win rate of undefined scores is undefined")
-    xx, yy = x[:, :, None], y[:, None, :]  # (P, S, 1), (P, 1, S')
-    o = (xx > yy).astype(np.float64) + 0.5 * (xx == yy)  # (P, S, S')
-    return o.mean(axis=(1, 2))  # (P,)
+    return _outcome(x[:, :, None], y[:, None, :]).mean(axis=(1, 2))  # (P, S, S') → (P,)
 
 
 def cross_win_rate(
@@ -244,11 +245,7 @@ def cross_win_rate(
     with a bootstrap CI over prompts or clusters of prompts (`bootstrap_ci`). A sample set against itself gives
     exactly ½ (outcome(x, y) + outcome(y, x) = 1). Returns (rate, lo, hi); all NaN for no prompts.
     """
-    u = cross_outcomes(a, b)  # (P,)
-    if u.size == 0:
-        return NAN, NAN, NAN
-    lo, hi = bootstrap_ci(u, n_boot=n_boot, seed=seed, alpha=alpha, clusters=clusters)
-    return float(u.mean()), lo, hi
+    return _mean_with_ci(cross_outcomes(a, b), n_boot, seed, alpha, clusters)
 
 
 def mean_and_stderr(values: ArrayLike, clusters: Clusters = None) -> tuple[float, float]:

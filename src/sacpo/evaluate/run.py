@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,6 @@ import torch
 from sacpo.data.records import Prompt
 from sacpo.evaluate.generate import (
     SampleRow,
-    default_device,
     generate_samples,
     prompt_id,
     read_samples,
@@ -60,6 +60,7 @@ from sacpo.evaluate.metrics import (
     kl_estimate,
     mean_and_stderr,
 )
+from sacpo.models.load import default_device
 
 log = logging.getLogger("sacpo.evaluate")
 
@@ -268,9 +269,7 @@ def clustering_record(clusters: ClusterSpec, labels: list[str] | None) -> dict[s
     clusters and their sizes."""
     if labels is None:
         return {"by": "prompt", "n_clusters": None}
-    sizes: dict[str, int] = {}
-    for c in labels:
-        sizes[c] = sizes.get(c, 0) + 1
+    sizes = dict(Counter(labels))
     return {
         "by": _describe(clusters) if callable(clusters) else "labels",
         "n_clusters": len(sizes),

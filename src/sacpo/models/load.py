@@ -41,6 +41,11 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def default_device() -> str:
+    """ "cuda" when a GPU is visible, else "cpu" — where inference-only work (sampling, scoring) runs by default."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Any:
     """AutoModelForCausalLM from a local directory with safetensors weights only."""
     from transformers import AutoModelForCausalLM

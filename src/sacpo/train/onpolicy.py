@@ -142,7 +142,7 @@ def generate_preferences(
     from sacpo.data.tokenize import encode_prompt
     from sacpo.fsutil import atomic_write_text
     from sacpo.models.generate import sample
-    from sacpo.models.load import fingerprint_model, load_model, load_tokenizer
+    from sacpo.models.load import default_device, fingerprint_model, load_model, load_tokenizer
     from sacpo.scoring import get_scorer
 
     prompts = unique_prompts(prompts)
@@ -158,7 +158,7 @@ def generate_preferences(
         log.info("on-policy data: reusing %s", data_path)
         return data_path
     scorer = get_scorer(cfg.judge)  # fail on an unknown judge before sampling
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     tok = load_tokenizer(policy_dir)
     model = load_model(policy_dir).to(device).eval()
     pids = [encode_prompt(tok, p, max_prompt_length) for p in prompts]

@@ -231,13 +231,11 @@ def _families() -> dict[str, str]:
 
 def _with_lambda_params(specs: dict[str, Any]) -> dict[str, Any]:
     """Safety-first step 2 trains at β for every λ: label its branches by their parent's β/λ instead."""
-    from dataclasses import replace as dc_replace
-
     out = {}
     for name, spec in specs.items():
         parent, sep, _ = name.partition("+arm_safety_first_helpful")
         if sep and parent in specs:
-            spec = dc_replace(spec, param=specs[parent].param)
+            spec = replace(spec, param=specs[parent].param)
         out[name] = spec
     return out
 
@@ -369,11 +367,11 @@ def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def garbage_share(rows: list[dict[str, Any]]) -> float:
+def garbage_share(responses: list[str]) -> float:
     """Share of the toyworld sentences in the responses that parse as nothing (garbled text)."""
     from sacpo.worlds.toyworld.oracle import parse
 
-    kinds = [k for r in rows for k in parse(r["response"]).kinds]
+    kinds = [k for y in responses for k in parse(y).kinds]
     return sum(k == "garbage" for k in kinds) / len(kinds) if kinds else float("nan")
 
 
@@ -450,8 +448,8 @@ def write_ablations(
             continue
         arm = "default" if m.family == "sacpo" else m.family[len(ARM_PREFIX) :]
         lam = round(cfg.beta / m.param, 6)
-        rows = [
-            r.to_json() for r in read_samples(path.parent / "samples" / safe_name(m.name) / "samples.jsonl")
+        responses = [
+            r.response for r in read_samples(path.parent / "samples" / safe_name(m.name) / "samples.jsonl")
         ]
         gain = float("nan")
         if lam in opt:
@@ -466,8 +464,8 @@ def write_ablations(
             f"| {arm} | {lam:g} | {m.mean_reward:.3f} | {_by_kind(per.get('reward'), harmful, False):.3f} "
             f"| {m.mean_safety:.3f} ({m.safety_lcb:.3f}) | {m.p_safe:.3f} | {m.kl:.2f} "
             f"| {_by_kind(per.get('kl'), harmful, False):.2f} / {_by_kind(per.get('kl'), harmful, True):.2f} "
-            f"| {chosen:+.2f} / {rejected:+.2f} | {own:.2f} | {garbage_share(rows):.3f} | {m.degenerate_share:.3f} "
-            f"| {gain:.2f} |"
+            f"| {chosen:+.2f} / {rejected:+.2f} | {own:.2f} | {garbage_share(responses):.3f} "
+            f"| {m.degenerate_share:.3f} | {gain:.2f} |"
         )
     for o in optimum:
         per = o.per_prompt or {}
