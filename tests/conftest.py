@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import sacpo.worlds.toyworld  # noqa: F401  (registers the toyworld's scorers, oracle and clustering)
+
 ASSETS = Path(__file__).parent / "assets"
 PKU_TINY = ASSETS / "pku_tiny.jsonl"
 

@@ -5,17 +5,9 @@ import json
 import pytest
 
 from sacpo.config import ConfigError, from_dict
-from sacpo.evaluate.config import (
-    EvalConfig,
-    get_clustering,
-    get_oracle,
-    load_prompts,
-    model_specs,
-    register_clustering,
-    report_from_dir,
-    run_eval,
-    toyworld_task,
-)
+from sacpo.evaluate.config import EvalConfig, load_prompts, model_specs, report_from_dir, run_eval
+from sacpo.scoring import get_clustering, get_oracle, register_clustering
+from sacpo.worlds.toyworld import toyworld_task
 
 
 def test_run_eval_and_report_from_dir(tiny_model, other_model, tmp_path):

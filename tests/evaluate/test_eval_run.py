@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from sacpo.evaluate.generate import stream_seed
-from sacpo.evaluate.judge import FunctionScorer, Scorer, run_scorer
 from sacpo.evaluate.report import write_report
 from sacpo.evaluate.run import ModelSpec, evaluate_models, load_results, resolve_clusters, specs_from_pipeline
+from sacpo.scoring.base import FunctionScorer, Scorer, run_scorer
 
 PROMPTS = ["Hello", "How are you?", "Tell me a joke", "What is 2+2?"]
 LENGTH = FunctionScorer("length", lambda p, y: float(len(y)))  # "helpfulness": longer is better

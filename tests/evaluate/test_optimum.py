@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sacpo.data.tokenize import encode_prompt
-from sacpo.evaluate.judge import FunctionScorer
 from sacpo.evaluate.optimum import OPTIMUM_FAMILY, estimate_optimum, sample_pool
 from sacpo.models.load import load_model, load_tokenizer
+from sacpo.scoring.base import FunctionScorer
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke."]
 

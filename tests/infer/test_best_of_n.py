@@ -19,7 +19,6 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.evaluate.generate import read_samples
-from sacpo.evaluate.judge import FunctionScorer
 from sacpo.evaluate.run import load_results
 from sacpo.infer import best_of_n as bon
 from sacpo.infer.best_of_n import (
@@ -36,6 +35,7 @@ from sacpo.infer.best_of_n import (
 )
 from sacpo.infer.sample import base_logps
 from sacpo.math.bon import bon_kl_bound, bon_pmf, bon_win_rate_exact
+from sacpo.scoring.base import FunctionScorer
 
 D = torch.float64
 

@@ -10,17 +10,12 @@ from safetensors.torch import load_file
 
 from sacpo.config import ConfigError, from_dict, load_config
 from sacpo.data.loaders import load_examples
+from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
 from sacpo.models.load import ModelLoadError
+from sacpo.models.reward import sequence_scores
+from sacpo.scoring.reward_model import RewardModelScorer
 from sacpo.train.loop import split_indices
-from sacpo.train.reward_model import (
-    RewardConfig,
-    RewardModelScorer,
-    aggregate_scores,
-    bradley_terry_loss,
-    pairwise_accuracy,
-    sequence_scores,
-    train_reward_model,
-)
+from sacpo.train.reward_model import RewardConfig, train_reward_model
 
 FAST = {
     "max_steps": 24,

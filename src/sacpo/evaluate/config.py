@@ -5,98 +5,29 @@
     report_from_dir("runs/eval")       # rebuild the report from results.json (no model loaded)
 
 Models come from `models` (name → {dir | samples, family, param}) and/or a pipeline's pipeline.json (`pipeline`,
-families by stage/merge name in `families`). Oracles are code, looked up in ORACLES (unknown names list the valid
-ones); `register_oracle` adds one. Prompt clusterings (which prompts are paraphrases of one task: the bootstrap
-resamples whole clusters) are looked up in CLUSTERINGS, or come with the oracle (`Oracle.cluster`).
+families by stage/merge name in `families`). Oracles and prompt clusterings (which prompts are paraphrases of one
+task: the bootstrap resamples whole clusters) are looked up by name in `sacpo.scoring` (unknown names list the
+valid ones), or the clustering comes with the oracle (`Oracle.cluster`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from sacpo.config import ConfigError, help_field, to_yaml
 from sacpo.data.prompts import load_prompts
-from sacpo.data.records import Prompt
 from sacpo.evaluate.generate import write_json
-from sacpo.evaluate.judge import FunctionScorer, Scorer
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.report import check_findings, write_report
 from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_results, specs_from_pipeline
-
-
-class Oracle(NamedTuple):
-    """Gold scorers: helpfulness r (higher better), safety g (higher safer), optionally is_safe(x, y), and
-    optionally the world's prompt clustering cluster(x) → label (prompts of one label are paraphrases)."""
-
-    reward: Scorer
-    safety: Scorer
-    is_safe: Callable[[Prompt, str], bool] | None = None
-    cluster: Callable[[Prompt], str] | None = None
-
-
-def toyworld_task(prompt: Prompt) -> str:
-    """The toyworld task a prompt asks about (its 4 paraphrases share it): the toyworld's cluster label."""
-    from sacpo.worlds.toyworld.language import task_of
-
-    if not isinstance(prompt, str):
-        raise ValueError("toyworld prompts are plain strings")
-    return task_of(prompt).phrase
-
-
-def _toyworld() -> Oracle:
-    from sacpo.worlds.toyworld import oracle
-
-    return Oracle(
-        FunctionScorer("toyworld r*", oracle.gold_reward),
-        FunctionScorer("toyworld g*", oracle.gold_safety),
-        oracle.is_safe,
-        toyworld_task,
-    )
-
-
-ORACLES: dict[str, Callable[[], Oracle]] = {"toyworld": _toyworld}
-# Prompt clusterings by name (EvalConfig.clusters); "oracle" and "prompt" are reserved (see EvalConfig).
-CLUSTERINGS: dict[str, Callable[[Prompt], str]] = {"toyworld-task": toyworld_task}
-
-
-def register_oracle(name: str, factory: Callable[[], Oracle]) -> None:
-    """Make an oracle available to EvalConfig.oracle (the factory runs when an evaluation needs it)."""
-    ORACLES[name] = factory
-
-
-def register_clustering(name: str, fn: Callable[[Prompt], str]) -> None:
-    """Make a prompt clustering available to EvalConfig.clusters."""
-    if name in ("oracle", "prompt"):
-        raise ConfigError(f"{name!r} is reserved in EvalConfig.clusters")
-    CLUSTERINGS[name] = fn
-
-
-def get_clustering(name: str, oracle: Oracle) -> Callable[[Prompt], str] | None:
-    """The clustering EvalConfig.clusters names: "oracle" → the oracle's own (None if it has none), "prompt" →
-    None (every prompt its own cluster), else CLUSTERINGS[name]."""
-    if name == "oracle":
-        return oracle.cluster
-    if name == "prompt":
-        return None
-    try:
-        return CLUSTERINGS[name]
-    except KeyError:
-        valid = ", ".join(["oracle", "prompt", *sorted(CLUSTERINGS)])
-        raise ConfigError(f"unknown clusters {name!r}; valid: {valid}") from None
-
-
-def get_oracle(name: str) -> Oracle:
-    try:
-        factory = ORACLES[name]
-    except KeyError:
-        raise ConfigError(f"unknown oracle {name!r}; valid: {', '.join(sorted(ORACLES))}") from None
-    return factory()
-
+from sacpo.scoring import (
+    get_clustering,
+    get_oracle,
+)
 
 # Families of the stage / merge names used by configs/pipeline_tiny.yaml and `sacpo demo`.
 DEFAULT_FAMILIES = {
@@ -133,7 +64,9 @@ class EvalConfig:
         help="inference-result directories with a results.json (`sacpo bon` / `sacpo cd` outputs) drawn in the "
         "report next to the evaluated models (each keeps its own KL kind and its own base samples)",
     )
-    oracle: str = help_field("toyworld", help="gold reward / safety scorers by name (ORACLES)")
+    oracle: str = help_field(
+        "toyworld", help="gold reward / safety scorers by name (`sacpo.scoring` oracles)"
+    )
     b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
     max_prompts: int | None = help_field(None, help="evaluate the first N prompts only")
@@ -148,7 +81,7 @@ class EvalConfig:
     clusters: str = help_field(
         "oracle",
         help="prompt clusters the bootstrap resamples whole: 'oracle' = the oracle's own (toyworld: the task, 4 "
-        "paraphrases each), 'prompt' = none (each prompt alone), or a name in CLUSTERINGS",
+        "paraphrases each), 'prompt' = none (each prompt alone), or a registered clustering name",
     )
     batch_size: int = help_field(16, help="prompts per generation batch / sequences per log-prob batch")
     max_prompt_length: int = help_field(256, help="prompts are left-truncated to this many tokens")

@@ -32,10 +32,10 @@ import torch
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
 from sacpo.evaluate.generate import sequence_logps_batched
-from sacpo.evaluate.judge import Scorer, run_scorer
 from sacpo.evaluate.metrics import ModelMetrics, bootstrap_ci, mean_and_stderr
 from sacpo.math.optimum import log_mixture_density, optimum_objective, tilted_estimate, weighted_win_rate
 from sacpo.models.load import default_device
+from sacpo.scoring.base import Scorer, run_scorer
 
 log = logging.getLogger("sacpo.optimum")
 

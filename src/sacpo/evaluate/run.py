@@ -47,7 +47,6 @@ from sacpo.evaluate.generate import (
     write_json,
     write_jsonl,
 )
-from sacpo.evaluate.judge import Scorer, run_scorer
 from sacpo.evaluate.metrics import (
     NAN,
     ModelMetrics,
@@ -61,6 +60,7 @@ from sacpo.evaluate.metrics import (
     mean_and_stderr,
 )
 from sacpo.models.load import default_device
+from sacpo.scoring.base import Scorer, run_scorer
 
 log = logging.getLogger("sacpo.evaluate")
 

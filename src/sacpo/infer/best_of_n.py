@@ -97,7 +97,7 @@ Scorer = Callable[[Sequence[Prompt], Sequence[str]], torch.Tensor]  # with a .na
 # ------------------------------------------------------------------------------------------------ registries
 def _function_scorer(name: str, attr: str) -> Callable[[], Any]:
     def make() -> Any:
-        from sacpo.evaluate.judge import FunctionScorer
+        from sacpo.scoring.base import FunctionScorer
         from sacpo.worlds.toyworld import oracle
 
         return FunctionScorer(name, getattr(oracle, attr))
@@ -154,7 +154,7 @@ def resolve_scorer(spec: str | list[str], aggregate: str = "mean", device: str |
     items = _spec_list(spec)
     if len(items) == 1 and items[0] in SCORERS:
         return SCORERS[items[0]]()
-    from sacpo.train.reward_model import RewardModelScorer
+    from sacpo.scoring.reward_model import RewardModelScorer
 
     return RewardModelScorer(items, aggregate=aggregate, device=device, view="score")
 

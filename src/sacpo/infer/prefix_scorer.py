@@ -94,7 +94,7 @@ def decode_response(tokenizer: Any, response_ids: Sequence[int], eos_id: int) ->
 # ------------------------------------------------------------------------------------------------ reward specs
 @dataclass(frozen=True)
 class _FunctionReward:
-    """A scorer (the `sacpo.evaluate.judge.Scorer` protocol) from fn(prompt, response) -> float."""
+    """A scorer (the `sacpo.scoring.base.Scorer` protocol) from fn(prompt, response) -> float."""
 
     name: str
     fn: Callable[[Prompt, str], float]
@@ -132,7 +132,7 @@ def resolve_reward(spec: str, device: str | torch.device | None = None) -> Any:
     check_reward_spec(spec)
     if spec in REWARDS:
         return REWARDS[spec]()
-    from sacpo.train.reward_model import RewardModelScorer
+    from sacpo.scoring.reward_model import RewardModelScorer
 
     return RewardModelScorer(spec, device=resolve_device(device))
 
@@ -178,7 +178,7 @@ class PrefixScorer:
     @classmethod
     def from_base(cls, base_dir: str | Path, tokenizer: Any, seed: int = 0) -> PrefixScorer:
         """A fresh scorer: backbone = the base model's weights, head initialised from `seed`."""
-        from sacpo.train.reward_model import build_reward_model
+        from sacpo.models.reward import build_reward_model
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

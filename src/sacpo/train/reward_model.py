@@ -40,28 +40,24 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, help_field, to_yaml
 from sacpo.data.loaders import get_format
-from sacpo.data.records import Prompt
-from sacpo.data.tokenize import Encoded, encode, encode_paired, encode_prompt, pad_sequences
-from sacpo.models.load import ModelLoadError, check_model_dir, fingerprint_tokenizer, load_tokenizer
+from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
+from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
+from sacpo.models.load import check_model_dir, load_tokenizer
+from sacpo.models.reward import META_FILE, build_reward_model, score_encoded, sequence_scores
 from sacpo.train.config import DataConfig
 
 log = logging.getLogger("sacpo.reward")
 
-META_FILE = "reward_model.json"
 KINDS = ("auto", "reward", "cost")
-AGGREGATES = ("mean", "min", "max", "pessimistic")
-VIEWS = ("auto", "score", "reward", "cost")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -152,89 +148,7 @@ def resolve_kind(cfg: RewardConfig) -> str:
     return "cost" if cfg.data.format == "pku_safe" else "reward"
 
 
-# ------------------------------------------------------------------------------------------------------- maths
-def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
-    """Bradley–Terry negative log-likelihood (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1).
-
-    P(y_w ≻ y_l | x) = σ(s_w − s_l),  L = −log σ(s_w − s_l) = softplus(s_l − s_w)
-
-    chosen_scores, rejected_scores: (B,) → unreduced losses (B,).
-    """
-    return -F.logsigmoid(chosen_scores - rejected_scores)  # (B,)
-
-
-def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float | None:
-    """Fraction of pairs ranked correctly, mean of 1[s_w > s_l] + ½·1[s_w = s_l]; None when there are no pairs
-    (undefined, not 0)."""
-    if chosen_scores.numel() == 0:
-        return None
-    wins = (chosen_scores > rejected_scores).double() + 0.5 * (chosen_scores == rejected_scores).double()
-    return wins.mean().item()
-
-
-def aggregate_scores(member_scores: torch.Tensor, aggregate: str) -> torch.Tensor:
-    """(k, N) member values → (N,) by mean, min or max over members."""
-    if aggregate == "mean":
-        return member_scores.mean(0)
-    if aggregate == "min":
-        return member_scores.min(0).values
-    if aggregate == "max":
-        return member_scores.max(0).values
-    raise ValueError(f"unknown aggregate {aggregate!r}; valid: mean, min, max")
-
-
-# ------------------------------------------------------------------------------------------------------ models
-def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Head output at the last attended token of each right-padded row.
-
-    input_ids, attention_mask: (N, T) → scores (N,) float32. Runs the backbone (`model.base_model`) and applies
-    the scalar head (`model.score`) only at the pooled positions.
-    """
-    head = getattr(model, "score", None)
-    if head is None:
-        raise ModelLoadError(f"{type(model).__name__} has no `score` head; not a decoder reward model")
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask
-    ).last_hidden_state  # (N, T, H)
-    last = attention_mask.long().sum(-1) - 1  # (N,)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-    return head(pooled).squeeze(-1).float()  # (N,)
-
-
-@torch.inference_mode()
-def score_encoded(
-    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int, device: Any
-) -> torch.Tensor:
-    """Scores (N,) on the CPU of encoded sequences, in length-sorted batches (longest first, little padding)."""
-    out = torch.empty(len(seqs), dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids), reverse=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pad_sequences([seqs[i] for i in idx], pad_id)
-        scores = sequence_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out[idx] = scores.cpu()
-    return out
-
-
-def build_reward_model(model_dir: str | Path, tokenizer: Any, trust_remote_code: bool = False) -> Any:
-    """A fresh scalar-head model from a causal-LM directory (backbone weights loaded, head initialised from the
-    global torch RNG; seed before calling). Safetensors only."""
-    from transformers import AutoModelForSequenceClassification
-
-    p = check_model_dir(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        p,
-        num_labels=1,
-        dtype=torch.float32,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
-    return model
-
-
+# ----------------------------------------------------------------------------------------------------- helpers
 def _disable_dropout(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -491,143 +405,3 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     os.replace(tmp, out)
     model_dirs = [(out / n).resolve() if n != "." else out.resolve() for n in names]
     return RewardResult(out, model_dirs, kind, metrics)
-
-
-# ----------------------------------------------------------------------------------------------------- scoring
-def resolve_member_dirs(path: str | Path) -> list[Path]:
-    """A reward-model directory → [itself]; an ensemble directory (reward_model.json lists members) → members."""
-    p = Path(path)
-    meta_file = p / META_FILE
-    if meta_file.is_file():
-        members = json.loads(meta_file.read_text()).get("members")
-        if members:
-            return [p / m for m in members]
-    return [p]
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """reward_model.json of a model or ensemble directory ({} when absent)."""
-    f = Path(path) / META_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def _prompt_key(prompt: Prompt) -> Any:
-    """A hashable key of a prompt (conversations hold dicts)."""
-    return prompt if isinstance(prompt, str) else tuple(tuple(sorted(m.items())) for m in prompt)
-
-
-class RewardModelScorer:
-    """Scores (prompt, response) pairs with one reward/cost model or an ensemble.
-
-    `dirs`: one directory or several; an ensemble directory written by `train_reward_model` expands to its
-    members. `view`: "score" returns the head output s; "cost" returns c = −s; "reward" returns s; "auto" picks
-    "cost" for models trained as cost models, else "score". `aggregate` over members (on the view's scale): "mean",
-    "min", "max", or "pessimistic" = the worst case (Coste et al. 2023): min for rewards/scores, max for costs.
-
-    `__call__(prompts, responses)` → (N,) float32 tensor on the CPU. Texts are encoded with
-    `sacpo.data.tokenize` and the lengths stored with each model (reward_model.json) unless overridden; scoring
-    runs under `torch.inference_mode` in length-sorted batches of `batch_size` sequences. `member_scores` gives
-    the (k, N) values before aggregation.
-    """
-
-    def __init__(
-        self,
-        dirs: str | Path | Sequence[str | Path],
-        aggregate: str = "mean",
-        batch_size: int = 16,
-        device: str | torch.device | None = None,
-        view: str = "auto",
-        max_length: int | None = None,
-        max_prompt_length: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        trust_remote_code: bool = False,
-    ) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"unknown aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
-        if view not in VIEWS:
-            raise ValueError(f"unknown view {view!r}; valid: {', '.join(VIEWS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        roots = [dirs] if isinstance(dirs, str | Path) else list(dirs)
-        if not roots:
-            raise ValueError("no reward model directories given")
-        self.dirs = [m for r in roots for m in resolve_member_dirs(r)]
-        self.device = _device("auto") if device is None else torch.device(device)
-        self.batch_size = batch_size
-        self.models, self.tokenizers, self.lengths = [], [], []
-        self._encodings: list[
-            tuple[str, int, int]
-        ] = []  # (tokenizer fingerprint, max_length, max_prompt_length)
-        kinds = set()
-        for d in self.dirs:
-            meta = read_meta(d)
-            kinds.add(meta.get("kind", "reward"))
-            lengths = (
-                max_length or meta.get("max_length"),
-                max_prompt_length or meta.get("max_prompt_length"),
-            )
-            if None in lengths:
-                raise ValueError(
-                    f"{d}: no {META_FILE} with max_length/max_prompt_length; pass them explicitly"
-                )
-            tokenizer = load_tokenizer(d, trust_remote_code)
-            p = check_model_dir(d)
-            archs = json.loads((p / "config.json").read_text()).get("architectures") or []
-            if not any(a.endswith("ForSequenceClassification") for a in archs):
-                raise ModelLoadError(
-                    f"{d}: architectures {archs} is not a sequence-classification (reward) model; "
-                    "train one with `sacpo reward`"
-                )
-            model = AutoModelForSequenceClassification.from_pretrained(
-                p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
-            if model.config.num_labels != 1:
-                raise ModelLoadError(f"{d}: num_labels={model.config.num_labels}; a reward model has 1")
-            model.config.use_cache = False
-            self.models.append(model.to(self.device).eval())
-            self.tokenizers.append(tokenizer)
-            self.lengths.append(lengths)
-            self._encodings.append((fingerprint_tokenizer(tokenizer), *lengths))
-        if view == "auto":
-            if len(kinds) > 1:
-                raise ValueError(f"members mix kinds {sorted(kinds)}; pass view='score' or view='cost'")
-            view = "cost" if kinds == {"cost"} else "score"
-        self.view = view
-        self.sign = -1.0 if view == "cost" else 1.0
-        self.aggregate = ("max" if view == "cost" else "min") if aggregate == "pessimistic" else aggregate
-        label = "+".join(Path(r).resolve().name for r in roots)
-        k = len(self.models)
-        self.name = f"{'reward' if view == 'score' else view}:{label}" + (
-            f"[{self.aggregate}×{k}]" if k > 1 else ""
-        )
-
-    def __repr__(self) -> str:
-        return f"RewardModelScorer({self.name!r}, members={len(self.models)}, view={self.view!r})"
-
-    def member_scores(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        """(k, N) values on the view's scale (s, or −s for the cost view), one row per member."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        cache: dict[tuple[str, int, int], list[Encoded]] = {}  # members sharing a tokenizer encode once
-        rows = []
-        for model, tokenizer, key in zip(self.models, self.tokenizers, self._encodings, strict=True):
-            if key not in cache:
-                _, max_len, max_prompt = key
-                prompt_ids: dict[Any, list[int]] = {}
-                seqs = []
-                for prompt, response in zip(prompts, responses, strict=True):
-                    pk = _prompt_key(prompt)
-                    if pk not in prompt_ids:
-                        prompt_ids[pk] = encode_prompt(tokenizer, prompt, max_prompt)
-                    seqs.append(encode(tokenizer, prompt_ids[pk], response, max_len))
-                cache[key] = seqs
-            rows.append(
-                score_encoded(model, cache[key], tokenizer.pad_token_id, self.batch_size, self.device)
-            )
-        return self.sign * torch.stack(rows)  # (k, N)
-
-    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
-        """(N,) aggregated values."""
-        return aggregate_scores(self.member_scores(prompts, responses), self.aggregate)

@@ -242,12 +242,12 @@ def _with_lambda_params(specs: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run the demo end to end (cached); returns paths and timings."""
-    from sacpo.evaluate.config import get_oracle
     from sacpo.evaluate.optimum import estimate_optimum, sample_pool
     from sacpo.evaluate.report import check_findings, write_report
     from sacpo.evaluate.run import RESULTS_FILE, evaluate_models, save_results, specs_from_pipeline
+    from sacpo.scoring import get_oracle
+    from sacpo.scoring.reward_model import RewardModelScorer
     from sacpo.train.pipeline import run_pipeline
-    from sacpo.train.reward_model import RewardModelScorer
     from sacpo.worlds.toyworld.build import build_world
 
     out = Path(cfg.out)
