@@ -6,9 +6,9 @@ All arms use `sacpo.models.generate.sample` (ancestral, no truncation) on the sa
 the RNG reseeded before each arm; they alternate within this child after one untimed warm-up call each. Lengths are
 random (a response ends at EOS), so throughput is compared as generated tokens per second.
 
-Controlled decoding uses `sacpo.infer.controlled.token_cd` / `block_cd` with an untrained prefix scorer built from
-the same model (`PrefixScorer.from_base`: the cost of a scorer does not depend on its weights). If that module or
-API is missing, the result says so and the table shows a TODO row.
+Controlled decoding uses `sacpo.infer.cd_token.token_cd` / `sacpo.infer.cd_block.block_cd` with an untrained prefix
+scorer built from the same model (`PrefixScorer.from_base`: the cost of a scorer does not depend on its weights). If
+that module or API is missing, the result says so and the table shows a TODO row.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 def controlled(spec: dict[str, Any], model: Any, tokenizer: Any, prompts: list[list[int]]) -> dict[str, Any]:
     """Seconds per generated token of token-wise CD, blockwise CD and plain sampling (one response per prompt)."""
     try:
-        from sacpo.infer.controlled import block_cd, token_cd
+        from sacpo.infer.cd_block import block_cd
+        from sacpo.infer.cd_token import token_cd
         from sacpo.infer.prefix_scorer import PrefixScorer
     except ImportError as e:
         return {"error": f"controlled decoding module not available ({e})"}

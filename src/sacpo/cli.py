@@ -158,7 +158,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bon(args: argparse.Namespace) -> None:
-    from sacpo.infer.best_of_n import BonConfig, format_summary, run_bon
+    from sacpo.infer.bon_config import BonConfig
+    from sacpo.recipes.bon import run_bon
+    from sacpo.recipes.bon_report import format_summary
 
     cfg = _config_command(args, BonConfig)
     summary = run_bon(cfg, show_progress=not args.quiet)
@@ -167,7 +169,9 @@ def cmd_bon(args: argparse.Namespace) -> None:
 
 
 def cmd_cd(args: argparse.Namespace) -> None:
-    from sacpo.infer.controlled import CDConfig, format_summary, run_cd
+    from sacpo.infer.cd_config import CDConfig
+    from sacpo.recipes.cd import run_cd
+    from sacpo.recipes.cd_report import format_summary
 
     cfg = _config_command(args, CDConfig)
     summary = run_cd(cfg, show_progress=not args.quiet)

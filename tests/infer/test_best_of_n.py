@@ -1,4 +1,5 @@
-"""sacpo.infer.best_of_n: selection, tie-breaking, calibration, one generate call per batch, artifacts.
+"""Best-of-n (sacpo.math.bon_select / bon_calibrate, sacpo.infer.pool, sacpo.recipes.bon): selection,
+tie-breaking, calibration, one generate call per batch, artifacts.
 
 Here's the maths. Best-of-n with rewards r over i.i.d. draws from p has the law `sacpo.math.bon.bon_pmf`
 (ties shared in proportion to p), so `select_best` on simulated draws must reproduce it; its win rate against an
@@ -20,21 +21,14 @@ import torch
 from sacpo.config import ConfigError
 from sacpo.evaluate.generate import read_samples
 from sacpo.evaluate.run import load_results
-from sacpo.infer import best_of_n as bon
-from sacpo.infer.best_of_n import (
-    BonConfig,
-    calibrate_bon,
-    kl_stats,
-    lower_bound,
-    run_bon,
-    safety_statistic,
-    sample_candidates,
-    select_best,
-    take,
-    tie_keys,
-)
-from sacpo.infer.sample import base_logps
+from sacpo.infer.bon_config import BonConfig
+from sacpo.infer.logps import base_logps
+from sacpo.infer.pool import sample_candidates
 from sacpo.math.bon import bon_kl_bound, bon_pmf, bon_win_rate_exact
+from sacpo.math.bon_calibrate import calibrate_bon, lower_bound
+from sacpo.math.bon_select import kl_stats, safety_statistic, select_best, take, tie_keys, win_outcomes
+from sacpo.recipes import bon
+from sacpo.recipes.bon import run_bon
 from sacpo.scoring.base import FunctionScorer
 
 D = torch.float64
@@ -95,7 +89,7 @@ def test_selection_on_iid_draws_follows_the_exact_bon_pmf_and_win_rate():
     y_sel = take(ys[:, :n], chosen)
     freq = torch.bincount(y_sel, minlength=5).double() / draws
     assert (freq - bon_pmf(p, r, n)).abs().max() < 0.01
-    win = bon.win_outcomes(r[y_sel], r[ys[:, n]]).mean()
+    win = win_outcomes(r[y_sel], r[ys[:, n]]).mean()
     exact = bon_win_rate_exact(p, r, n).item()
     assert abs(win - exact) < 0.01
     assert exact <= n / (n + 1)

@@ -12,11 +12,15 @@ import torch
 from sacpo.config import ConfigError, from_dict
 from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.evaluate.generate import read_samples
-from sacpo.infer.controlled import CDConfig, base_logps, block_cd, run_cd, token_cd
+from sacpo.infer.cd_block import block_cd
+from sacpo.infer.cd_config import CDConfig
+from sacpo.infer.cd_token import token_cd
+from sacpo.infer.logps import base_logps
 from sacpo.infer.prefix_scorer import PrefixScorer
 from sacpo.math.decoding import tilted_step
 from sacpo.models.generate import sample
 from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
+from sacpo.recipes.cd import run_cd
 
 PROMPTS = [
     "how do i bake bread ?",
@@ -73,8 +77,23 @@ def test_infinite_beta_full_vocabulary_is_base_sampling(base, scorer, tok, promp
             assert len(s["ids"]) == v  # every token is a candidate, with q(z) = p(z)
             assert torch.logsumexp(s["logp"], -1).item() == pytest.approx(0.0, abs=1e-9)
     # the incremental (KV-cache, left-padded) log-probs equal a plain forward of the sampled sequences
-    expected = base_logps(base, out.seqs, tok.pad_token_id)
+    expected = base_logps(base, out.seqs, tok.pad_token_id).tolist()
     assert out.logp_base == pytest.approx(expected, abs=1e-4)
+
+
+def test_token_cd_with_a_generator_draws_as_the_seeded_global_rng_and_leaves_it_alone(
+    base, scorer, tok, prompt_ids
+):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(11)
+    want = token_cd(base, [scorer], prompt_ids, eos, pad, 0.5, 5, 4)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    got = token_cd(
+        base, [scorer], prompt_ids, eos, pad, 0.5, 5, 4, generator=torch.Generator().manual_seed(11)
+    )
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's global RNG is untouched
+    assert got.seqs == want.seqs and got.logp_policy == want.logp_policy
 
 
 def test_large_beta_kl_vanishes(base, scorer, tok, prompt_ids):

@@ -1,6 +1,6 @@
 """Candidate pools for best-of-n: M i.i.d. responses per prompt from ONE batched `sacpo.models.generate.sample` call
-(each prompt prefilled once) per prompt batch, with the base log-prob of each sampled token-id sequence, and scoring
-of every distinct response once.
+(each prompt prefilled once) per prompt batch, with the base log-prob of each sampled token-id sequence, and their
+scores (`Scores`: every distinct response scored once).
 
 Layout of a pool (`CandidatePool`): per prompt, M = S·(N + 1) responses; candidate j of draw s is response s·N + j
 (j < N), and response S·N + s is an independent base sample (the win-rate opponent of draw s).
@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from sacpo.data.records import Prompt
-from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
+from sacpo.data.tokenize import Encoded, encode_prompt
+from sacpo.infer.logps import base_logps
 from sacpo.models.generate import sample
-from sacpo.models.logprobs import sequence_logps
+from sacpo.scoring.base import run_scorer
 
 
 @dataclass
@@ -54,6 +56,22 @@ class CandidatePool:
         """(P, S) index within each draw → (P, S) column in the (P, M) layout."""
         return chosen + self.group_size * torch.arange(self.n_draws).unsqueeze(0)
 
+    def base_columns(self) -> torch.Tensor:
+        """(P, S) global columns of the independent base samples."""
+        base = self.n_draws * self.group_size + torch.arange(self.n_draws)
+        return base.unsqueeze(0).expand(len(self.prompts), -1)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """(P, M) per-response values: the selection scorers and (optionally) the gold oracle."""
+
+    reward: torch.Tensor
+    safety: torch.Tensor | None = None
+    gold_reward: torch.Tensor | None = None
+    gold_safety: torch.Tensor | None = None
+    gold_safe: torch.Tensor | None = None  # bool
+
 
 def _decode(tokenizer: Any, response_ids: Sequence[int], eos_id: int) -> tuple[str, bool, bool]:
     """(text without the final EOS, finished, roundtrip)."""
@@ -62,29 +80,6 @@ def _decode(tokenizer: Any, response_ids: Sequence[int], eos_id: int) -> tuple[s
     text_ids = ids[:-1] if finished else ids
     text = tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return text, finished, tokenizer(text, add_special_tokens=False)["input_ids"] == text_ids
-
-
-@torch.no_grad()
-def base_logps(
-    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 64, show_progress: bool = False
-) -> torch.Tensor:
-    """log p(response | prompt) of each sequence from its token ids, (N,) float64. Identical sequences are scored
-    once; batches are sorted by length to limit padding."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    unique: dict[tuple[int, tuple[int, ...]], int] = {}
-    where = [unique.setdefault((s.prompt_len, s.input_ids), len(unique)) for s in seqs]
-    keys = list(unique)
-    order = sorted(range(len(keys)), key=lambda i: len(keys[i][1]))
-    values = torch.empty(len(keys), dtype=torch.float64)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="bon log-probs", disable=not show_progress):
-        idx = order[start : start + batch_size]
-        batch = pad_sequences([Encoded(keys[i][1], keys[i][0]) for i in idx], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        values[idx] = sequence_logps(model, batch).double().cpu()  # (b,)
-    return values[torch.tensor(where, dtype=torch.long)]
 
 
 def sample_candidates(
@@ -101,9 +96,10 @@ def sample_candidates(
     show_progress: bool = False,
 ) -> CandidatePool:
     """Draw M = n_draws·(group_size + 1) responses per prompt — one `sample` call (n = M) per
-    batch of `batch_size` prompts — and their base log-probs (one more forward pass per log-prob batch)."""
-    from tqdm.auto import tqdm
+    batch of `batch_size` prompts — and their base log-probs (one more forward pass per log-prob batch).
 
+    The draws use the global RNG seeded with `seed` inside `torch.random.fork_rng` (`sacpo.models.generate.sample`
+    draws from the global RNG only), so the caller's RNG state is left as it was."""
     if not prompts:
         raise ValueError("no prompts")
     device = next(model.parameters()).device
@@ -126,7 +122,7 @@ def sample_candidates(
             seqs += sample(
                 model, chunk, eos, pad, n=m, max_new_tokens=max_new_tokens, batch_size=len(chunk)
             )  # one sample call: len(chunk)·m sequences, prompt-major
-    logp = base_logps(model, seqs, pad, logp_batch_size, show_progress).view(len(prompts), m)  # (P, M)
+    logp = base_logps(model, seqs, pad, logp_batch_size, show_progress, "bon log-probs").view(len(prompts), m)
     decoded = [_decode(tokenizer, s.input_ids[s.prompt_len :], eos) for s in seqs]
     return CandidatePool(
         prompts=list(prompts),
@@ -143,9 +139,8 @@ def sample_candidates(
 def score_pool(
     scorer: Any, pool: CandidatePool, chunk: int = 4096, show_progress: bool = False
 ) -> torch.Tensor:
-    """Scores (P, M) float64 of every response; each distinct (prompt, response) is scored once."""
-    from tqdm.auto import tqdm
-
+    """Scores (P, M) float64 of every response; each distinct (prompt, response) is scored once
+    (`sacpo.scoring.run_scorer`: one score per response, all finite)."""
     unique: dict[tuple[int, str], int] = {}
     where = [[unique.setdefault((i, y), len(unique)) for y in ys] for i, ys in enumerate(pool.responses)]
     keys = list(unique)
@@ -153,12 +148,6 @@ def score_pool(
     name = getattr(scorer, "name", "scorer")
     for start in tqdm(range(0, len(keys), chunk), desc=f"bon score {name}", disable=not show_progress):
         part = keys[start : start + chunk]
-        out = torch.as_tensor(scorer([pool.prompts[i] for i, _ in part], [y for _, y in part]))
-        out = out.detach().cpu().double().reshape(-1)
-        if out.numel() != len(part):
-            raise ValueError(f"scorer {name!r} returned {out.numel()} scores for {len(part)} responses")
-        if not torch.isfinite(out).all():
-            raise ValueError(f"scorer {name!r} returned non-finite scores")
-        values.append(out)
+        values.append(run_scorer(scorer, [pool.prompts[i] for i, _ in part], [y for _, y in part]))
     flat = torch.cat(values)
     return flat[torch.tensor(where, dtype=torch.long)]  # (P, M)
