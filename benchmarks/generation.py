@@ -111,7 +111,7 @@ def controlled(spec: dict[str, Any], model: Any, tokenizer: Any, prompts: list[l
     """Seconds per generated token of token-wise CD, blockwise CD and plain sampling (one response per prompt)."""
     try:
         from sacpo.infer.controlled import block_cd, token_cd
-        from sacpo.infer.prefix_scorer import PrefixScorer
+        from sacpo.models.prefix_value import PrefixScorer
     except ImportError as e:
         return {"error": f"controlled decoding module not available ({e})"}
     from sacpo.models.generate import sample

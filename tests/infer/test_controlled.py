@@ -13,10 +13,10 @@ from sacpo.config import ConfigError, from_dict
 from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.evaluate.generate import read_samples
 from sacpo.infer.controlled import CDConfig, base_logps, block_cd, run_cd, token_cd
-from sacpo.infer.prefix_scorer import PrefixScorer
 from sacpo.math.decoding import tilted_step
 from sacpo.models.generate import sample
 from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
+from sacpo.models.prefix_value import PrefixScorer
 
 PROMPTS = [
     "how do i bake bread ?",

@@ -54,16 +54,6 @@ from tqdm.auto import tqdm
 from sacpo.config import ConfigError, help_field, to_yaml
 from sacpo.data.prompts import load_prompts
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
-from sacpo.infer.prefix_scorer import (
-    META_FILE,
-    PrefixScorer,
-    cache_kwargs,
-    decode_response,
-    output_cache,
-    positions_from_mask,
-    resolve_device,
-    resolve_reward,
-)
 from sacpo.math.decoding import COMBINERS, blockwise_kl_bound, combine_values, tilted_step
 from sacpo.models.load import (
     ModelLoadError,
@@ -72,10 +62,13 @@ from sacpo.models.load import (
     load_model,
     load_tokenizer,
 )
+from sacpo.models.modules import cache_kwargs, output_cache, resolve_device
+from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response, positions_from_mask
+from sacpo.scoring import resolve_scorer
 
 log = logging.getLogger("sacpo.cd")
 
-ORACLES = {"toyworld": ("toyworld-gold", "toyworld-safety")}  # gold reward, gold safety (REWARDS names)
+ORACLES = {"toyworld": ("toyworld-gold", "toyworld-safety")}  # gold reward, gold safety (scorer names)
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 BASELINE_FILE = "baseline.jsonl"
@@ -555,8 +548,8 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     gold: dict[str, list[float]] = {}
     if cfg.oracle is not None:
         r_spec, g_spec = ORACLES[cfg.oracle]
-        gold["gold_reward"] = resolve_reward(r_spec)(row_prompt_objs, list(texts)).double().tolist()
-        gold["gold_safety"] = resolve_reward(g_spec)(row_prompt_objs, list(texts)).double().tolist()
+        gold["gold_reward"] = resolve_scorer(r_spec)(row_prompt_objs, list(texts)).float().double().tolist()
+        gold["gold_safety"] = resolve_scorer(g_spec)(row_prompt_objs, list(texts)).float().double().tolist()
     rows = []
     for i, s in enumerate(out.seqs):
         response_ids = list(s.input_ids[s.prompt_len :])
@@ -666,8 +659,8 @@ def _baseline_rows(
     row_prompts = [prompts[i // cfg.n_samples] for i in range(len(seqs))]
     assert cfg.oracle is not None
     r_spec, g_spec = ORACLES[cfg.oracle]
-    r = resolve_reward(r_spec)(row_prompts, texts).double().tolist()
-    g = resolve_reward(g_spec)(row_prompts, texts).double().tolist()
+    r = resolve_scorer(r_spec)(row_prompts, texts).float().double().tolist()
+    g = resolve_scorer(g_spec)(row_prompts, texts).float().double().tolist()
     return [
         {
             "prompt": p if isinstance(p, str) else list(p),
