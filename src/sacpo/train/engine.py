@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sacpo.train.checkpoint import NonFiniteError
 
 Schedule = Callable[[int], float]
-LossFn = Callable[[int], "tuple[torch.Tensor, dict[str, float] | None]"]
+LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float] | None]]  # step -> (loss, metrics to log)
 
 
 # --------------------------------------------------------------------------------------------------- schedules

@@ -94,7 +94,8 @@ class TrainScorerConfig:
     )
     reward: str = help_field(
         "toyworld-gold",
-        help="reward of full responses: toyworld-gold (r*), toyworld-safety (g*) or a `sacpo reward` directory",
+        help="reward of full responses, a scorer spec: toyworld-gold (r*), toyworld-safety (g*), another "
+        "registered name, or a `sacpo reward` directory (a cost model gives its cost)",
     )
     method: str = help_field(
         "fudge", help="fudge (regress every prefix on the final reward) | q (CD-Q Bellman)"

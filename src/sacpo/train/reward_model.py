@@ -1,11 +1,12 @@
-"""Bradley–Terry reward and cost models (`sacpo reward`), single or as seeded ensembles, and their scorer.
+"""Training Bradley–Terry reward and cost models (`sacpo reward`), single or as seeded ensembles.
 
 Model: the policy's causal-LM backbone with a scalar head, `AutoModelForSequenceClassification(num_labels=1)`.
 The score s(x, y) is the head's output at the last *attended* token of prompt + response + EOS, encoded with
 `sacpo.data.tokenize` exactly as the policy sees it (same prompt rendering, same truncation). Pooling follows the
 attention mask, not `config.pad_token_id`: sacpo tokenizers often use EOS as PAD, and Hugging Face's own
 `...ForSequenceClassification.forward` would then pool the token *before* the final EOS. Score with
-`RewardModelScorer` (or `sequence_scores`), not with `model(...).logits`.
+`sacpo.scoring.reward_model.RewardModelScorer` (or `sacpo.models.reward.sequence_scores`), not with
+`model(...).logits`.
 
 Training (Bradley & Terry 1952; reward-model recipe of Ouyang et al. 2022, §3.5): for pairs (x, y_w, y_l),
 
@@ -14,7 +15,8 @@ Training (Bradley & Terry 1952; reward-model recipe of Ouyang et al. 2022, §3.5
 The BT likelihood is invariant to adding a constant to s; the small centring term pins that constant so scores
 stay near 0 (Ouyang et al. shift the trained RM by a bias instead; the in-training term follows Eisenstein et al.
 2023, "Helping or herding?"). Chosen and rejected go through the model in one concatenated
-forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer).
+forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer), on
+the shared engine (`sacpo.train.engine`).
 
 Cost models: train on safety pairs (format `pku_safe`, chosen = safer); the head then outputs a *safety score*
 and the cost is c(x, y) = −s(x, y) (kind "cost").
