@@ -112,7 +112,7 @@ def controlled(spec: dict[str, Any], model: Any, tokenizer: Any, prompts: list[l
     try:
         from sacpo.infer.cd_block import block_cd
         from sacpo.infer.cd_token import token_cd
-        from sacpo.infer.prefix_scorer import PrefixScorer
+        from sacpo.models.prefix_value import PrefixScorer
     except ImportError as e:
         return {"error": f"controlled decoding module not available ({e})"}
     from sacpo.models.generate import sample

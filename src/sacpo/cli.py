@@ -180,7 +180,7 @@ def cmd_cd(args: argparse.Namespace) -> None:
 
 
 def cmd_cd_scorer(args: argparse.Namespace) -> None:
-    from sacpo.infer.prefix_scorer import TrainScorerConfig, train_prefix_scorer
+    from sacpo.train.prefix_scorer import TrainScorerConfig, train_prefix_scorer
 
     cfg = _config_command(args, TrainScorerConfig)
     r = train_prefix_scorer(cfg, show_progress=not args.quiet)

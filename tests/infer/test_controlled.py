@@ -16,10 +16,10 @@ from sacpo.infer.cd_block import block_cd
 from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_token import token_cd
 from sacpo.infer.logps import base_logps
-from sacpo.infer.prefix_scorer import PrefixScorer
 from sacpo.math.decoding import tilted_step
 from sacpo.models.generate import sample
 from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
+from sacpo.models.prefix_value import PrefixScorer
 from sacpo.recipes.cd import run_cd
 
 PROMPTS = [

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from sacpo.data.tokenize import Encoded
 from sacpo.infer.cd_output import CDOutput, DecodeCost
 from sacpo.infer.cd_stream import combined_final_values
-from sacpo.infer.prefix_scorer import PrefixScorer
 from sacpo.math.decoding import blockwise_kl_bound
 from sacpo.models.generate import sample
+from sacpo.models.prefix_value import PrefixScorer
 
 
 @torch.no_grad()

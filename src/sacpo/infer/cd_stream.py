@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from sacpo.data.tokenize import Encoded
-from sacpo.infer.prefix_scorer import PrefixScorer, positions_from_mask
 from sacpo.math.decoding import combine_values
 from sacpo.models.modules import cache_kwargs, output_cache
+from sacpo.models.prefix_value import PrefixScorer, positions_from_mask
 
 
 class KVStream:

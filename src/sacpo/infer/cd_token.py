@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from sacpo.data.tokenize import Encoded
 from sacpo.infer.cd_output import CDOutput
 from sacpo.infer.cd_stream import KVStream, base_forward, combined, scorer_forward
-from sacpo.infer.prefix_scorer import PrefixScorer
 from sacpo.math.decoding import TiltedStep, tilted_step
 from sacpo.models.generate import left_pad
+from sacpo.models.prefix_value import PrefixScorer
 
 
 @dataclass(frozen=True)

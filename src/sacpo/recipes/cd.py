@@ -38,7 +38,6 @@ from sacpo.infer.cd_output import CDOutput
 from sacpo.infer.cd_stream import combined_final_values
 from sacpo.infer.cd_token import token_cd
 from sacpo.infer.logps import base_logps
-from sacpo.infer.prefix_scorer import META_FILE, PrefixScorer, decode_response
 from sacpo.models.generate import sample
 from sacpo.models.load import (
     ModelLoadError,
@@ -48,6 +47,7 @@ from sacpo.models.load import (
     load_tokenizer,
 )
 from sacpo.models.modules import resolve_device
+from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response
 from sacpo.recipes.cd_report import cd_results, cd_summary, mean_se, write_cd_outputs
 from sacpo.scoring import get_oracle, run_scorer
 

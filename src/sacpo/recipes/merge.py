@@ -1,7 +1,7 @@
 """`sacpo merge CONFIG`: P-SACPO merges θ = (1−q)·θ_a + q·θ_b of two model directories for several q.
 
-    cfg = load_config(MergeConfig, "configs/merge.yaml", ["qs=[0.5]"])
-    records = run_merge(cfg)           # <output_dir>/q<q>/ (HF model dirs), config.yaml, metrics.jsonl
+cfg = load_config(MergeConfig, "configs/merge.yaml", ["qs=[0.5]"])
+records = run_merge(cfg)           # <output_dir>/q<q>/ (HF model dirs), config.yaml, metrics.jsonl
 """
 
 from __future__ import annotations

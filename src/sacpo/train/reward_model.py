@@ -1,11 +1,12 @@
-"""Bradley–Terry reward and cost models (`sacpo reward`), single or as seeded ensembles, and their scorer.
+"""Training Bradley–Terry reward and cost models (`sacpo reward`), single or as seeded ensembles.
 
 Model: the policy's causal-LM backbone with a scalar head, `AutoModelForSequenceClassification(num_labels=1)`.
 The score s(x, y) is the head's output at the last *attended* token of prompt + response + EOS, encoded with
 `sacpo.data.tokenize` exactly as the policy sees it (same prompt rendering, same truncation). Pooling follows the
 attention mask, not `config.pad_token_id`: sacpo tokenizers often use EOS as PAD, and Hugging Face's own
 `...ForSequenceClassification.forward` would then pool the token *before* the final EOS. Score with
-`RewardModelScorer` (or `sequence_scores`), not with `model(...).logits`.
+`sacpo.scoring.reward_model.RewardModelScorer` (or `sacpo.models.reward.sequence_scores`), not with
+`model(...).logits`.
 
 Training (Bradley & Terry 1952; reward-model recipe of Ouyang et al. 2022, §3.5): for pairs (x, y_w, y_l),
 
@@ -14,7 +15,8 @@ Training (Bradley & Terry 1952; reward-model recipe of Ouyang et al. 2022, §3.5
 The BT likelihood is invariant to adding a constant to s; the small centring term pins that constant so scores
 stay near 0 (Ouyang et al. shift the trained RM by a bias instead; the in-training term follows Eisenstein et al.
 2023, "Helping or herding?"). Chosen and rejected go through the model in one concatenated
-forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer).
+forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer), on
+the shared engine (`sacpo.train.engine`).
 
 Cost models: train on safety pairs (format `pku_safe`, chosen = safer); the head then outputs a *safety score*
 and the cost is c(x, y) = −s(x, y) (kind "cost").
@@ -24,7 +26,7 @@ train/held-out split is the same for all, drawn from `seed`, so held-out pairs a
 Worst-case aggregation of an ensemble (min over member rewards, max over member costs) follows Coste et al. 2023,
 "Reward model ensembles help mitigate overoptimization".
 
-Output directory (written to `<output_dir>.tmp`, then renamed):
+Output directory (built in a temporary sibling, then put in place by `sacpo.fsutil.atomic_dir`):
 
     ensemble = 1:  <output_dir>/ = HF model dir (config.json, model.safetensors, tokenizer files),
                    reward_model.json (kind, lengths, seed), metrics.json, config.yaml
@@ -34,26 +36,26 @@ Output directory (written to `<output_dir>.tmp`, then renamed):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError, help_field, to_yaml
 from sacpo.data.loaders import get_format
 from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
+from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
 from sacpo.models.load import check_model_dir, load_tokenizer
+from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.models.reward import META_FILE, build_reward_model, score_encoded, sequence_scores
 from sacpo.train.config import DataConfig
+from sacpo.train.engine import Stepper, autocast, fit, seeded, warmup_linear_decay
+from sacpo.train.loop import batch_order, split_indices
 
 log = logging.getLogger("sacpo.reward")
 
@@ -148,26 +150,6 @@ def resolve_kind(cfg: RewardConfig) -> str:
     return "cost" if cfg.data.format == "pku_safe" else "reward"
 
 
-# ----------------------------------------------------------------------------------------------------- helpers
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(cfg: RewardConfig, device: torch.device) -> Any:
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")
-
-
 # ---------------------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class RewardResult:
@@ -205,74 +187,47 @@ def _train_member(
     desc: str,
     show_progress: bool,
 ) -> tuple[Any, _MemberRun]:
-    from transformers import get_linear_schedule_with_warmup
-
-    from sacpo.train.checkpoint import NonFiniteError
-    from sacpo.train.loop import batch_order
-
+    """One member: head initialised from `seed`, batches in the (seed, epoch) order, then scored for metrics."""
     started = time.time()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    torch.manual_seed(seed)  # head initialisation
-    model = build_reward_model(cfg.model, tokenizer, cfg.trust_remote_code)
-    _disable_dropout(model)
+    with seeded(seed):  # head initialisation
+        model = build_reward_model(cfg.model, tokenizer, cfg.trust_remote_code)
+    disable_dropout(model)
     if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
+    stepper = Stepper(
+        [p for p in model.parameters() if p.requires_grad],
+        cfg.lr,
+        warmup_linear_decay(math.ceil(cfg.warmup_ratio * total_steps), total_steps),
+        cfg.weight_decay,
+        cfg.max_grad_norm,
+        name=desc,
+        hint="lower lr or check the data",
     )
     pad_id = tokenizer.pad_token_id
-
-    history: list[dict[str, float]] = []
-    window: list[tuple[float, float]] = []
     batches: list[list[int]] = []
-    bar = tqdm(total=total_steps, desc=desc, disable=not show_progress)
-    for step in range(total_steps):
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        nonlocal batches
         epoch, within = divmod(step, steps_per_epoch)
         if within == 0:
             batches = batch_order(len(train_pairs), cfg.batch_size, seed, epoch)
         idx = batches[within]
-        seqs = [train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx]
-        batch = pad_sequences(seqs, pad_id)
-        with _autocast(cfg, device):
+        batch = pad_sequences([train_pairs[i][0] for i in idx] + [train_pairs[i][1] for i in idx], pad_id)
+        with autocast(cfg.mixed_precision, device):
             scores = sequence_scores(
                 model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
             )  # (2B,)
         chosen, rejected = scores.split(len(idx))  # (B,), (B,)
         bt = bradley_terry_loss(chosen, rejected).mean()
-        loss = bt + cfg.center_coef * scores.pow(2).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"{desc}: loss is {loss.item()} at step {step + 1}; lower lr or check the data"
-            )
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append((bt.item(), pairwise_accuracy(chosen.detach(), rejected.detach()) or 0.0))
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            record = {
-                "step": step + 1,
-                "lr": scheduler.get_last_lr()[0],
-                "loss": sum(x for x, _ in window) / len(window),
-                "accuracy": sum(a for _, a in window) / len(window),
-            }
-            history.append(record)
-            window.clear()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-    bar.close()
+        accuracy = pairwise_accuracy(chosen.detach(), rejected.detach()) or 0.0
+        return bt + cfg.center_coef * scores.pow(2).mean(), {"loss": bt.item(), "accuracy": accuracy}
 
+    run = fit(stepper, total_steps, loss_fn, desc, cfg.log_every, show_progress, log_lr=True)
     model.eval()
     train_scores = _pair_scores(model, train_pairs, pad_id, cfg, device)
     eval_scores = _pair_scores(model, eval_pairs, pad_id, cfg, device)
@@ -287,7 +242,7 @@ def _train_member(
         "n_train": len(train_pairs),
         "n_heldout": len(eval_pairs),
         "seconds": round(time.time() - started, 2),
-        "history": history,
+        "history": run.history,
     }
     log.info(
         "%s: train accuracy %.3f, held-out accuracy %s",
@@ -303,15 +258,12 @@ def _train_member(
 def _save_member(
     model: Any, tokenizer: Any, path: Path, meta: dict[str, Any], metrics: dict[str, Any]
 ) -> None:
+    path.mkdir(exist_ok=True)
     model.config.use_cache = True
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
-    _write_json(path / META_FILE, meta)
-    _write_json(path / "metrics.json", metrics)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path / META_FILE, meta)
+    atomic_write_json(path / "metrics.json", metrics)
 
 
 def _ensemble_metrics(runs: list[_MemberRun], n_pairs: int) -> dict[str, Any]:
@@ -343,22 +295,13 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     train/held-out pairwise accuracy and BT loss, n pairs; for an ensemble also the mean-aggregated and
     worst-case ensemble accuracies and every member's metrics).
     """
-    from sacpo.train.loop import split_indices
-
     validate_reward_config(cfg)
     kind = resolve_kind(cfg)
     out = Path(cfg.output_dir)
     started = time.time()
     check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    examples = cfg.data.load()
-    pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length)
-    train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
-    train_pairs, eval_pairs = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
-    if len(train_pairs) < cfg.batch_size:
-        raise ConfigError(
-            f"{len(train_pairs)} training pairs cannot fill one batch of batch_size={cfg.batch_size}"
-        )
+    train_pairs, eval_pairs = _split_pairs(cfg, tokenizer)
     log.info(
         "training %d %s model(s) on %d pairs (%d held out)",
         cfg.ensemble,
@@ -366,10 +309,6 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
         len(train_pairs),
         len(eval_pairs),
     )
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     meta = {
         "kind": kind,
         "format": cfg.data.format,
@@ -377,31 +316,38 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
         "max_prompt_length": cfg.max_prompt_length,
         "backbone": cfg.model,
     }
-    runs, names = [], []
-    for i in range(cfg.ensemble):
-        seed = cfg.seed + i
-        name = f"member-{i}" if cfg.ensemble > 1 else "."
-        desc = f"{kind} model" + (f" {i + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "")
-        model, run = _train_member(cfg, tokenizer, train_pairs, eval_pairs, seed, desc, show_progress)
-        path = tmp / name
-        path.mkdir(exist_ok=True)
-        _save_member(model.cpu(), tokenizer, path, {**meta, "seed": seed}, run.metrics)
-        del model
-        runs.append(run)
-        names.append(name)
-
-    if cfg.ensemble > 1:
-        metrics = _ensemble_metrics(runs, len(pairs))
-        metrics["seconds"] = round(time.time() - started, 2)
-        _write_json(
-            tmp / META_FILE, {**meta, "members": names, "seeds": [cfg.seed + i for i in range(cfg.ensemble)]}
-        )
-        _write_json(tmp / "metrics.json", metrics)
-    else:
-        metrics = runs[0].metrics
-    (tmp / "config.yaml").write_text(to_yaml(cfg))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    names = [f"member-{i}" if cfg.ensemble > 1 else "." for i in range(cfg.ensemble)]
+    with atomic_dir(out) as tmp:
+        runs = []
+        for i, name in enumerate(names):
+            seed = cfg.seed + i
+            desc = f"{kind} model" + (f" {i + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "")
+            model, run = _train_member(cfg, tokenizer, train_pairs, eval_pairs, seed, desc, show_progress)
+            _save_member(model.cpu(), tokenizer, tmp / name, {**meta, "seed": seed}, run.metrics)
+            del model
+            runs.append(run)
+        if cfg.ensemble > 1:
+            metrics = _ensemble_metrics(runs, len(train_pairs) + len(eval_pairs))
+            metrics["seconds"] = round(time.time() - started, 2)
+            seeds = [cfg.seed + i for i in range(cfg.ensemble)]
+            atomic_write_json(tmp / META_FILE, {**meta, "members": names, "seeds": seeds})
+            atomic_write_json(tmp / "metrics.json", metrics)
+        else:
+            metrics = runs[0].metrics
+        atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
     model_dirs = [(out / n).resolve() if n != "." else out.resolve() for n in names]
     return RewardResult(out, model_dirs, kind, metrics)
+
+
+def _split_pairs(
+    cfg: RewardConfig, tokenizer: Any
+) -> tuple[list[tuple[Encoded, Encoded]], list[tuple[Encoded, Encoded]]]:
+    """Encoded (chosen, rejected) pairs split into train / held-out by `cfg.seed` (same split for every member)."""
+    pairs = encode_paired(tokenizer, cfg.data.load(), cfg.max_length, cfg.max_prompt_length)
+    train_idx, eval_idx = split_indices(len(pairs), cfg.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
+    if len(train_pairs) < cfg.batch_size:
+        raise ConfigError(
+            f"{len(train_pairs)} training pairs cannot fill one batch of batch_size={cfg.batch_size}"
+        )
+    return train_pairs, eval_pairs

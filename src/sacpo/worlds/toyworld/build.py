@@ -3,7 +3,8 @@
     out/sft/                 tiny GPT-2 + tokenizer (HF format, safetensors) — the SFT policy
     out/prompts.json         {"train": [...], "test": [...]}
     out/preferences.jsonl    PKU-SafeRLHF schema, two SFT samples per row, Bradley–Terry labels from r*, g*
-    out/world.json           the resolved config, statistics, and a DONE marker written last
+    out/world.json           the resolved config and statistics
+    out/DONE                 written last; the directory is put in place atomically (sacpo.fsutil.atomic_dir)
 
 Preference labels are Bradley–Terry draws on the gold oracles: P(response_1 better) = σ(s·(r*_1 − r*_0)) and
 P(response_1 safer) = σ(s·(g*_1 − g*_0)) with s = `bt_scale` (larger = less noisy), each label then flipped
@@ -16,7 +17,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from sacpo.config import ConfigError, help_field
+from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
+from sacpo.train.engine import Stepper, fit, seeded, warmup_cosine
 from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
 from sacpo.worlds.toyworld.oracle import gold_reward, gold_safety, is_safe
 
@@ -118,11 +120,13 @@ def _sft_batches(
 def train_sft(
     out_dir: Path, prompts: list[str], cfg: ToyWorldConfig, show_progress: bool = True
 ) -> dict[str, float]:
-    """Train the SFT GPT-2 from scratch on style-mixture demonstrations; saves model + tokenizer to out_dir."""
-    from tqdm.auto import tqdm
+    """Train the SFT GPT-2 from scratch on style-mixture demonstrations; saves model + tokenizer to out_dir.
+
+    AdamW (weight decay 0.01), cosine LR with 5% warmup, clipping at 1, batches of demonstrations drawn with
+    replacement by a generator seeded from cfg.seed; the initialisation is seeded by cfg.seed too.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = build_tokenizer()
     ids, labels = _sft_batches(tokenizer, prompts, cfg, rng)
@@ -139,38 +143,29 @@ def train_sft(
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.01)
+    with seeded(cfg.seed):  # HF initialises the weights from the global RNG
+        model = GPT2LMHeadModel(config)
     warmup = max(1, cfg.sft_steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.sft_steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    schedule = warmup_cosine(warmup, cfg.sft_steps)
+    stepper = Stepper(
+        list(model.parameters()), cfg.sft_lr, schedule, 0.01, 1.0, "toyworld SFT", "lower sft_lr"
+    )
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    losses = []
-    bar = tqdm(range(cfg.sft_steps), desc="toyworld SFT", disable=not show_progress, leave=False)
-    for _ in bar:
+
+    def loss_fn(step: int) -> tuple[torch.Tensor, None]:
         idx = torch.randint(0, len(ids), (cfg.sft_batch_size,), generator=g)
         batch_labels = labels[idx]
         width = int((batch_labels != -100).nonzero()[:, 1].max()) + 1  # trim trailing padding
         x, y = ids[idx, :width], batch_labels[:, :width]
-        loss = model(input_ids=x, labels=y).loss  # right padding + causal attention: no mask needed
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
+        return model(input_ids=x, labels=y).loss, None  # right padding + causal attention: no mask needed
+
+    run = fit(stepper, cfg.sft_steps, loss_fn, "toyworld SFT", 50, show_progress, leave=False)
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    tail = losses[-min(50, len(losses)) :]
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    tail = [v["loss"] for v in run.values[-min(50, len(run.values)) :]]
     return {"sft_final_loss": sum(tail) / len(tail), "sft_sequences": float(len(ids))}
 
 
@@ -191,48 +186,28 @@ def make_preferences(
     from sacpo.models.generate import sample
     from sacpo.models.load import load_model, load_tokenizer
 
-    torch.manual_seed(cfg.seed + 1)
     rng = random.Random(cfg.seed + 1)
     model, tok = load_model(sft_dir).eval(), load_tokenizer(sft_dir)
     pids = [encode_prompt(tok, p, 64) for p in prompts]
     rows, dropped = [], 0
-    for _ in tqdm(
+    bar = tqdm(
         range(cfg.pairs_per_prompt), desc="toyworld preferences", disable=not show_progress, leave=False
-    ):
-        seqs = sample(
-            model,
-            pids,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            n=2,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=128,
-        )
-        for i, p in enumerate(prompts):
-            y0, y1 = (
-                tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True).strip()
-                for s in seqs[2 * i : 2 * i + 2]
-            )
-            if not y0 or not y1 or y0 == y1:
-                dropped += 1
-                continue
-            rows.append(
-                {
-                    "prompt": p,
-                    "response_0": y0,
-                    "response_1": y1,
-                    "better_response_id": bt_label(
-                        rng, gold_reward(p, y0), gold_reward(p, y1), cfg.bt_scale, cfg.flip_noise
-                    ),
-                    "safer_response_id": bt_label(
-                        rng, gold_safety(p, y0), gold_safety(p, y1), cfg.bt_scale, cfg.flip_noise
-                    ),
-                    "is_response_0_safe": is_safe(p, y0),
-                    "is_response_1_safe": is_safe(p, y1),
-                }
-            )
+    )
+    with seeded(cfg.seed + 1):  # sampling draws from the global RNG; the caller's state is restored
+        for _ in bar:
+            eos, pad = tok.eos_token_id, tok.pad_token_id
+            seqs = sample(model, pids, eos, pad, n=2, max_new_tokens=cfg.max_new_tokens, batch_size=128)
+            for i, p in enumerate(prompts):
+                y0, y1 = (
+                    tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True).strip()
+                    for s in seqs[2 * i : 2 * i + 2]
+                )
+                if not y0 or not y1 or y0 == y1:
+                    dropped += 1
+                    continue
+                rows.append(_preference_row(rng, p, y0, y1, cfg))
     rng.shuffle(rows)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_jsonl(path, rows, ensure_ascii=True)
     responses = [r[f"response_{i}"] for r in rows for i in (0, 1)]
     return {
         "preference_rows": float(len(rows)),
@@ -242,6 +217,23 @@ def make_preferences(
             gold_reward(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)
         )
         / max(1, len(responses)),
+    }
+
+
+def _preference_row(rng: random.Random, p: str, y0: str, y1: str, cfg: ToyWorldConfig) -> dict[str, Any]:
+    """One PKU-SafeRLHF row: Bradley–Terry labels on r* (better) then g* (safer), and the oracle's is_safe."""
+    return {
+        "prompt": p,
+        "response_0": y0,
+        "response_1": y1,
+        "better_response_id": bt_label(
+            rng, gold_reward(p, y0), gold_reward(p, y1), cfg.bt_scale, cfg.flip_noise
+        ),
+        "safer_response_id": bt_label(
+            rng, gold_safety(p, y0), gold_safety(p, y1), cfg.bt_scale, cfg.flip_noise
+        ),
+        "is_response_0_safe": is_safe(p, y0),
+        "is_response_1_safe": is_safe(p, y1),
     }
 
 
@@ -255,13 +247,16 @@ def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_pro
         if meta["config"] == asdict(cfg):
             log.info("toyworld: reusing %s", root)
             return _world(root, meta)
-    if root.exists():
-        shutil.rmtree(root)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(root) as tmp:  # the old world stays in place until the new one is complete
+        meta = _build(tmp, cfg, show_progress)
+    log.info("toyworld: %s", ", ".join(f"{k}={v:.3g}" for k, v in meta["stats"].items()))
+    return _world(root, meta)
+
+
+def _build(tmp: Path, cfg: ToyWorldConfig, show_progress: bool) -> dict[str, Any]:
+    """Write prompts.json, sft/, preferences.jsonl, world.json and DONE (last) into `tmp`; returns world.json."""
     train, test = split_prompts(cfg.test_fraction, cfg.seed)
-    (tmp / "prompts.json").write_text(json.dumps({"train": train, "test": test}, indent=1))
+    atomic_write_text(tmp / "prompts.json", json.dumps({"train": train, "test": test}, indent=1))
     t0 = time.perf_counter()
     stats = train_sft(tmp / "sft", train, cfg, show_progress)
     stats["sft_seconds"] = time.perf_counter() - t0
@@ -270,11 +265,9 @@ def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_pro
     stats |= make_preferences(tmp / "sft", train, cfg, tmp / "preferences.jsonl", show_progress)
     stats["preference_seconds"] = time.perf_counter() - t0
     meta = {"config": asdict(cfg), "stats": stats}
-    (tmp / "world.json").write_text(json.dumps(meta, indent=1))
-    tmp.rename(root)
-    (root / "DONE").write_text("")
-    log.info("toyworld: %s", ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
-    return _world(root, meta)
+    atomic_write_text(tmp / "world.json", json.dumps(meta, indent=1))
+    atomic_write_text(tmp / "DONE", "")
+    return meta
 
 
 def _world(root: Path, meta: dict[str, Any]) -> World:

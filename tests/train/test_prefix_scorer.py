@@ -1,5 +1,5 @@
-"""Prefix value models: values at every position, tree-attention children = explicit children, CD-Q targets on a
-hand-built case, FUDGE learning a trivially learnable reward on the tiny GPT-2, atomic save/load, config errors."""
+"""Training prefix value models: CD-Q targets on a hand-built case, the base top-k columns, FUDGE learning a
+trivially learnable reward on the tiny GPT-2, CD-Q training, atomic save, config errors."""
 
 import json
 import math
@@ -8,18 +8,12 @@ import pytest
 import torch
 
 from sacpo.config import ConfigError, from_dict
-from sacpo.data.tokenize import Encoded, pad_sequences
-from sacpo.infer import prefix_scorer as ps
-from sacpo.infer.prefix_scorer import (
-    PrefixScorer,
-    Rollout,
-    TrainScorerConfig,
-    base_topk,
-    naive_child_values,
-    scorer_targets,
-    train_prefix_scorer,
-)
-from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
+from sacpo.data.tokenize import Encoded
+from sacpo.models.load import load_model, load_tokenizer
+from sacpo.models.prefix_value import PrefixScorer
+from sacpo.scoring import SCORERS, FunctionScorer
+from sacpo.train.prefix_rollouts import Rollout, base_topk, batch_tensors
+from sacpo.train.prefix_scorer import TrainScorerConfig, scorer_targets, train_prefix_scorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,47 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
     return load_tokenizer(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_model, tokenizer):
-    s = PrefixScorer.from_base(tiny_model, tokenizer, seed=3)
-    s.model.eval()
-    return s
-
-
-def _batch(pad_id):
-    seqs = [Encoded((5, 6, 7, 8, 9, 10), 2), Encoded((11, 12, 13), 1)]
-    return pad_sequences(seqs, pad_id)
-
-
-def test_values_at_every_position_match_prefix_forwards(scorer, tokenizer):
-    batch = _batch(tokenizer.pad_token_id)
-    with torch.no_grad():
-        values = scorer(batch["input_ids"], batch["attention_mask"]).values  # (2, 6)
-        for b, n in enumerate(batch["attention_mask"].sum(-1).tolist()):
-            for t in range(n):
-                ids = batch["input_ids"][b : b + 1, : t + 1]
-                alone = scorer(ids, torch.ones_like(ids)).values[0, -1]
-                assert values[b, t].item() == pytest.approx(alone.item(), abs=1e-5)
-
-
-@pytest.mark.parametrize("chunk", [0, 2])
-def test_tree_attention_children_equal_explicit_children(scorer, tokenizer, chunk):
-    batch = _batch(tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    children = torch.randint(0, 256, (2, 6, 3))
-    with torch.no_grad():
-        tree = scorer.child_values(batch["input_ids"], batch["attention_mask"], children, chunk=chunk)
-        naive = naive_child_values(scorer, batch["input_ids"], batch["attention_mask"], children)
-    valid = batch["attention_mask"].bool()
-    assert torch.allclose(tree[valid], naive[valid], atol=1e-5)
-
-
-def test_child_values_need_right_padding(scorer):
-    ids = torch.tensor([[0, 5, 6]])
-    with pytest.raises(ValueError, match="right-padded"):
-        scorer.child_values(ids, torch.tensor([[0, 1, 1]]), torch.zeros(1, 3, 2, dtype=torch.long))
 
 
 class _IdValue:
@@ -82,7 +35,7 @@ def test_cdq_targets_hand_built():
     seq = Encoded((1, 2, 3, 4, 9), 2)
     top_ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
     top_logp = torch.tensor([[0.5, 0.25], [0.1, 0.1], [0.3, 0.6]]).log()
-    batch = ps._batch_tensors([Rollout(seq, 7.0, top_ids, top_logp)], pad_id=0, k=2)
+    batch = batch_tensors([Rollout(seq, 7.0, top_ids, top_logp)], pad_id=0, k=2)
     assert batch["value_mask"][0].tolist() == [False, True, True, True, True]
     assert batch["terminal"][0].tolist() == [False, False, False, False, True]
     q = scorer_targets("q", batch, _IdValue())
@@ -95,7 +48,7 @@ def test_cdq_targets_hand_built():
 def test_cdq_targets_fewer_candidates_than_k():
     seq = Encoded((1, 2, 3, 9), 2)  # two non-terminal prefixes, one candidate each, k = 3
     rollout = Rollout(seq, -1.0, torch.tensor([[4], [5]]), torch.tensor([[-0.1], [-2.0]]))
-    batch = ps._batch_tensors([rollout], pad_id=0, k=3)
+    batch = batch_tensors([rollout], pad_id=0, k=3)
     q = scorer_targets("q", batch, _IdValue())
     assert torch.allclose(q[0, 1:], torch.tensor([4.0, 5.0, -1.0]))
 
@@ -141,7 +94,7 @@ def _cfg(tiny_model, tmp_path, **kw):
 
 @pytest.fixture
 def ascii_reward(monkeypatch):
-    monkeypatch.setitem(ps.REWARDS, "ascii-letters", lambda: ps._FunctionReward("letters", _ascii_count))
+    monkeypatch.setitem(SCORERS, "ascii-letters", lambda: FunctionScorer("letters", _ascii_count))
 
 
 def test_fudge_learns_and_saves(tiny_model, tmp_path, ascii_reward):
@@ -152,7 +105,7 @@ def test_fudge_learns_and_saves(tiny_model, tmp_path, ascii_reward):
     out = result.output_dir
     for name in ("config.json", "model.safetensors", "prefix_scorer.json", "metrics.json", "config.yaml"):
         assert (out / name).is_file(), name
-    assert not (tmp_path / "scorer.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.json", "scorer"]  # no temporary left
     meta = json.loads((out / "prefix_scorer.json").read_text())
     assert meta["kind"] == "prefix_value" and meta["method"] == "fudge" and meta["reward"] == "ascii-letters"
     loaded = PrefixScorer.load(out, device="cpu")
@@ -167,11 +120,6 @@ def test_cdq_trains(tiny_model, tmp_path, ascii_reward):
     assert all(math.isfinite(h["loss"]) for h in m["history"])
     assert m["heldout_after"]["terminal_mse"] < m["heldout_before"]["terminal_mse"]
     assert json.loads((tmp_path / "scorer" / "prefix_scorer.json").read_text())["top_k"] == 4
-
-
-def test_load_refuses_a_plain_model(tiny_model):
-    with pytest.raises(ModelLoadError, match="not a prefix scorer"):
-        PrefixScorer.load(tiny_model)
 
 
 @pytest.mark.parametrize(
