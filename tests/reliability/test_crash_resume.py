@@ -1,6 +1,7 @@
 """Crash and resume: a stage killed after a checkpoint and rerun with --resume ends where an uninterrupted run
 with the same seed ends — the same weights (max |Δ| ≤ 1e-6) and the same metrics.jsonl — because the weights,
-optimizer, scheduler, RNG states, data position and not-yet-logged metrics are all restored."""
+optimizer, scheduler, RNG states, data position and not-yet-logged metrics are all restored (from safetensors and
+JSON files only: see test_safe_loading.py for the refusal of pickles)."""
 
 import json
 import os
@@ -124,6 +125,8 @@ def runs(tiny_model, pku_tiny, tmp_path_factory):
         train(make_cfg(tiny_model, pku_tiny, crashed, **kw), show_progress=False)
     mp.undo()
     assert _complete_checkpoints(crashed) == [3] and not looks_finished(crashed)
+    files = [p.name for p in (crashed / "checkpoints").rglob("*") if p.is_file()]
+    assert all(name.endswith((".safetensors", ".json")) for name in files), files  # no pickle to load
     assert [r["step"] for r in read_metrics(crashed)] == [2, 4]
     return {"full": full, "crashed": crashed, "kw": kw, "root": root}
 

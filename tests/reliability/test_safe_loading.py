@@ -11,6 +11,7 @@ import pytest
 import torch
 from reliability_helpers import assert_user_error, copy_model, make_cfg, run_cli, stage_fields, write_yaml
 
+from sacpo.config import ConfigError
 from sacpo.math.merging import MergeError
 from sacpo.merge.linear import merge_dirs
 from sacpo.models.load import ModelLoadError, fingerprint_model, load_model, load_tokenizer
@@ -231,3 +232,82 @@ def test_merge_of_matching_models_is_the_interpolation(tiny_model, tmp_path):
         load_file(str(p / "model.safetensors"))["transformer.wte.weight"] for p in (tiny_model, b, out)
     )
     torch.testing.assert_close(wm, 0.75 * wa + 0.25 * wb)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def checkpointed(tiny_model, pku_tiny, tmp_path_factory):
+    """A finished 2-step run with its step-1 checkpoint (a later --resume restores it)."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    train(make_cfg(tiny_model, pku_tiny, out, max_steps=2, save_every=1), show_progress=False)
+    return out
+
+
+def _resume_copy(checkpointed, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    out = shutil.copytree(checkpointed, tmp_path / "run")
+    return out, out / "checkpoints" / "step-1"
+
+
+def test_a_checkpoint_holds_only_safetensors_and_json(checkpointed):
+    files = [p for p in (checkpointed / "checkpoints").rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files), files
+    assert {"model.safetensors", "optimizer.safetensors", "custom-0.json", "rng-0.json", "step.json"} <= {
+        p.name for p in files
+    }
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin", "extra.pt", "sub/x.pth"])
+def test_resume_refuses_a_checkpoint_holding_a_pickle(tiny_model, pku_tiny, checkpointed, tmp_path, name):
+    out, ckpt = _resume_copy(checkpointed, tmp_path)
+    sentinel = tmp_path / "UNPICKLED"
+    (ckpt / name).parent.mkdir(exist_ok=True)
+    (ckpt / name).write_bytes(pickle.dumps(_Payload(sentinel)))
+    cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=2, save_every=1)
+    with pytest.raises(ConfigError, match=rf"cannot resume from .*step-1.*{name}.*pickle.*without --resume"):
+        train(cfg, resume=True, show_progress=False)
+    assert not sentinel.exists()
+    pickle.loads((ckpt / name).read_bytes())  # the control: unpickling does run the payload
+    assert sentinel.exists()
+
+
+def test_resume_refuses_a_pickle_named_safetensors_or_json(tiny_model, pku_tiny, checkpointed, tmp_path):
+    for name in ("optimizer.safetensors", "custom-0.json"):
+        out, ckpt = _resume_copy(checkpointed, tmp_path / name)
+        sentinel = tmp_path / "UNPICKLED"
+        (ckpt / name).write_bytes(pickle.dumps(_Payload(sentinel)))
+        cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=2, save_every=1)
+        with pytest.raises(ConfigError, match=rf"checkpoint file .*{name} is missing or"):
+            train(cfg, resume=True, show_progress=False)
+        assert not sentinel.exists()
+
+
+def test_an_accelerate_save_state_checkpoint_is_refused_through_the_cli(
+    tiny_model, pku_tiny, checkpointed, tmp_path, capsys, monkeypatch
+):
+    """The format of earlier versions (accelerate's save_state: optimizer.bin, random_states_0.pkl,
+    custom_checkpoint_0.pkl): a clear one-line error that says to start over, and nothing is unpickled."""
+    from accelerate import Accelerator
+
+    out, ckpt = _resume_copy(checkpointed, tmp_path)
+    step_json = (ckpt / "step.json").read_text()
+    shutil.rmtree(ckpt)
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+    acc.save_state(str(ckpt))
+    (ckpt / "step.json").write_text(step_json)
+    assert {"random_states_0.pkl", "custom_checkpoint_0.pkl", "optimizer.bin"} <= {
+        p.name for p in ckpt.iterdir()
+    }
+    unpickled = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: unpickled.append(a))
+    cfg = write_yaml(
+        tmp_path / "stage.yaml", stage_fields(tiny_model, pku_tiny, out, max_steps=2, save_every=1)
+    )
+    rc, _, err = run_cli(["-q", "train", str(cfg), "--resume"], capsys)
+    assert_user_error(rc, err, "cannot resume", "pickle", "save_state", "without --resume")
+    assert not unpickled

@@ -3,8 +3,13 @@
 <output_dir>/
     config.yaml       resolved config
     metrics.jsonl     one JSON record per logged step
-    checkpoints/step-N/   accelerate state (model, optimizer, scheduler, RNG), metrics-pending-<rank>.json
-                          (metric values logged since the last metrics.jsonl record) and step.json (last)
+    checkpoints/step-N/   the training state, as safetensors + JSON only (sacpo.train.state; no pickle):
+        model.safetensors           trainable parameters and buffers of the (unwrapped) policy
+        optimizer.{safetensors,json}  AdamW moments and steps | param_groups and the structure
+        custom-0.{safetensors,json}   the LR scheduler (registered with accelerator.register_for_checkpointing)
+        rng-<rank>.{safetensors,json} torch CPU/CUDA RNG states | Python and NumPy RNG states, per process
+        metrics-pending-<rank>.json   metric values logged since the last metrics.jsonl record
+        step.json                     the step and the run's settings, written last
     model/            final policy, HF format (safetensors), with its tokenizer
     adapter/          LoRA adapter (LoRA runs only)
     summary.json      steps, reference pass, seconds, final metrics
@@ -14,14 +19,16 @@
 Resuming restores the weights, optimizer, scheduler, RNG states, the data position (the step) and the metrics not
 yet logged, and cuts metrics.jsonl back to the checkpoint's step, so a resumed run writes the same weights and the
 same metrics.jsonl as an uninterrupted one. A checkpoint records the run's settings; resuming with different
-ones is refused.
+ones is refused. Only .safetensors and .json files are read: a checkpoint directory holding a pickle-based file
+(.pkl, .bin, .pt, ...; accelerate's save_state wrote such files in earlier versions) is refused before anything in
+it is loaded. The main process writes the model, optimizer and scheduler (identical on every process under DDP);
+each process writes its own RNG state and pending metrics. FSDP / DeepSpeed sharded states are not supported.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,18 @@ from typing import Any
 import torch
 
 from sacpo.config import ConfigError
-from sacpo.fsutil import replace_dir
+from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
+from sacpo.train.state import (
+    load_model_state,
+    load_tensors,
+    load_tree,
+    model_state,
+    read_json,
+    refuse_pickles,
+    rng_state,
+    save_tree,
+    set_rng_state,
+)
 
 DONE = "DONE"
 DONE_TEXT = "ok\n"
@@ -70,21 +88,83 @@ def _pending_file(path: Path, rank: int) -> Path:
 def save(
     acc: Any, out: Path, step: int, keep: int = 2, run: dict | None = None, pending: dict | None = None
 ) -> None:
-    """Save accelerate state to checkpoints/step-N (step.json last, so a partial save is ignored).
+    """Save the training state to checkpoints/step-N (step.json last, so a partial save is ignored).
 
     `run`: the settings the trajectory depends on (checked on resume); `pending`: this process's metric values
     not yet written to metrics.jsonl (lists of floats per key)."""
+    _check_supported(acc)
     path = out / CHECKPOINTS / f"step-{step}"
-    (path / "step.json").unlink(missing_ok=True)  # a leftover of an interrupted save of the same step
-    acc.save_state(str(path))
+    if acc.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)  # a leftover of an interrupted save of the same step
+        path.mkdir(parents=True)
+    acc.wait_for_everyone()
+    _save_state(acc, path)
     _write_json(_pending_file(path, acc.process_index), pending or {})
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_json(path / "step.json", {"step": step, "run": run})
+        _write_json(path / "step.json", {"step": step, "run": run, "accelerator_step": acc.step})
         ckpts = sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
+
+def _name(kind: str, i: int) -> str:
+    return kind if i == 0 else f"{kind}-{i}"
+
+
+def _save_state(acc: Any, path: Path) -> None:
+    """What accelerate's save_state kept, without pickle: the prepared models (main process), optimizers,
+    schedulers, gradient scaler and registered objects (main process; the same on every process under DDP),
+    and this process's RNG states."""
+    if acc.is_main_process:
+        for i, model in enumerate(acc._models):
+            tensors = {k: v.cpu().contiguous() for k, v in model_state(acc.unwrap_model(model)).items()}
+            atomic_save_file(tensors, path / f"{_name('model', i)}.safetensors")
+        for i, opt in enumerate(acc._optimizers):
+            save_tree(path, _name("optimizer", i), opt.state_dict())
+        for i, sched in enumerate(acc._schedulers):
+            save_tree(path, _name("scheduler", i), sched.state_dict())
+        if acc.scaler is not None:
+            save_tree(path, "scaler", acc.scaler.state_dict())
+        for i, obj in enumerate(acc._custom_objects):
+            save_tree(path, f"custom-{i}", obj.state_dict())
+    save_tree(path, f"rng-{acc.process_index}", rng_state())
+
+
+def _load_state(acc: Any, path: Path) -> None:
+    """Load what `_save_state` wrote into the prepared objects (on every process)."""
+    for i, model in enumerate(acc._models):
+        tensors = load_tensors(path / f"{_name('model', i)}.safetensors")
+        load_model_state(acc.unwrap_model(model), tensors, path)
+    for i, opt in enumerate(acc._optimizers):
+        opt.load_state_dict(load_tree(path, _name("optimizer", i)))
+    for i, sched in enumerate(acc._schedulers):
+        sched.load_state_dict(load_tree(path, _name("scheduler", i)))
+    if acc.scaler is not None:
+        acc.scaler.load_state_dict(load_tree(path, "scaler"))
+    for i, obj in enumerate(acc._custom_objects):
+        obj.load_state_dict(load_tree(path, f"custom-{i}"))
+    set_rng_state(load_tree(path, f"rng-{acc.process_index}"))
+
+
+def _check_supported(acc: Any) -> None:
+    """Checkpoints hold full (unsharded) states: single process or DDP, no prepared dataloaders (the loop's data
+    order is a function of the step, not a sampler state)."""
+    from accelerate.utils import DistributedType
+
+    sharded = (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+        DistributedType.MEGATRON_LM,
+        DistributedType.XLA,
+    )
+    if acc.distributed_type in sharded:
+        raise ConfigError(
+            f"checkpoints (save_every, --resume) support single-process and DDP runs, not {acc.distributed_type}"
+        )
+    if acc._dataloaders:
+        raise RuntimeError("checkpoints do not save dataloader states; the training loop prepares none")
 
 
 @dataclass(frozen=True)
@@ -96,9 +176,12 @@ class Restored:
 def restore(acc: Any, out: Path, run: dict | None = None) -> Restored:
     """Load the newest checkpoint (step 0 when there is none) and cut metrics.jsonl back to its step.
 
-    Raises ConfigError when the checkpoint was written with different `run` settings."""
+    Raises ConfigError when the checkpoint was written with different `run` settings, holds a pickle-based file,
+    or is damaged."""
     path = latest_checkpoint(out)
-    meta = json.loads((path / "step.json").read_text()) if path is not None else {"step": 0}
+    if path is not None:
+        refuse_pickles(path)  # before anything in it is read
+    meta = read_json(path / "step.json") if path is not None else {"step": 0}
     saved = meta.get("run")
     if run is not None and saved is not None and saved != run:
         diff = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
@@ -109,9 +192,11 @@ def restore(acc: Any, out: Path, run: dict | None = None) -> Restored:
         )
     pending: dict[str, list[float]] = {}
     if path is not None:
-        acc.load_state(str(path))
+        _check_supported(acc)
+        _load_state(acc, path)
+        acc.step = int(meta.get("accelerator_step", 0))
         pfile = _pending_file(path, acc.process_index)
-        pending = json.loads(pfile.read_text()) if pfile.is_file() else {}
+        pending = read_json(pfile) if pfile.is_file() else {}
     acc.wait_for_everyone()
     if acc.is_main_process:
         truncate_metrics(out / METRICS, meta["step"])
@@ -131,9 +216,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def check_finite(value: torch.Tensor, step: int, out: Path, what: str = "loss") -> None:
@@ -164,17 +247,11 @@ def check_weights_finite(acc: Any, params: list[torch.Tensor], step: int, out: P
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write atomically and durably: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2))
+    atomic_write_json(path, data)
 
 
 def _atomic_dir(final: Path) -> Path:
