@@ -1,20 +1,55 @@
-"""Frozen dataclass configs ⇄ YAML, with `key=value` command-line overrides.
+"""Frozen dataclass configs ⇄ YAML, with `key=value` command-line overrides, validated by pydantic.
 
     cfg = load_config(TrainConfig, "configs/train.yaml", ["beta=0.05", "lora.r=16"])
 
-Values of overrides are parsed as YAML (`beta=0.05` → float, `stages=[...]` → list). Unknown keys raise a
-ConfigError listing the valid ones; every field's help text lives in `field(metadata={"help": ...})`.
+A config class is a plain frozen stdlib `@dataclass`; its fields say their type, help text, bounds and choices:
+
+    @dataclass(frozen=True)
+    class LoraConfig:
+        r: PositiveInt = help_field(8, help="LoRA rank")
+        dropout: Fraction = help_field(0.0, help="LoRA dropout")
+
+    @dataclass(frozen=True)
+    class TrainConfig:
+        data: DataConfig = help_field(help="training data")                   # required, nested
+        loss: Literal["dpo", "ipo", "kto"] = help_field("dpo", help="preference loss")
+        beta: float = help_field(0.1, help="KL coefficient β", gt=0, allow_inf_nan=False)
+        lr: LearningRate = help_field(5e-6, help="AdamW learning rate")      # a shared field type
+        lora: LoraConfig = help_field(LoraConfig(), help="LoRA settings")
+
+        def __post_init__(self) -> None:                                      # cross-field checks only
+            if self.max_prompt_length >= self.max_length:
+                raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ...")
+
+Validation (`from_dict`) is pydantic v2's: `help_field`'s bounds travel in the dataclass field's metadata, which
+pydantic reads as `Field(...)` arguments; `Annotated[...]` types and `Literal[...]` choices work as in pydantic. The
+input is validated as the YAML/JSON data it is, in pydantic's strict JSON mode: mappings build nested dataclasses,
+ints are accepted for floats, and nothing else is coerced (no "5" → 5, "yes" → True, 1 → True, 2.0 → 2). YAML is
+read with YAML 1.2 floats (`1e-4` is a float, not PyYAML 1.1's string). Unknown keys are rejected, naming the valid
+ones. Every error names its field by its dotted path (`lora.r`, `stages[1].lam`), one line per error.
+
+Shared field types (declare a repeated field's constraint once, per-class default and help stay on the field):
+`PositiveInt` (≥ 1: batch sizes, lengths, counts), `NonNegativeInt` (≥ 0: "every N steps, 0 = never"), `Seed`,
+`PositiveFloat` and `NonNegativeFloat` (finite), `LearningRate`, `Fraction` ([0, 1): warmup_ratio, eval_fraction,
+dropout), `Probability` ([0, 1]: merge weights, noise rates), `Device` (auto | cpu | mps | cuda[:N] | xpu[:N]).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
+import pydantic
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 T = TypeVar("T")
 
@@ -23,91 +58,65 @@ class ConfigError(ValueError):
     """A config file or override is invalid."""
 
 
-def help_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with help text; list/dict/dataclass defaults become default factories."""
-    metadata = {"help": help}
+def help_field(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    allow_inf_nan: bool | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+) -> Any:
+    """A dataclass field with help text and optional bounds (pydantic `Field` arguments: `gt`/`ge`/`lt`/`le` on
+    numbers, `allow_inf_nan=False` for finite floats, `min_length`/`max_length` on lists and strings).
+    No default = a required key; list/dict/dataclass defaults become default factories (each instance its copy)."""
+    bounds = {"gt": gt, "ge": ge, "lt": lt, "le": le, "allow_inf_nan": allow_inf_nan}
+    bounds.update(min_length=min_length, max_length=max_length)
+    metadata = {"description": help, **{k: v for k, v in bounds.items() if v is not None}}
     if default is dataclasses.MISSING:
-        return dataclasses.field(metadata=metadata, **kwargs)
+        return dataclasses.field(metadata=metadata)
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: _copy(default), metadata=metadata, **kwargs)
-    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _copy(value: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(value)
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a plain dict, recursively, checking keys and basic types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(fields))}"
-        )
-    missing = [
-        n
-        for n, f in fields.items()
-        if f.init
-        and n not in data
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: missing required key(s) {missing}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {e}") from None
+def _check_device(name: str) -> str:
+    if not _DEVICE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a device; valid: auto, cpu, mps, cuda, cuda:N, xpu, xpu:N")
+    return name
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where + ".")
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and not (
-        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seed = NonNegativeInt
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # finite, unlike pydantic's PositiveFloat
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+LearningRate = PositiveFloat
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Device = Annotated[str, AfterValidator(_check_device)]
+
+
+# ---------------------------------------------------------------------------------------------- YAML and dicts
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, also reading YAML 1.2 floats without a dot (`1e-4`, `5E+3`) as floats."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: builds plain data only
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -127,7 +136,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -152,7 +161,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -167,14 +176,232 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-def describe(cls: type) -> str:
-    """Help text of every field of a config class (for `sacpo COMMAND --help-config`)."""
+# ------------------------------------------------------------------------------------------------- validation
+@functools.cache
+def _validator(cls: type) -> type[pydantic.BaseModel]:
+    """A one-field model holding `cls`: plain dataclasses take the config of the model around them (pydantic
+    #10917), so the config classes themselves need no pydantic settings."""
+    config = ConfigDict(extra="forbid", strict=True)
+    return pydantic.create_model(f"{cls.__name__}Input", __config__=config, value=(cls, ...))
+
+
+def _not_yaml(value: Any) -> Any:
+    raise TypeError(f"{value!r} is not a YAML value (str, number, bool, null, list or mapping)")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from plain (YAML-shaped) data, recursively; `where` prefixes every error line.
+
+    Raises ConfigError with one line per invalid field, each naming the field's dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    try:
+        text = json.dumps({"value": data}, default=_not_yaml)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}{cls.__name__}: {e}") from None
+    try:
+        return _validator(cls).model_validate_json(text).value
+    except pydantic.ValidationError as e:
+        lines = _messages(cls, e.errors(include_url=False), data)
+        raise ConfigError("\n".join(where + line for line in lines)) from None
+
+
+@dataclasses.dataclass
+class _Spot:
+    """Where an error's `loc` points in the config type: the path without pydantic's union tags, the annotation
+    there (Annotated and Optional unwrapped) with its constraints, and whether the loc went into a union member."""
+
+    path: list[str | int]
+    tp: Any
+    metadata: list[Any]
+    union: bool = False
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _field_info(cls: type, f: dataclasses.Field) -> FieldInfo:
+    return FieldInfo.from_annotated_attribute(_hints(cls)[f.name], f)
+
+
+def _unwrap(tp: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
+    """Annotated[X, ...] → X (its constraints added to metadata); X | None → X."""
+    while True:
+        if get_origin(tp) is Annotated:
+            info = FieldInfo.from_annotation(tp)
+            tp, metadata = info.annotation, [*metadata, *info.metadata]
+        elif _is_union(tp) and type(None) in get_args(tp) and len(get_args(tp)) == 2:
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        else:
+            return tp, metadata
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _locate(cls: type, loc: tuple[str | int, ...]) -> _Spot:
+    """Follow a pydantic error `loc` through the type hints of `cls` (dataclass fields, list items, dict values)."""
+    path: list[str | int] = []
+    tp, metadata = cls, []
+    for i, part in enumerate(loc):
+        tp, metadata = _unwrap(tp, metadata)
+        origin, args = get_origin(tp), get_args(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
+        if _is_union(tp):
+            return _Spot(path, tp, metadata, union=True)
+        if part in fields:
+            info = _field_info(tp, fields[part])
+            tp, metadata = info.annotation, list(info.metadata)
+        elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+            tp, metadata = (args[0] if args else Any), []
+        elif origin is dict and part != "[key]":
+            tp, metadata = (args[1] if len(args) == 2 else Any), []
+        else:
+            return _Spot(path + [p for p in loc[i:] if p != "[key]"], None, [])
+        path.append(part)
+    return _Spot(path, *_unwrap(tp, metadata))
+
+
+def _dotted(path: list[str | int]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+_EXPECTED = {
+    **dict.fromkeys(("int_type", "int_parsing", "int_from_float"), "int"),
+    **dict.fromkeys(("float_type", "float_parsing"), "float"),
+    **dict.fromkeys(("bool_type", "bool_parsing"), "bool"),
+    "string_type": "str",
+    **dict.fromkeys(("list_type", "tuple_type", "set_type"), "a list"),
+    **dict.fromkeys(("dict_type", "dataclass_type", "model_type"), "a mapping"),
+}
+_BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+_GROUPED = {"unexpected_keyword_argument": "unknown", "extra_forbidden": "unknown", "missing": "missing"}
+
+
+def _messages(cls: type, errors: list[dict[str, Any]], data: dict[str, Any]) -> list[str]:
+    """One line per error; unknown and missing keys grouped per mapping, a union's failed members per field."""
+    groups: dict[tuple, tuple[dict[str, Any], _Spot, list[str]]] = {}
+    for e in errors:
+        loc = e["loc"][1:]  # drop the field of the wrapping model
+        kind = _GROUPED.get(e["type"])
+        spot = _locate(cls, loc[:-1] if kind else loc)  # unknown/missing keys: the mapping that holds them
+        kind = "union" if spot.union else kind
+        key = (kind, tuple(spot.path)) if kind else (e["type"], len(groups))
+        _, _, names = groups.setdefault(key, (e, spot, []))
+        if kind in ("unknown", "missing"):
+            names.append(str(loc[-1]))
+    return [_message(cls, kind, e, spot, names, data) for (kind, _), (e, spot, names) in groups.items()]
+
+
+def _message(cls: type, kind: str, e: dict[str, Any], spot: _Spot, names: list[str], data: Any) -> str:
+    path = _dotted(spot.path)
+    owner = path or cls.__name__
+    if kind == "unknown":
+        valid = (
+            sorted(f.name for f in dataclasses.fields(spot.tp)) if dataclasses.is_dataclass(spot.tp) else []
+        )
+        return f"{owner}: unknown key(s) {sorted(names)}; valid keys: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{owner}: missing required key(s) {names}"
+    if kind == "union":
+        return f"{path}: {_value_at(data, spot.path)!r} matches none of {_type_name(spot.tp)}"
+    value = e.get("input")
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind == "literal_error":
+        word = next((p for p in reversed(spot.path) if isinstance(p, str)), "value")
+        choices = ", ".join(str(a) for a in get_args(spot.tp)) or e["ctx"]["expected"]
+        return f"unknown {path} {value!r}; valid {_plural(word)}: {choices}"
+    if kind in _BOUNDS:
+        return f"{path} must be {_bounds_text(spot.metadata) or e['msg']}, got {value!r}"
+    if kind in ("too_short", "too_long", "string_too_short", "string_too_long"):
+        return f"{path} must be {_bounds_text(spot.metadata)}, got {value!r}"
+    if kind == "value_error" and isinstance(error := e["ctx"]["error"], ConfigError):
+        return str(error)  # the class's own check: its message names what it checks
+    if kind == "value_error":
+        return f"{owner}: {error}"
+    return f"{owner}: {e['msg']}"
+
+
+def _value_at(data: Any, path: list[str | int]) -> Any:
+    for p in path:
+        data = data[p]
+    return data
+
+
+def _plural(word: str) -> str:
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _bounds_text(metadata: list[Any]) -> str:
+    """'> 0 and finite', 'in [0, 1)', '>= 1', 'non-empty' … from pydantic/annotated-types constraint objects."""
+    c = {k: v for m in metadata for k, v in _constraint_items(m)}
+    lo = (">=", c["ge"]) if c.get("ge") is not None else (">", c["gt"]) if c.get("gt") is not None else None
+    hi = ("<=", c["le"]) if c.get("le") is not None else ("<", c["lt"]) if c.get("lt") is not None else None
+    parts = []
+    if lo and hi:
+        parts.append(f"in {'[' if lo[0] == '>=' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == '<=' else ')'}")
+    elif lo or hi:
+        parts.append(f"{(lo or hi)[0]} {(lo or hi)[1]}")
+    if c.get("allow_inf_nan") is False and not (lo and hi):
+        parts.append("finite")
+    if c.get("min_length") is not None:
+        parts.append("non-empty" if c["min_length"] == 1 else f"of length >= {c['min_length']}")
+    if c.get("max_length") is not None:
+        parts.append(f"of length <= {c['max_length']}")
+    return " and ".join(parts)
+
+
+def _constraint_items(m: Any) -> list[tuple[str, Any]]:
+    names = ("gt", "ge", "lt", "le", "allow_inf_nan", "min_length", "max_length")
+    return [(n, getattr(m, n)) for n in names if getattr(m, n, None) is not None]
+
+
+# --------------------------------------------------------------------------------------------------- describe
+def _type_name(tp: Any) -> str:
+    """int, float > 0 and finite, list[str] | None, 'dpo' | 'ipo' | 'kto', DataConfig …"""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is type(None):
+        return "None"
+    if origin is Annotated:
+        info = FieldInfo.from_annotation(tp)
+        return " ".join(filter(None, (_type_name(info.annotation), _bounds_text(info.metadata))))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Every field of a config class, nested ones by dotted name: default, type with bounds or choices, help
+    (for `sacpo COMMAND --help-config`)."""
     lines = []
     for f in dataclasses.fields(cls):
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        info = _field_info(cls, f)
+        inner, _ = _unwrap(info.annotation, [])
+        item = get_args(inner)[0] if get_origin(inner) is list and get_args(inner) else None
+        nested = (
+            inner if dataclasses.is_dataclass(inner) else item if dataclasses.is_dataclass(item) else None
         )
-        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+        spec = " ".join(filter(None, (_type_name(info.annotation), _bounds_text(info.metadata))))
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        head = f"  {prefix}{f.name}"
+        if default is dataclasses.MISSING:
+            spec += ", required"
+        elif not dataclasses.is_dataclass(default):  # a nested default shows in the nested fields' lines
+            head += f" = {default!r}"
+        lines.append(f"{head}  ({spec})\n      {f.metadata.get('description', '')}")
+        if nested is not None:
+            lines.append(describe(nested, f"{prefix}{f.name}{'.' if nested is inner else '[].'}"))
     return "\n".join(lines)
