@@ -207,8 +207,8 @@ def _train_member(
 ) -> tuple[Any, _MemberRun]:
     from transformers import get_linear_schedule_with_warmup
 
+    from sacpo.train.batches import batch_order
     from sacpo.train.checkpoint import NonFiniteError
-    from sacpo.train.loop import batch_order
 
     started = time.time()
     device = _device(cfg.device)
@@ -343,7 +343,7 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     train/held-out pairwise accuracy and BT loss, n pairs; for an ensemble also the mean-aggregated and
     worst-case ensemble accuracies and every member's metrics).
     """
-    from sacpo.train.loop import split_indices
+    from sacpo.train.batches import split_indices
 
     validate_reward_config(cfg)
     kind = resolve_kind(cfg)
