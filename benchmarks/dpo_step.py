@@ -74,6 +74,7 @@ def sacpo_config(spec: dict[str, Any], out: Path, reference: str | None = None):
         eval_fraction=0.0,
         save_every=0,
         cache_dir=spec["cache_dir"],
+        malloc_tuning=True,  # as `sacpo train` runs it (sacpo.recipes.train.CommandTrainConfig)
     )
 
 
@@ -164,7 +165,7 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from sacpo.train.loop import batch_order
+    from sacpo.train.batches import batch_order
 
     class OrderedDPOTrainer(DPOTrainer):
         def _get_train_sampler(self, *args: Any, **kwargs: Any):
@@ -241,23 +242,23 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sacpo.data.tokenize import pad_sequences
     from sacpo.models.load import load_tokenizer
-    from sacpo.train import loop
+    from sacpo.train import batches, policy, step
     from sacpo.train.ref_cache import reference_logps
 
     work = Path(spec["work"])
     cfg = sacpo_config(spec, work / "runs" / "parity-sacpo", reference=spec["reference"])
     tokenizer = load_tokenizer(cfg.policy)
-    pairs, _ = loop._prepare_data(cfg, tokenizer)
-    first = loop.batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)[0]
-    acc = loop._accelerator(cfg)
-    model = loop._build_policy(cfg).to(acc.device)
+    pairs, _ = batches.prepare_data(cfg, tokenizer)
+    first = batches.batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)[0]
+    acc = policy.make_accelerator(cfg)
+    model = policy.build_policy(cfg).to(acc.device)
     model.train()
     result: dict[str, Any] = {}
     losses = {}
     for name, ref_dir in (("perturbed", spec["reference"]), ("self", cfg.policy)):
         ref = reference_logps(ref_dir, tokenizer, pairs, cfg.cache_dir, cfg.max_length, show_progress=False)
-        split = loop._subset(pairs, ref.logps, None, list(range(len(pairs))))
-        stepper = loop.Stepper(cfg, split, tokenizer.pad_token_id, acc)
+        split = batches.subset(pairs, ref.logps, None, list(range(len(pairs))))
+        stepper = step.Stepper(cfg, split, tokenizer.pad_token_id, acc)
         with torch.no_grad():
             loss, _ = stepper(model, first, first)
         losses[name] = float(loss)
@@ -298,12 +299,12 @@ def step_tokens(spec: dict[str, Any]) -> dict[str, list[int]]:
     """
     from sacpo.data.tokenize import shares_prompt
     from sacpo.models.load import load_tokenizer
-    from sacpo.train import loop
+    from sacpo.train import batches
 
     cfg = sacpo_config(spec, Path(spec["work"]) / "runs" / "tokens")
-    pairs, _ = loop._prepare_data(cfg, load_tokenizer(cfg.policy))
+    pairs, _ = batches.prepare_data(cfg, load_tokenizer(cfg.policy))
     real, padded, shared = [], [], []
-    for batch in loop.batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)[: cfg.max_steps]:
+    for batch in batches.batch_order(len(pairs), cfg.batch_size, cfg.seed, 0)[: cfg.max_steps]:
         seqs = [pairs[i][0] for i in batch] + [pairs[i][1] for i in batch]
         lengths = [len(s.input_ids) for s in seqs]
         real.append(sum(lengths))

@@ -41,13 +41,13 @@ def preload(side: str) -> dict[str, float]:
     if side == "trl":
         import trl  # noqa: F401
     else:
-        import sacpo.train.pipeline  # noqa: F401
+        import sacpo.recipes.pipeline  # noqa: F401
     return {"import_shared_s": shared, f"import_{side}_s": time.perf_counter() - started}
 
 
 def _pipeline_config(spec: dict[str, Any], stages: int):
+    from sacpo.recipes.pipeline import PipelineConfig, StageConfig
     from sacpo.train.config import DataConfig
-    from sacpo.train.pipeline import PipelineConfig, StageConfig
 
     defaults = {
         "batch_size": spec["batch_size"],
@@ -84,7 +84,7 @@ def _pipeline_config(spec: dict[str, Any], stages: int):
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     """Train step 1 (helpful) once; both sides start step 2 from its model."""
-    from sacpo.train.pipeline import run_pipeline
+    from sacpo.recipes.pipeline import run_pipeline
 
     started = time.perf_counter()
     result = run_pipeline(_pipeline_config(spec, stages=1), show_progress=False)
@@ -92,7 +92,7 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
-    from sacpo.train.pipeline import run_pipeline
+    from sacpo.recipes.pipeline import run_pipeline
 
     cfg = _pipeline_config(spec, stages=2)
     out = Path(cfg.output_dir)

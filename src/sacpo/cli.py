@@ -62,10 +62,10 @@ def _config_command(args: argparse.Namespace, cls: type):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from sacpo.train.config import TrainConfig
+    from sacpo.recipes.train import CommandTrainConfig
     from sacpo.train.loop import train
 
-    cfg = _config_command(args, TrainConfig)
+    cfg = _config_command(args, CommandTrainConfig)
     result = train(cfg, resume=args.resume, show_progress=not args.quiet)
     print(
         json.dumps(
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from sacpo.train.pipeline import PipelineConfig, run_pipeline
+    from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
 
     cfg = _config_command(args, PipelineConfig)
     result = run_pipeline(cfg, show_progress=not args.quiet, force=args.force)

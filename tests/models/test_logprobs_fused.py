@@ -105,3 +105,40 @@ def test_fused_head_function_passes_gradcheck_and_skips_a_frozen_head():
     frozen = w.detach()
     (fn(h, frozen) * torch.arange(5.0, dtype=torch.float64)).sum().backward()
     assert h.grad is not None and frozen.grad is None
+
+
+def test_a_parallel_wrapper_gets_the_full_logits_path(tmp_path):
+    """The fused head calls the backbone directly, which would skip a DDP / FSDP / DeepSpeed forward: under such a
+    wrapper the full-logits path runs (same values), and head_path says why."""
+    import torch.distributed as dist
+
+    model, batch = _llama(FUSED_MIN_VOCAB), _batch(FUSED_MIN_VOCAB)
+    assert logprobs.head_path(model).fused
+    full = sequence_logps(model, batch, fused=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        path = logprobs.head_path(ddp)
+        assert not path.fused and "DistributedDataParallel" in path.reason
+        torch.testing.assert_close(sequence_logps(ddp, batch), full, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+    class DeepSpeedEngine(torch.nn.Module):  # stands in for deepspeed's engine (matched by class name)
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+        def __getattr__(self, name):  # like the engine, it hands out the wrapped model's attributes
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    engine = DeepSpeedEngine(model)
+    assert logprobs._plain_lm_head(engine) is not None  # the head alone would look fusable
+    assert not logprobs.head_path(engine).fused and "DeepSpeedEngine" in logprobs.head_path(engine).reason
+    torch.testing.assert_close(sequence_logps(engine, batch), full, rtol=0, atol=0)

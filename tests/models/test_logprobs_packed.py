@@ -107,6 +107,10 @@ def test_pack_pairs_refuses_pairs_without_a_shared_prompt(pair, message):
 
 def test_the_probe_accepts_sdpa_and_eager_and_refuses_a_model_that_ignores_position_ids(monkeypatch):
     assert supports_packed_pairs(_gpt2(300, "sdpa")) and supports_packed_pairs(_llama(300, "eager"))
+    probed = _gpt2(300, "sdpa")
+    assert (
+        supports_packed_pairs(probed) and "_sacpo_packed_pairs" not in probed.__dict__
+    )  # nothing cached on it
     model = _gpt2(300)
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, position_ids=None, **k: forward(*a, **k))

@@ -44,13 +44,13 @@ def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, tor
 
 def test_fused_llama_trains_like_the_stock_one():
     stock, fused = _llama(), _llama()
-    assert fuse_swiglu(fused) == 2  # one MLP per layer
+    assert len(fuse_swiglu(fused)) == 2  # one MLP per layer
     loss_s, grads_s = _loss_and_grads(stock)
     loss_f, grads_f = _loss_and_grads(fused)
     assert torch.equal(loss_s, loss_f)
     for k in grads_s:
         torch.testing.assert_close(grads_f[k], grads_s[k], rtol=1e-5, atol=1e-7, msg=k)
-    assert fuse_swiglu(fused) == 2  # idempotent: the fused forward is still a SwiGLU MLP
+    assert len(fuse_swiglu(fused)) == 2  # idempotent: the fused forward is still a SwiGLU MLP
 
 
 def test_with_lora_adapters_on_the_projections():
@@ -62,7 +62,7 @@ def test_with_lora_adapters_on_the_projections():
         for name, p in m.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    assert fuse_swiglu(fused) == 2
+    assert len(fuse_swiglu(fused)) == 2
     loss_s, grads_s = _loss_and_grads(stock)
     loss_f, grads_f = _loss_and_grads(fused)
     torch.testing.assert_close(loss_f, loss_s, rtol=0, atol=0)
@@ -88,5 +88,19 @@ class _ClampedMLP(torch.nn.Module):
 )
 def test_other_modules_are_left_alone(make):
     model = make()
-    assert fuse_swiglu(model) == 0
+    assert len(fuse_swiglu(model)) == 0
     assert not any(is_swiglu_mlp(m) for m in model.modules())
+
+
+def test_undo_gives_every_module_its_own_forward_back():
+    model = _llama().train()
+    first = fuse_swiglu(model)
+    second = fuse_swiglu(model)  # stacked: undone in reverse
+    assert model.training and all(m.training for m in model.modules())  # the probe restored every mode
+    mlps = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(mlps) == 2
+    second.undo()
+    assert all("forward" in m.__dict__ for m in mlps)  # back to the first patch
+    first.undo()
+    first.undo()  # idempotent
+    assert not any("forward" in m.__dict__ for m in model.modules())

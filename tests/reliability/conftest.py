@@ -19,7 +19,8 @@ def no_model_loads(monkeypatch):
 
     for target in (
         "sacpo.models.load.load_model",
-        "sacpo.train.loop.load_model",
+        "sacpo.train.policy.load_model",
+        "sacpo.train.heldout.load_model",
         "sacpo.train.ref_cache.load_model",
         "sacpo.train.loop.load_tokenizer",
         "sacpo.models.tiny.build_tiny_gpt2",

@@ -9,9 +9,9 @@ from reliability_helpers import FAST, copy_model, make_cfg, weights
 
 from sacpo.config import from_dict
 from sacpo.merge.linear import merge_dirs
+from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
 from sacpo.train import checkpoint
 from sacpo.train.loop import is_done, train
-from sacpo.train.pipeline import PipelineConfig, run_pipeline
 
 
 class Crash(Exception):
@@ -45,7 +45,7 @@ def _phases():
     return {
         "reference pass": ("sacpo.train.ref_cache.compute_ref_logps", lambda real: _raise),
         "training step": (
-            "sacpo.train.loop.packed_pair_logps",
+            "sacpo.train.step.packed_pair_logps",
             lambda real: _raise,
         ),  # paired data: one row per pair
         "checkpoint save": ("sacpo.train.checkpoint._write_json", lambda real: _raise),
@@ -186,7 +186,7 @@ def test_pipeline_skips_finished_stages_and_redoes_the_others(tiny_model, pku_ti
 
     # the parent was retrained after its child had finished (the pipeline died in between): the child is stale
     (stages / "helpful" / "DONE").unlink()
-    monkeypatch.setattr("sacpo.train.pipeline.train", lambda cfg, **k: train(cfg, **k) and _raise())
+    monkeypatch.setattr("sacpo.recipes.pipeline.train", lambda cfg, **k: train(cfg, **k) and _raise())
     with pytest.raises(Crash):
         run()
     monkeypatch.undo()
@@ -203,7 +203,7 @@ def test_an_interrupted_merge_keeps_the_previous_output(tiny_model, tmp_path, mo
     out = tmp_path / "merged"
     merge_dirs(tiny_model, b, 0.5, out)
     before = weights(out)
-    monkeypatch.setattr("safetensors.torch.save_file", _raise)
+    monkeypatch.setattr("sacpo.merge.linear.atomic_save_file", _raise)
     with pytest.raises(Crash):
         merge_dirs(tiny_model, b, 0.25, out)
     assert all((weights(out)[k] == v).all() for k, v in before.items())

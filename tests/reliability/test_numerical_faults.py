@@ -116,7 +116,7 @@ def test_nan_reference_model_is_reported_before_training(tiny_model, pku_tiny, t
     ref = copy_model(
         tiny_model, tmp_path / "nan_ref", edit=lambda sd: sd["transformer.ln_f.weight"].fill_(math.nan)
     )
-    monkeypatch.setattr(loop, "_build_policy", lambda cfg: pytest.fail("training must not start"))
+    monkeypatch.setattr(loop, "build_policy", lambda cfg: pytest.fail("training must not start"))
     with pytest.raises(NonFiniteError, match=r"reference log-probs .*nan_ref.* NaN/inf for \d+ of 48 pairs"):
         train(make_cfg(tiny_model, pku_tiny, tmp_path / "run", reference=str(ref)), show_progress=False)
     assert not list((tmp_path / "cache").glob("*.safetensors"))

@@ -109,11 +109,18 @@ def test_every_load_of_a_stage_passes_the_trust_remote_code_setting(
 ):
     """Policy, tokenizer, reference pass and the held-out KL estimate's reference all get the stage's setting
     (off by default; regression: the KL estimate loaded the reference without it)."""
+    import sacpo.train.heldout as heldout
     import sacpo.train.loop as loop
+    import sacpo.train.policy as policy
     import sacpo.train.ref_cache as ref_cache
 
     seen = []
-    for module, name in [(loop, "load_model"), (loop, "load_tokenizer"), (ref_cache, "load_model")]:
+    for module, name in [
+        (policy, "load_model"),
+        (heldout, "load_model"),
+        (loop, "load_tokenizer"),
+        (ref_cache, "load_model"),
+    ]:
         real = getattr(module, name)
 
         def spy(path, *a, _real=real, _name=name, **k):

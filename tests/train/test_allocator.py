@@ -75,3 +75,24 @@ def test_train_applies_the_tuning_only_when_configured(tiny_model, pku_tiny, tmp
     )
     train(cfg, show_progress=False)
     assert len(calls) == int(enabled)
+
+
+def test_off_in_the_python_api_and_on_for_the_commands(tiny_model, pku_tiny, tmp_path):
+    """TrainConfig leaves the process-wide thresholds alone; the commands' CommandTrainConfig (sacpo train, the
+    stages of sacpo pipeline / demo) turns them on unless the config says otherwise."""
+    from sacpo.config import from_dict
+    from sacpo.recipes.pipeline import PipelineConfig, plan
+    from sacpo.recipes.train import CommandTrainConfig
+    from sacpo.train.config import TrainConfig
+
+    fields = {"policy": str(tiny_model), "output_dir": str(tmp_path), "data": {"source": str(pku_tiny)}}
+    assert from_dict(TrainConfig, fields).malloc_tuning is False
+    assert from_dict(CommandTrainConfig, fields).malloc_tuning is True
+    assert from_dict(CommandTrainConfig, {**fields, "malloc_tuning": False}).malloc_tuning is False
+    stage = {"name": "a", "data": {"source": str(pku_tiny)}, "beta": 0.1}
+    for defaults, expected in (({}, True), ({"malloc_tuning": False}, False)):
+        cfg = from_dict(
+            PipelineConfig,
+            {"policy": str(tiny_model), "output_dir": str(tmp_path), "stages": [stage], "defaults": defaults},
+        )
+        assert plan(cfg, tiny_model)["a"][0].train.malloc_tuning is expected

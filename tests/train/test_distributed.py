@@ -75,6 +75,8 @@ def test_two_process_gloo_matches_one_process(tiny_model, pku_tiny, tmp_path):
     assert summary["num_processes"] == 2, "the launcher started one process: the comparison would be vacuous"
     assert json.loads((outs["one"] / "summary.json").read_text())["num_processes"] == 1
     assert summary["reference_pass"] == "cached"  # the single-process run filled the shared cache
+    # under DDP the step takes the full-logits path (the fused head would bypass the wrapper's forward)
+    assert summary["fused_head"] is False and "DistributedDataParallel" in summary["fused_head_reason"]
 
 
 def test_kl_budget_stops_both_processes_at_the_same_step(tiny_model, pku_tiny, tmp_path):

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from sacpo.config import from_dict
+from sacpo.train.batches import batch_order, split_indices
 from sacpo.train.config import TrainConfig
-from sacpo.train.loop import batch_order, is_done, split_indices, train
+from sacpo.train.loop import is_done, train
 
 FAST = {
     "max_steps": 12,
@@ -84,7 +85,7 @@ def test_reference_cache_is_reused_without_loading_the_reference(tiny_model, pku
     def boom(*a, **k):
         raise AssertionError("the reference model must not be loaded when its log-probs are cached")
 
-    import sacpo.train.loop as loop
+    import sacpo.train.policy as policy
 
     loads = []
 
@@ -92,9 +93,11 @@ def test_reference_cache_is_reused_without_loading_the_reference(tiny_model, pku
         loads.append(a[0])
         return real_load(*a, **k)
 
-    real_load = loop.load_model
+    real_load = policy.load_model
     monkeypatch.setattr("sacpo.train.ref_cache.load_model", boom)
-    monkeypatch.setattr("sacpo.train.loop.load_model", counting_load)  # KL eval would load it: disabled below
+    monkeypatch.setattr(
+        "sacpo.train.policy.load_model", counting_load
+    )  # KL eval would load it: disabled below
     r = train(
         make_cfg(
             tiny_model, pku_tiny, tmp_path / "b", cache_dir=str(cache), max_steps=2, beta=0.5, kl_prompts=0
@@ -219,11 +222,11 @@ def test_batch_order_and_split_are_deterministic():
 
 
 def test_shared_prompt_rows_train_like_two_padded_rows(tiny_model, pku_tiny, tmp_path, monkeypatch):
-    import sacpo.train.loop as loop
+    import sacpo.train.step as step
 
     calls = []
-    real = loop.packed_pair_logps
-    monkeypatch.setattr(loop, "packed_pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = step.packed_pair_logps
+    monkeypatch.setattr(step, "packed_pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for share in (True, False):
         out = tmp_path / f"share-{share}"
@@ -273,3 +276,77 @@ def test_kl_budget_stops_the_stage_early_and_says_so(tiny_model, pku_tiny, tmp_p
     assert summary["stopped_early"] == expected and r.stopped_early == expected and summary["steps"] == stop
     assert f"exceeds kl_budget={budget:g}: stopping the stage early" in caplog.text
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_train_leaves_the_callers_global_rng_state_alone(tiny_model, pku_tiny, tmp_path):
+    """train() seeds python, numpy and torch inside (same numbers as before) and restores the caller's states."""
+    import random
+
+    import numpy as np
+
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    cfg = make_cfg(tiny_model, pku_tiny, tmp_path / "a", max_steps=2, kl_prompts=1, kl_max_new_tokens=4)
+    train(cfg, show_progress=False)
+    assert random.getstate() == states[0]
+    assert (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.random.get_rng_state(), states[2])
+    # and the run itself does not depend on the caller's state
+    torch.manual_seed(7)
+    cfg = make_cfg(tiny_model, pku_tiny, tmp_path / "b", max_steps=2, kl_prompts=1, kl_max_new_tokens=4)
+    train(cfg, show_progress=False)
+    drop = ("step",)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b
+    ]
+
+
+def _tiny_llama(out):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sacpo.models.tiny import build_byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=257, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, bos_token_id=256, eos_token_id=256, pad_token_id=256,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    build_byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def test_the_fused_swiglu_patch_is_undone_and_the_probe_is_not_kept_on_the_model(
+    pku_tiny, tmp_path, monkeypatch
+):
+    """fuse_swiglu patches the policy's MLPs while it trains; the patch is off when train() returns (a sweep
+    workspace keeps the model), the shared-prompt probe lives in the trainer, and the log-prob path is reported."""
+    import sacpo.train.loop as loop
+    from sacpo.models.swiglu import fuse_swiglu
+    from sacpo.train.workspace import SweepWorkspace
+
+    patched = []
+
+    def counting(model):
+        patch = fuse_swiglu(model)
+        patched.append(len(patch))
+        return patch
+
+    monkeypatch.setattr(loop, "fuse_swiglu", counting)
+    model_dir = _tiny_llama(tmp_path / "llama")
+    ws = SweepWorkspace()
+    out = tmp_path / "run"
+    result = train(
+        make_cfg(model_dir, pku_tiny, out, max_steps=2, kl_prompts=0), show_progress=False, workspace=ws
+    )
+    assert patched == [2]  # both MLPs were fused for training
+    mlps = [m for m in ws._model.modules() if hasattr(m, "gate_proj")]
+    assert len(mlps) == 2 and not any("forward" in m.__dict__ for m in mlps)
+    assert "_sacpo_packed_pairs" not in ws._model.__dict__
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shared_prompt_rows"] is result.shared_prompt_rows is True
+    assert summary["fused_head"] is result.fused_head is False
+    assert (
+        summary["fused_head_reason"] == result.fused_head_reason and "vocabulary" in result.fused_head_reason
+    )

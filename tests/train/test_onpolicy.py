@@ -6,9 +6,9 @@ import random
 import pytest
 
 from sacpo.config import ConfigError, from_dict
+from sacpo.recipes.pipeline import PipelineConfig, plan, run_pipeline
 from sacpo.scoring import FunctionScorer, get_scorer, register_scorer
 from sacpo.train.onpolicy import OnPolicyConfig, label_pair, make_rows
-from sacpo.train.pipeline import PipelineConfig, plan, run_pipeline
 
 
 def length_judge(prompt, response):  # a transparent judge: longer = better

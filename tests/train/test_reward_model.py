@@ -14,7 +14,7 @@ from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_acc
 from sacpo.models.load import ModelLoadError
 from sacpo.models.reward import sequence_scores
 from sacpo.scoring.reward_model import RewardModelScorer
-from sacpo.train.loop import split_indices
+from sacpo.train.batches import split_indices
 from sacpo.train.reward_model import RewardConfig, train_reward_model
 
 FAST = {

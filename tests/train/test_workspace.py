@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 import sacpo.train.loop as loop
 from sacpo.config import from_dict, to_dict
+from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
 from sacpo.train.config import TrainConfig
-from sacpo.train.pipeline import PipelineConfig, run_pipeline
+from sacpo.train.policy import build_policy
 from sacpo.train.workspace import SweepWorkspace, policy_key
 
 DEFAULTS = {
@@ -49,13 +50,13 @@ def _weights(run: Path, name: str, sub: str = "model") -> dict[str, torch.Tensor
 
 def _count_builds(monkeypatch) -> list[str]:
     built: list[str] = []
-    original = loop._build_policy
+    original = build_policy
 
     def counting(cfg):
         built.append(cfg.policy)
         return original(cfg)
 
-    monkeypatch.setattr(loop, "_build_policy", counting)
+    monkeypatch.setattr(loop, "build_policy", counting)
     return built
 
 
@@ -121,9 +122,9 @@ def test_workspace_restores_the_parent_and_zeroes_adam_state(tiny_model, pku_tin
 
     # what the next branch gets, before it trains: the parent's weights and a zeroed AdamW state
     cfg = _train_cfg(tiny_model, pku_tiny, tmp_path / "b")
-    restored = ws.policy(cfg, loop._build_policy)
+    restored = ws.policy(cfg, build_policy)
     assert restored is model and len(built) == 1 and ws.reuses == 1
-    parent = loop._build_policy(cfg)
+    parent = build_policy(cfg)
     for (n, p), (_, q) in zip(restored.named_parameters(), parent.named_parameters(), strict=True):
         assert torch.equal(p, q), n
         assert p.grad is None
@@ -200,7 +201,7 @@ def test_reference_pass_with_the_built_policy_equals_loading_the_reference(
     tok = load_tokenizer(tiny_model)
     pairs = encode_paired(tok, load_examples(str(pku_tiny), "pku_safe", None, 16, False), 64, 32, Counter())
     loaded = ref_cache.reference_logps(tiny_model, tok, pairs, tmp_path / "c1", 64, show_progress=False)
-    policy = loop._build_policy(cfg)
+    policy = build_policy(cfg)
     policy.train()
     monkeypatch.setattr(ref_cache, "load_model", lambda *a, **k: pytest.fail("the given model must be used"))
     shared = ref_cache.reference_logps(

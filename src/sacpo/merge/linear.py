@@ -7,12 +7,11 @@ tensor keys/shapes or tokenizers. The merged directory gets a's config and token
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from sacpo.fsutil import replace_dir
+from sacpo.fsutil import atomic_dir, atomic_save_file, atomic_write_bytes, atomic_write_json
 from sacpo.math.merging import MergeError, _check_q, linear_merge
 from sacpo.models.load import check_model_dir, fingerprint_model, hash_files
 
@@ -62,7 +61,7 @@ MERGE_FILE = "merge.json"
 
 
 def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
-    """Write the merged model to `out` (atomically: a temp dir renamed at the end), with `merge.json` naming
+    """Write the merged model to `out` (atomically: `sacpo.fsutil.atomic_dir`), with `merge.json` naming
     a, b, q and the content fingerprints of a and b.
 
     The output is byte-for-byte deterministic (the safetensors header carries only {"format": "pt"}: a second
@@ -70,8 +69,6 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
     every cache keyed by the model's fingerprint). If `out` already holds this exact merge (same merge.json,
     weights present), nothing is rewritten.
     """
-    from safetensors.torch import save_file
-
     _check_q(q)
     check_mergeable(a, b)
     record = {
@@ -88,17 +85,14 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
     except (OSError, ValueError):
         pass
     merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in merged.items()},
-        str(tmp / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
-        if (Path(a) / name).is_file():
-            shutil.copy2(Path(a) / name, tmp / name)
-    (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        atomic_save_file(
+            {k: v.contiguous() for k, v in merged.items()},
+            tmp / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+            if (Path(a) / name).is_file():
+                atomic_write_bytes(tmp / name, (Path(a) / name).read_bytes())
+        atomic_write_json(tmp / MERGE_FILE, record)
     return out

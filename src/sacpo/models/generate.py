@@ -8,28 +8,20 @@ drawn by inversion of its cumulative distribution (`draw`).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
 from sacpo.data.tokenize import Encoded
+from sacpo.models.modules import cache_kwargs, output_cache
 
 
-def _cache_argument(model: Any) -> str:
-    """Name of the KV-cache argument of the model's forward: `cache` in recent transformers 5.x, before that
-    `past_key_values` (a peft wrapper passes keyword arguments through to the model it wraps)."""
-    inner = model
-    while hasattr(inner, "module"):  # DistributedDataParallel and similar wrappers
-        inner = inner.module
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    params = inspect.signature(type(inner).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
+def _inner(model: Any) -> Any:
+    """The causal LM inside DistributedDataParallel-like (`.module`) and peft wrappers: its forward names the
+    KV-cache argument (a wrapper passes keyword arguments through)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +72,14 @@ def sample_chunk(
     ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))  # (b, P)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (b, P)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = _cache_of(out)
+    cache = output_cache(out)
     if n > 1:
         cache.batch_repeat_interleave(n)
     logits = out.logits[:, -1].repeat_interleave(n, 0)  # (b·n, V)
     attn = attn.repeat_interleave(n, 0)  # (b·n, P)
     next_pos = pos[:, -1].repeat_interleave(n) + 1  # (b·n,)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)  # (b·n,)
-    cache_arg = _cache_argument(model)
+    inner = _inner(model)
     steps: list[torch.Tensor] = []
     for t in range(max_new_tokens):
         z = draw(torch.softmax(logits.float() / temperature, dim=-1))  # (b·n,)
@@ -102,9 +94,9 @@ def sample_chunk(
             attention_mask=attn,
             position_ids=next_pos[:, None],
             use_cache=True,
-            **{cache_arg: cache},
+            **cache_kwargs(inner, cache),
         )
-        cache = _cache_of(out)
+        cache = output_cache(out)
         logits, next_pos = out.logits[:, -1], next_pos + 1
     new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(len(prompts) * n)]
     return [toks[: toks.index(eos_id) + 1] if eos_id in toks else toks for toks in new]

@@ -9,12 +9,15 @@ Two paths give the same numbers (fp32 log-softmax of the same logits):
   SmolLM2-135M (V = 49 152) this is the difference between 93 MB of logits per copy at 4 × 118 tokens and one
   (c, V) chunk (benchmarks/RESULTS.md).
 `sequence_logps` takes the fused path for vocabularies of at least `FUSED_MIN_VOCAB` tokens when the head is a
-plain bias-free linear map (no logit scale or soft-capping, no adapter on the head); small vocabularies are
-overhead-bound and keep the full path.
+plain bias-free linear map (no logit scale or soft-capping, no adapter on the head) and the model is not inside a
+parallel wrapper (DDP, FSDP/FSDP2, a DeepSpeed engine: the fused path calls the backbone directly, which would skip
+the wrapper's forward — its gradient hooks, parameter gathering); small vocabularies are overhead-bound and keep the
+full path. `head_path(model)` says which path a model gets, and why.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +38,49 @@ def _plain_lm_head(model: Any) -> torch.nn.Linear | None:
     if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
         return None
     return head
+
+
+# wrappers whose forward must run (DDP's gradient hooks, FSDP's parameter gathering, DeepSpeed's engine); matched by
+# class name along the MRO, so that none of torch.distributed, FSDP2 or deepspeed needs importing to check
+PARALLEL_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine")
+
+
+def parallel_wrapper(model: Any) -> str | None:
+    """The name of the parallel wrapper around (or applied to) `model` or its peft base model, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for m in (model, base):
+        names = {c.__name__ for c in type(m).__mro__}
+        for wrapper in PARALLEL_WRAPPERS:
+            if wrapper in names:
+                return wrapper
+    return None
+
+
+@dataclass(frozen=True)
+class HeadPath:
+    """Which log-prob path a model gets: fused LM head or full logits, and why."""
+
+    fused: bool
+    reason: str
+    head: torch.nn.Linear | None = field(default=None, repr=False, compare=False)
+
+
+def head_path(model: Any, fused: bool | None = None) -> HeadPath:
+    """The path `sequence_logps(model, ..., fused=fused)` takes (see the module docstring)."""
+    if fused is False:
+        return HeadPath(False, "full logits requested (fused=False)")
+    wrapper = parallel_wrapper(model)
+    if wrapper is not None:
+        return HeadPath(False, f"model inside {wrapper}: its forward must run, so full logits")
+    head = _plain_lm_head(model)
+    if head is None:
+        return HeadPath(
+            False, "the output layer is not a plain bias-free linear map of the backbone's states"
+        )
+    vocab = head.weight.shape[0]
+    if not fused and vocab < FUSED_MIN_VOCAB:
+        return HeadPath(False, f"vocabulary of {vocab} < {FUSED_MIN_VOCAB} tokens: full logits are cheaper")
+    return HeadPath(True, f"plain linear head over {vocab} tokens", head)
 
 
 class _FusedHeadLogps(torch.autograd.Function):
@@ -116,9 +162,9 @@ def response_token_logps(
     float32. fused: None = automatic (see the module docstring), True = fused LM head when the head allows it,
     False = full logits. chunk_size bounds the logits temporary: sequence positions (full) or rows (fused).
     """
-    head = _plain_lm_head(model) if fused is not False else None
-    if head is not None and (fused or head.weight.shape[0] >= FUSED_MIN_VOCAB):
-        return _fused_token_logps(model, head, batch, chunk_size)
+    path = head_path(model, fused)
+    if path.fused:
+        return _fused_token_logps(model, path.head, batch, chunk_size)
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits  # (N, T, V)
@@ -171,7 +217,7 @@ def packed_pair_logps(
     """
     ids, src, seq = packed["input_ids"], packed["src"], packed["seq"]  # (B, T), (M,), (M,)
     labels = ids.reshape(-1)[packed["label"]]  # (M,)
-    head = _plain_lm_head(model) if fused is not False else None
+    path = head_path(model, fused)
     weight = next(model.parameters())
     kwargs = {
         "input_ids": ids,
@@ -179,11 +225,11 @@ def packed_pair_logps(
         "position_ids": packed["position_ids"],
         "use_cache": False,
     }
-    if head is not None and (fused or head.weight.shape[0] >= FUSED_MIN_VOCAB):
+    if path.fused:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         hidden = base.base_model(**kwargs).last_hidden_state  # (B, T, H)
         flat = _FusedHeadLogps.apply(
-            hidden.reshape(-1, hidden.shape[-1])[src], head.weight, labels, chunk_size
+            hidden.reshape(-1, hidden.shape[-1])[src], path.head.weight, labels, chunk_size
         )
     else:
         logits = model(**kwargs).logits  # (B, T, V)
@@ -200,11 +246,9 @@ def packed_pair_logps(
 def supports_packed_pairs(model: Any) -> bool:
     """Whether `packed_pair_logps` reproduces `sequence_logps` on this model: its attention takes a prepared 4D
     mask (sdpa or eager) and it places tokens by `position_ids` (models that derive positions from the 2D mask,
-    or use none, fail the check). Probed once on a 3-token prompt with 2- and 3-token responses; cached on the
-    model."""
-    cached = getattr(model, "_sacpo_packed_pairs", None)
-    if cached is not None:
-        return cached
+    or use none, fail the check). Probed on a 3-token prompt with 2- and 3-token responses (in eval mode, no
+    gradient; the model's mode is restored). Nothing is stored on the model: a caller that probes often keeps the
+    answer (sacpo.train.step.PackedPairsProbe)."""
     from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences
 
     ok = False
@@ -224,5 +268,4 @@ def supports_packed_pairs(model: Any) -> bool:
             ok = False
         finally:
             model.train(was_training)
-    model._sacpo_packed_pairs = bool(ok)
     return bool(ok)

@@ -13,6 +13,8 @@ The forward value is the same expression (bit-identical); the gradients agree wi
 SmolLM2-135M at 4 × 118 tokens this is 30 layers × 2.9 MB less at the start of backward (benchmarks/RESULTS.md).
 `fuse_swiglu(model)` swaps it into every MLP module that has exactly this structure (gate_proj, up_proj,
 down_proj and a SiLU act_fn), including ones whose projections carry LoRA adapters; anything else is left alone.
+It returns a `SwiGLUPatch` whose `undo()` gives every patched module its own forward back (the trainer undoes it
+before it returns, so a caller's model is left as it came).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+_ABSENT = object()  # a module without an instance-level forward (it uses its class's)
 
 SILU_NAMES = frozenset({"SiLU", "SiLUActivation"})  # torch.nn.SiLU, transformers' ACT2FN["silu"]
 
@@ -51,7 +55,8 @@ def _swiglu_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def is_swiglu_mlp(module: torch.nn.Module) -> bool:
     """True for an MLP whose forward is down_proj(silu(gate_proj(x)) * up_proj(x)): it has those projections and a
     SiLU act_fn, and its own forward gives the same output as the fused one on a random probe input (so a
-    subclass that adds anything — dropout, clamping, another activation — is not touched)."""
+    subclass that adds anything — dropout, clamping, another activation — is not touched). The probe runs in eval
+    mode (dropout of an adapter off, no draw from the global RNG) and restores every submodule's mode."""
     parts = [getattr(module, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
     if not all(isinstance(p, torch.nn.Module) for p in parts) or type(act).__name__ not in SILU_NAMES:
@@ -62,19 +67,45 @@ def is_swiglu_mlp(module: torch.nn.Module) -> bool:
         return False
     g = torch.Generator(device=weight.device).manual_seed(0)
     x = torch.randn(1, 3, width, generator=g, device=weight.device).to(weight.dtype)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     with torch.no_grad():
         try:
             same = torch.allclose(module(x), _swiglu_forward(module, x), rtol=1e-4, atol=1e-5)
         except Exception:  # a forward with another signature or shapes: not ours to change
             return False
+        finally:
+            for m, training in modes:
+                m.training = training
     return bool(same)
 
 
-def fuse_swiglu(model: torch.nn.Module) -> int:
-    """Route every SwiGLU MLP of `model` through `SwiGLUProduct` (in place); returns how many were changed."""
-    count = 0
+class SwiGLUPatch:
+    """The MLP modules `fuse_swiglu` routed through `SwiGLUProduct`, with the forward each had before.
+
+    len(patch) = how many were changed; `undo()` restores them (idempotent; the last patch applied is undone first
+    when patches are stacked)."""
+
+    def __init__(self, saved: list[tuple[torch.nn.Module, Any]]) -> None:
+        self._saved = saved  # (module, its previous instance-level forward or _ABSENT)
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    def undo(self) -> None:
+        for module, previous in reversed(self._saved):
+            if previous is _ABSENT:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._saved = []
+
+
+def fuse_swiglu(model: torch.nn.Module) -> SwiGLUPatch:
+    """Route every SwiGLU MLP of `model` through `SwiGLUProduct` (in place); `.undo()` on the result reverts it."""
+    saved = []
     for module in model.modules():
         if is_swiglu_mlp(module):
+            saved.append((module, module.__dict__.get("forward", _ABSENT)))
             module.forward = _swiglu_forward.__get__(module)
-            count += 1
-    return count
+    return SwiGLUPatch(saved)

@@ -71,8 +71,11 @@ def build_tiny_gpt2(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # HF init draws from the global RNG: seed it, leave the caller's as is
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -16,7 +16,8 @@ every core running torch threads).
 On SmolLM2-135M (full fine-tuning, 4 × 118 tokens, 2 cores) this made the DPO step ~10% faster with a *lower*
 peak RSS (3075 vs 3146 MB, benchmarks/ANALYSIS.md), and a λ sweep 8% faster; with LoRA the peak RSS is unchanged.
 The cost: the process keeps up to 1 GiB of freed heap instead of returning it. The settings are process-wide and
-cannot be undone (glibc has no getter), so `train()` applies them only when `TrainConfig.malloc_tuning` is set.
+cannot be undone (glibc has no getter), so `train()` applies them only when `TrainConfig.malloc_tuning` is set:
+off by default in the Python API, on by default for the sacpo commands (`sacpo.recipes.train.CommandTrainConfig`).
 """
 
 from __future__ import annotations

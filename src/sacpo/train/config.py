@@ -101,9 +101,11 @@ class TrainConfig:
         "it; sacpo.data.tokenize.pack_pairs)",
     )
     malloc_tuning: bool = help_field(
-        True,
+        False,
         help="on glibc, fix malloc's mmap/trim thresholds so the step's large buffers are reused from the heap "
-        "instead of mapped and unmapped every step (process-wide; sacpo.train.allocator)",
+        "instead of mapped and unmapped every step (sacpo.train.allocator). Process-wide and not undoable, so off "
+        "in the Python API; the sacpo commands (train, pipeline, demo) build their TrainConfigs as "
+        "sacpo.recipes.train.CommandTrainConfig, where it defaults to true: set it false there to opt out",
     )
     warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
     scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")

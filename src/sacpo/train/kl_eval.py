@@ -47,7 +47,8 @@ def estimate_kl(
     """
     was_training = policy.training
     policy.eval()
-    with torch.random.fork_rng(devices=[]):
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         seqs = sample(policy, prompts, eos_id, pad_id, n_samples, max_new_tokens, batch_size=batch_size)
     logp = _logps(policy, seqs, pad_id, batch_size, chunk)  # (M,)

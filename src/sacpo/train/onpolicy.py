@@ -163,7 +163,8 @@ def generate_preferences(
     model = load_model(policy_dir).to(device).eval()
     pids = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
     pair_prompts, pairs = [], []
-    with torch.random.fork_rng(devices=[]):
+    # sampling draws from the global RNG: seeded here, the caller's state restored after (CUDA's too on a GPU)
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for _ in range(cfg.pairs_per_prompt):
             seqs = sample(

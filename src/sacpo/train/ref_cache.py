@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
+from sacpo.fsutil import atomic_save_file
 from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model
 from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
 
@@ -82,16 +83,9 @@ def _checksum(logps: torch.Tensor) -> str:
 
 
 def _write(path: Path, key: str, logps: torch.Tensor) -> None:
-    """Write atomically: temp file, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    """Write atomically and durably (`sacpo.fsutil.atomic_save_file`)."""
     logps = logps.contiguous()
-    save_file({"logps": logps}, str(tmp), metadata={"key": key, "sha256": _checksum(logps)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_save_file({"logps": logps}, path, metadata={"key": key, "sha256": _checksum(logps)})
 
 
 @torch.no_grad()
@@ -105,13 +99,15 @@ def compute_ref_logps(
     device: torch.device | str = "cpu",
     show_progress: bool = True,
     share_prompt: bool = True,
+    supports_packed: Callable[[Any], bool] = supports_packed_pairs,
 ) -> torch.Tensor:
     """log π_ref of both sequences of every pair, batched by length to limit padding. Returns (N, 2).
 
-    share_prompt: when every pair shares its prompt and the model allows it (`supports_packed_pairs`), each pair is
-    one row prompt + a + b (`pack_pairs`), batch_size/2 pairs per batch — the computation the training step uses.
+    share_prompt: when every pair shares its prompt and the model allows it (`supports_packed`, by default a fresh
+    `supports_packed_pairs` probe), each pair is one row prompt + a + b (`pack_pairs`), batch_size/2 pairs per
+    batch — the computation the training step uses.
     """
-    if share_prompt and all(shares_prompt(a, b) for a, b in pairs) and supports_packed_pairs(model):
+    if share_prompt and all(shares_prompt(a, b) for a, b in pairs) and supports_packed(model):
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0].input_ids) + pairs[i][1].response_len)
         out = torch.empty(len(pairs), 2, dtype=torch.float32)
         per_batch = max(1, batch_size // 2)
@@ -148,11 +144,13 @@ def reference_logps(
     show_progress: bool = True,
     model: Any | None = None,
     share_prompt: bool = True,
+    supports_packed: Callable[[Any], bool] = supports_packed_pairs,
 ) -> RefLogps:
     """Reference log-probs from the cache, or computed once and cached.
 
     model: an already-built model with the reference's weights (the policy before its first update, when the
     reference is the policy) to compute them with; by default the reference is loaded for the pass and freed.
+    supports_packed: the shared-prompt probe (`compute_ref_logps`); the trainer passes its cached one.
     """
     key = cache_key(reference, tokenizer, pairs, max_length, average)
     path = Path(cache_dir) / f"ref-{key[:24]}.safetensors"
@@ -175,6 +173,7 @@ def reference_logps(
         device,
         show_progress,
         share_prompt,
+        supports_packed,
     )
     model.train(was_training)
     del model

@@ -1,16 +1,16 @@
 """One policy, its AdamW moments and its tokenizer, kept across the branches of a sweep.
 
 The branches of a β/λ sweep start from the same parent weights. Built one by one, each branch pays a model load,
-the SwiGLU probe and a tokenizer load, and on the CPU its first step also pays for fresh memory: the AdamW moments
-(two fp32 copies of the trainable weights) and the gradients are page-faulted in. On SmolLM2-135M the first
+the shared-prompt probe and a tokenizer load, and on the CPU its first step also pays for fresh memory: the AdamW
+moments (two fp32 copies of the trainable weights) and the gradients are page-faulted in. On SmolLM2-135M the first
 optimizer step of a branch took 1.7–2.8 s against 0.1 s for the next ones (benchmarks/RESULTS.md).
 
-`SweepWorkspace` builds the policy once, keeps a CPU copy of its trainable tensors as they were before training,
-and for every later branch copies them back and zeroes the AdamW moments and step counters in place. A fresh
-AdamW starts from exactly that state (zero moments, step 0), so each branch trains as it would from a fresh
-build: the tests check bit-identical trained weights. Only single-process runs reuse; the cost is one extra copy of
-the trainable tensors in CPU memory (every weight with full fine-tuning, the adapters with LoRA) while the
-workspace holds a policy.
+`SweepWorkspace` builds the policy once (and keeps its shared-prompt probe, `PackedPairsProbe`), keeps a CPU copy
+of its trainable tensors as they were before training, and for every later branch copies them back and zeroes the
+AdamW moments and step counters in place. A fresh AdamW starts from exactly that state (zero moments, step 0), so
+each branch trains as it would from a fresh build: the tests check bit-identical trained weights. Only
+single-process runs reuse; the cost is one extra copy of the trainable tensors in CPU memory (every weight with
+full fine-tuning, the adapters with LoRA) while the workspace holds a policy.
 """
 
 from __future__ import annotations
@@ -24,15 +24,17 @@ from typing import Any
 import torch
 
 from sacpo.models.load import model_files
+from sacpo.train.step import PackedPairsProbe
 
 log = logging.getLogger("sacpo.train")
 
 
 def policy_key(cfg: Any) -> tuple:
     """What the built policy depends on: the parent directory and its files' identity (`model_files`), and the
-    settings `_build_policy` applies (remote code, fused SwiGLU, gradient checkpointing, LoRA)."""
+    settings `build_policy` applies (remote code, gradient checkpointing, LoRA). The fused SwiGLU forward is not
+    part of it: `train` applies it to the policy it gets and takes it off again before returning."""
     p, _, state = model_files(cfg.policy)
-    options = (cfg.trust_remote_code, cfg.fused_swiglu, cfg.gradient_checkpointing)
+    options = (cfg.trust_remote_code, cfg.gradient_checkpointing)
     return (str(p.resolve()), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
 
 
@@ -49,6 +51,7 @@ class SweepWorkspace:
         self._tokenizer: Any = None
         self._initial: dict[str, torch.Tensor] = {}  # trainable tensors before training, on the CPU
         self._moments: dict[torch.Tensor, dict[str, Any]] = {}  # AdamW state of the last branch, by parameter
+        self.probe = PackedPairsProbe()  # supports_packed_pairs of the kept policy, probed once
         self.reuses = 0  # branches that started from the kept policy
 
     @property
@@ -59,6 +62,7 @@ class SweepWorkspace:
         """Release the policy, its initial copy, the optimizer moments and the tokenizer."""
         self._key, self._model, self._tokenizer = None, None, None
         self._initial, self._moments = {}, {}
+        self.probe = PackedPairsProbe()
 
     def release_unless(self, cfg: Any) -> None:
         """Release everything unless it was built for this policy and these settings."""

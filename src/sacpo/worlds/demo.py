@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sacpo.config import ConfigError, from_dict, help_field, to_yaml
-from sacpo.train.pipeline import PipelineConfig
+from sacpo.recipes.pipeline import PipelineConfig
 from sacpo.worlds.toyworld.build import ToyWorldConfig, World
 
 log = logging.getLogger("sacpo.demo")
@@ -245,9 +245,9 @@ def run_demo(cfg: DemoConfig, show_progress: bool = True) -> dict[str, Any]:
     from sacpo.evaluate.optimum import estimate_optimum, sample_pool
     from sacpo.evaluate.report import check_findings, write_report
     from sacpo.evaluate.run import RESULTS_FILE, evaluate_models, save_results, specs_from_pipeline
+    from sacpo.recipes.pipeline import run_pipeline
     from sacpo.scoring import get_oracle
     from sacpo.scoring.reward_model import RewardModelScorer
-    from sacpo.train.pipeline import run_pipeline
     from sacpo.worlds.toyworld.build import build_world
 
     out = Path(cfg.out)

@@ -6,20 +6,25 @@ parent and — since the reference and data are the same — one cached referenc
 coefficient is β_parent/λ (SACPO step 2, Wachi et al. 2024, Alg. 1). Order helpful→safe or safe→helpful is just the
 order of the list. A finished stage (intact DONE marker, same resolved config, finished after its parent) is
 skipped, so an interrupted pipeline can be rerun; any other stage is (re)trained from scratch.
+
+Stage configs are `CommandTrainConfig`s (sacpo.recipes.train): glibc's malloc thresholds are on unless `defaults`
+or a stage's `overrides` set `malloc_tuning: false`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sacpo.config import ConfigError, deep_update, from_dict, help_field, to_yaml
+from sacpo.fsutil import atomic_write_json, atomic_write_text
 from sacpo.merge.linear import merge_dirs
 from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
+from sacpo.recipes.train import CommandTrainConfig
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
@@ -62,7 +67,9 @@ class PipelineConfig:
     policy: str = help_field(help="SFT policy directory, or builtin:tiny-gpt2")
     output_dir: str = help_field(help="pipeline directory: stages/, merges/, pipeline.json")
     stages: list[StageConfig] = help_field(help="stages in order")
-    defaults: dict[str, Any] = help_field({}, help="TrainConfig fields shared by every stage")
+    defaults: dict[str, Any] = help_field(
+        {}, help="TrainConfig fields shared by every stage (as sacpo.recipes.train.CommandTrainConfig)"
+    )
     merges: list[MergeSpec] = help_field([], help="weight merges after training")
     reuse_policy: bool = help_field(
         True,
@@ -90,7 +97,6 @@ def _values(x: float | list[float] | None) -> list[float] | None:
 
 def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
     """Expand stages into branches and validate every TrainConfig (before any model loads)."""
-    out = Path(cfg.output_dir)
     branches: dict[str, list[Branch]] = {SFT: [Branch(SFT, SFT, "", None, policy_dir, None)]}
     previous = SFT
     for stage in cfg.stages:
@@ -108,53 +114,67 @@ def plan(cfg: PipelineConfig, policy_dir: Path) -> dict[str, list[Branch]]:
         )
         values = values or [None]
         parents = branches[parent]
-        new = []
-        for pb in parents:
-            for v in values:
-                if sweep_key == "lam":
-                    if pb.beta is None:
-                        raise ConfigError(
-                            f"stage {stage.name!r}: lam needs a parent trained with a β, not {parent!r}"
-                        )
-                    if v <= 0:
-                        raise ConfigError(f"stage {stage.name!r}: lam must be > 0, got {v:g}")
-                    beta = pb.beta / v
-                else:
-                    beta = v
-                name = stage.name if len(parents) == 1 else f"{pb.name}+{stage.name}"
-                if len(values) > 1:
-                    name += f"-{sweep_key}{v:g}"
-                fields = deep_update(cfg.defaults, stage.overrides)
-                data = dict(stage.data.__dict__)
-                if stage.on_policy is not None:
-                    if stage.data.format not in LABEL_FIELDS:
-                        raise ConfigError(
-                            f"stage {stage.name!r}: on_policy needs a PKU data.format {sorted(LABEL_FIELDS)}, "
-                            f"got {stage.data.format!r}"
-                        )
-                    data.update(source=str(onpolicy_dir(out, stage.name, pb.name) / "preferences.jsonl"))
-                    data.update(split="train", max_rows=None)
-                fields.update(
-                    policy=str(pb.model_dir),
-                    reference=None,
-                    data=data,
-                    loss=stage.loss,
-                    output_dir=str(out / "stages" / name),
-                    cache_dir=str(out / ".ref_cache"),
-                )
-                if beta is not None:
-                    fields["beta"] = beta
-                try:
-                    tcfg = from_dict(TrainConfig, fields, where=f"stage {name}: ")
-                except ConfigError as e:
-                    msg = str(e)
-                    raise ConfigError(msg if msg.startswith("stage ") else f"stage {name}: {msg}") from None
-                new.append(
-                    Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg, stage)
-                )
-        branches[stage.name] = new
+        branches[stage.name] = [
+            _branch(cfg, stage, pb, sweep_key, v, len(parents) == 1, len(values) > 1)
+            for pb in parents
+            for v in values
+        ]
         previous = stage.name
     return branches
+
+
+def _branch(
+    cfg: PipelineConfig,
+    stage: StageConfig,
+    pb: Branch,
+    sweep_key: str,
+    v: float | None,
+    only_parent: bool,
+    sweep: bool,
+) -> Branch:
+    """The branch of `stage` from parent branch `pb` for sweep value v (a β, or a λ: β = β_parent/λ)."""
+    if sweep_key == "lam":
+        if pb.beta is None:
+            raise ConfigError(f"stage {stage.name!r}: lam needs a parent trained with a β, not {pb.stage!r}")
+        if v <= 0:
+            raise ConfigError(f"stage {stage.name!r}: lam must be > 0, got {v:g}")
+        beta = pb.beta / v
+    else:
+        beta = v
+    name = stage.name if only_parent else f"{pb.name}+{stage.name}"
+    if sweep:
+        name += f"-{sweep_key}{v:g}"
+    out = Path(cfg.output_dir)
+    fields = deep_update(cfg.defaults, stage.overrides)
+    fields.update(
+        policy=str(pb.model_dir),
+        reference=None,
+        data=_stage_data(stage, onpolicy_dir(out, stage.name, pb.name)),
+        loss=stage.loss,
+        output_dir=str(out / "stages" / name),
+        cache_dir=str(out / ".ref_cache"),
+    )
+    if beta is not None:
+        fields["beta"] = beta
+    try:
+        tcfg = from_dict(CommandTrainConfig, fields, where=f"stage {name}: ")
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("stage ") else f"stage {name}: {msg}") from None
+    return Branch(name, stage.name, pb.name, tcfg.beta, out / "stages" / name / "model", tcfg, stage)
+
+
+def _stage_data(stage: StageConfig, onpolicy: Path) -> dict[str, Any]:
+    """The stage's data fields; with on_policy, the pairs sampled from the parent (written to `onpolicy`)."""
+    data = dict(stage.data.__dict__)
+    if stage.on_policy is not None:
+        if stage.data.format not in LABEL_FIELDS:
+            raise ConfigError(
+                f"stage {stage.name!r}: on_policy needs a PKU data.format {sorted(LABEL_FIELDS)}, "
+                f"got {stage.data.format!r}"
+            )
+        data.update(source=str(onpolicy / "preferences.jsonl"), split="train", max_rows=None)
+    return data
 
 
 def onpolicy_dir(out: Path, stage: str, parent: str) -> Path:
@@ -232,10 +252,32 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
             raise
         raise ConfigError(f"policy: {e}") from None
     branches = plan(cfg, policy_dir)
-    by_name = {b.name: b for bs in branches.values() for b in bs}
-    (out / "pipeline.yaml").write_text(to_yaml(cfg))
-
+    atomic_write_text(out / "pipeline.yaml", to_yaml(cfg))
     counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
+    records = _train_branches(cfg, branches, counts, show_progress, force)
+    merges = _merge(cfg, branches)
+    log.info(
+        "reference passes: %d computed, %d read from cache (%d stages skipped as finished)",
+        counts["computed"],
+        counts["cached"],
+        counts["skipped_stages"],
+    )
+    result = {"policy": str(policy_dir), "stages": records, "merges": merges, "reference_passes": counts}
+    atomic_write_json(out / "pipeline.json", result)
+    return result
+
+
+def _train_branches(
+    cfg: PipelineConfig,
+    branches: dict[str, list[Branch]],
+    counts: dict[str, int],
+    show_progress: bool,
+    force: bool,
+) -> list[dict[str, Any]]:
+    """Train (or skip, when finished and current) every branch after the SFT policy, in order; returns one record
+    per branch and adds to the reference-pass `counts`. Siblings of a sweep share one loaded policy."""
+    out = Path(cfg.output_dir)
+    by_name = {b.name: b for bs in branches.values() for b in bs}
     records = []
     workspace = SweepWorkspace()
     for stage_branches in list(branches.values())[1:]:
@@ -270,6 +312,12 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
                 }
             )
     workspace.clear()
+    return records
+
+
+def _merge(cfg: PipelineConfig, branches: dict[str, list[Branch]]) -> list[dict[str, Any]]:
+    """Every merge θ = (1−q)·θ_a + q·θ_b of the config, written to merges/<name>[-<b>]-q<q>/model."""
+    out = Path(cfg.output_dir)
     merges = []
     for m in cfg.merges:
         for a in _find(branches, m.a):
@@ -280,16 +328,4 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
                     target = out / "merges" / name / "model"
                     merge_dirs(a.model_dir, b.model_dir, q, target)
                     merges.append({"name": name, "a": a.name, "b": b.name, "q": q, "model": str(target)})
-    log.info(
-        "reference passes: %d computed, %d read from cache (%d stages skipped as finished)",
-        counts["computed"],
-        counts["cached"],
-        counts["skipped_stages"],
-    )
-    result = {"policy": str(policy_dir), "stages": records, "merges": merges, "reference_passes": counts}
-    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def with_output_dir(cfg: PipelineConfig, output_dir: str) -> PipelineConfig:
-    return replace(cfg, output_dir=output_dir)
+    return merges

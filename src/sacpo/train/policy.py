@@ -1,0 +1,72 @@
+"""The pieces a stage trains with: the accelerator, the policy (dropout off, checkpointing, LoRA), AdamW and the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sacpo.models.load import load_model
+from sacpo.models.modules import disable_dropout, enable_checkpointing
+from sacpo.train.config import TrainConfig
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """accelerate's Accelerator; mixed_precision auto = bf16 on a CUDA device that supports it, else none."""
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def build_policy(cfg: TrainConfig) -> Any:
+    """The starting policy: loaded, dropout off (preference losses compare log-probs: dropout noise biases them),
+    no KV cache, activation checkpointing and a LoRA adapter when configured. The fused SwiGLU patch is applied by
+    the trainer (`train`), which also undoes it."""
+    model = load_model(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    disable_dropout(model)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+        )
+        model = get_peft_model(model, lcfg)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, model: Any) -> tuple[torch.optim.AdamW, list[torch.nn.Parameter]]:
+    """AdamW over the trainable parameters; returns (optimizer, those parameters).
+
+    fused: one kernel over all parameters (CPU and CUDA); ~4x faster than the per-tensor loop on 135M params."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw)
+    return optimizer, params
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """Linear warmup over ceil(warmup_ratio·total_steps) steps, then linear / cosine decay or constant."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if cfg.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    fn = get_linear_schedule_with_warmup if cfg.scheduler == "linear" else get_cosine_schedule_with_warmup
+    return fn(optimizer, warmup, total_steps)
