@@ -19,6 +19,7 @@ from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.infer.logps import base_logps
 from sacpo.models.generate import sample
+from sacpo.rng import torch_seeded
 from sacpo.scoring.base import run_scorer
 
 
@@ -102,7 +103,6 @@ def sample_candidates(
     draws from the global RNG only), so the caller's RNG state is left as it was."""
     if not prompts:
         raise ValueError("no prompts")
-    device = next(model.parameters()).device
     context = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None
     )
@@ -113,9 +113,7 @@ def sample_candidates(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     m = n_draws * (group_size + 1)
     seqs: list[Encoded] = []
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with torch_seeded(seed):
         starts = range(0, len(prompt_ids), batch_size)
         for start in tqdm(starts, desc=f"bon sample ×{m}", disable=not show_progress):
             chunk = prompt_ids[start : start + batch_size]

@@ -31,6 +31,7 @@ from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from sacpo.models.load import ModelLoadError, check_model_dir
 from sacpo.models.modules import cache_kwargs, disable_dropout, output_cache, resolve_device
 from sacpo.models.reward import build_reward_model
+from sacpo.rng import torch_seeded
 
 META_FILE = "prefix_scorer.json"
 KIND = "prefix_value"
@@ -74,9 +75,7 @@ class PrefixScorer:
     @classmethod
     def from_base(cls, base_dir: str | Path, tokenizer: Any, seed: int = 0) -> PrefixScorer:
         """A fresh scorer: backbone = the base model's weights, head initialised from `seed`."""
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda):  # the caller's global RNG is left as it was
-            torch.manual_seed(seed)
+        with torch_seeded(seed):  # the caller's global RNG is left as it was
             model = build_reward_model(base_dir, tokenizer)
         disable_dropout(model)
         return cls(model, {"kind": KIND, "base_model": str(base_dir)}, name=f"V[{Path(base_dir).name}]")

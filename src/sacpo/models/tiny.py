@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from sacpo.rng import torch_seeded
 
 EOS = "<|endoftext|>"
 
@@ -71,10 +71,7 @@ def build_tiny_gpt2(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # HF init draws from the global RNG: seed it, leave the caller's as is
-        torch.manual_seed(seed)
+    with torch_seeded(seed):  # HF init draws from the global RNG: seed it, leave the caller's as is
         model = GPT2LMHeadModel(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -49,6 +49,7 @@ from sacpo.models.load import (
 from sacpo.models.modules import resolve_device
 from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response
 from sacpo.recipes.cd_report import cd_results, cd_summary, mean_se, write_cd_outputs
+from sacpo.rng import torch_seeded
 from sacpo.scoring import get_oracle, run_scorer
 
 
@@ -64,8 +65,7 @@ def _decode_token(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts
 def _decode_block(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts, eos, pad, show_progress):
     """Blockwise CD; `sacpo.models.generate.sample` draws from the global RNG, seeded with cfg.seed inside
     fork_rng so that the caller's RNG state is left as it was."""
-    with torch.random.fork_rng(devices=_cuda_devices(base)):
-        torch.manual_seed(cfg.seed)
+    with torch_seeded(cfg.seed):
         return block_cd(
             base, scorers, prompts, eos, pad, cfg.K, cfg.M, cfg.max_new_tokens, cfg.lam, cfg.combine,
             cfg.batch_size, show_progress=show_progress,
@@ -73,11 +73,6 @@ def _decode_block(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts
 
 
 DECODERS: dict[str, Callable[..., CDOutput]] = {"token": _decode_token, "block": _decode_block}
-
-
-def _cuda_devices(model: Any) -> list[int]:
-    device = next(model.parameters()).device
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -212,8 +207,7 @@ def baseline_rows(
     """n_samples plain ancestral samples per prompt (prompt-major, seed + 1), scored by the gold oracle."""
     assert cfg.oracle is not None
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    with torch.random.fork_rng(devices=_cuda_devices(base)):  # `sample` draws from the global RNG
-        torch.manual_seed(cfg.seed + 1)
+    with torch_seeded(cfg.seed + 1):  # `sample` draws from the global RNG
         seqs = sample(
             base, prompt_ids, eos, pad, n=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             batch_size=max(1, cfg.batch_size // cfg.n_samples),

@@ -15,6 +15,7 @@ from sacpo.data.tokenize import Encoded, pad_sequences
 from sacpo.math.kl import mean_and_stderr
 from sacpo.models.generate import sample
 from sacpo.models.logprobs import sequence_logps
+from sacpo.rng import torch_seeded
 
 
 @torch.no_grad()
@@ -47,9 +48,7 @@ def estimate_kl(
     """
     was_training = policy.training
     policy.eval()
-    device = next(policy.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with torch_seeded(seed):
         seqs = sample(policy, prompts, eos_id, pad_id, n_samples, max_new_tokens, batch_size=batch_size)
     logp = _logps(policy, seqs, pad_id, batch_size, chunk)  # (M,)
     with reference_context or contextlib.nullcontext():

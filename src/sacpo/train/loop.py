@@ -22,6 +22,7 @@ from sacpo.fsutil import atomic_write_text
 from sacpo.models.load import check_model_dir, load_tokenizer
 from sacpo.models.logprobs import HeadPath, head_path
 from sacpo.models.swiglu import fuse_swiglu
+from sacpo.rng import seeded
 from sacpo.train import checkpoint
 from sacpo.train.allocator import tune_malloc
 from sacpo.train.batches import Split, prepare_data, split_indices, subset
@@ -29,7 +30,6 @@ from sacpo.train.config import TrainConfig, comparable
 from sacpo.train.epochs import LoopEnd, StepLoop, run_steps
 from sacpo.train.policy import build_policy, make_accelerator, make_optimizer, make_scheduler
 from sacpo.train.ref_cache import RefLogps, reference_logps
-from sacpo.train.rng import seeded
 from sacpo.train.step import PackedPairsProbe, Stepper
 from sacpo.train.workspace import SweepWorkspace
 
