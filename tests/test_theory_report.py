@@ -1,4 +1,4 @@
-"""`sacpo theory` (sacpo.evaluate.theory): writes the report and figures; its exact checks hold.
+"""`sacpo theory` (sacpo.recipes.theory, sacpo.evaluate.theory): writes the report and figures; its exact checks hold.
 
 Here's the maths. Tabular SACPO (two population-DPO steps) equals π_ref·exp((r + λg)/β)/Z, so its TV distance to
 the closed form is round-off (≤ 1e-3 is the requirement; Newton reaches ~1e-11). On finite spaces the exact
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from sacpo.evaluate.theory import THEORY_FILE, _interp, run_theory, win_rate_against_base, win_reward
+from sacpo.evaluate.theory import _interp, win_rate_against_base, win_reward
+from sacpo.recipes.theory import THEORY_FILE, run_theory
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from sacpo.evaluate.config import EvalConfig, run_eval
+    from sacpo.recipes.eval import EvalConfig, run_eval
 
     cfg = _config_command(args, EvalConfig)
     run_eval(cfg, show_progress=not args.quiet)
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from sacpo.evaluate.config import report_from_dir
+    from sacpo.recipes.eval import report_from_dir
 
     paths = report_from_dir(args.dir, args.title, include=args.include, dest=args.out)
     print("\n".join(str(p) for p in paths.values()))
@@ -202,7 +202,7 @@ def _opt(x: float | None) -> str:
 
 
 def cmd_theory(args: argparse.Namespace) -> None:
-    from sacpo.evaluate.theory import run_theory
+    from sacpo.recipes.theory import run_theory
 
     res = run_theory(args.out, show_progress=not args.quiet, seed=args.seed)
     print(
@@ -213,7 +213,8 @@ def cmd_theory(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from sacpo.worlds.demo import DemoConfig, quick, run_demo
+    from sacpo.recipes.demo import run_demo
+    from sacpo.recipes.demo_config import DemoConfig, quick
 
     if args.help_config:
         print(f"DemoConfig fields:\n{describe(DemoConfig)}")

@@ -1,11 +1,12 @@
-"""sacpo.evaluate.config: `sacpo eval CONFIG` end to end on tiny GPT-2s with the toyworld oracle; config errors."""
+"""sacpo.recipes.eval: `sacpo eval CONFIG` end to end on tiny GPT-2s with the toyworld oracle; config errors."""
 
 import json
 
 import pytest
 
 from sacpo.config import ConfigError, from_dict
-from sacpo.evaluate.config import EvalConfig, load_prompts, model_specs, report_from_dir, run_eval
+from sacpo.data.prompts import load_prompts
+from sacpo.recipes.eval import EvalConfig, model_specs, report_from_dir, run_eval
 from sacpo.scoring import get_clustering, get_oracle, register_clustering
 from sacpo.worlds.toyworld import toyworld_task
 

@@ -8,9 +8,9 @@ import yaml
 from eval_helpers import metrics
 
 from sacpo.config import ConfigError
-from sacpo.evaluate.config import include_results, report_from_dir
 from sacpo.evaluate.plots import KL_KINDS, _scatter, kl_kind
 from sacpo.evaluate.run import load_results, save_results
+from sacpo.recipes.eval import include_results, report_from_dir
 
 
 def _bon_rows():

@@ -45,7 +45,11 @@ def test_plots_handle_degenerate_results(results, tmp_path):
 
 
 def test_unknown_family_has_stable_style(tmp_path):
-    assert family_style("my-family") == family_style("my-family")
+    # here's the maths: a known family has its own style; an unknown one takes spare style Σ ord(c) mod 5.
+    # "my-family": 109 + 121 + 45 + 102 + 97 + 109 + 105 + 108 + 121 = 917 ≡ 2 → the third spare style
+    assert family_style("sacpo") == ("tab:blue", "o")
+    assert family_style("my-family") == ("tab:cyan", "<")
+    assert family_style("ab") == ("tab:pink", "P")  # 97 + 98 = 195 ≡ 0
     r = [dataclasses.replace(metrics("m", "my-family", 1.0, 0.6, 0.6), name="m")]
     assert_png(plot_win_rates(r, tmp_path / "nested" / "w.png", title="custom"))
 

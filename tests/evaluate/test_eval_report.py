@@ -7,7 +7,9 @@ import math
 
 from eval_helpers import CLUSTERS, NAN, metrics
 
-from sacpo.evaluate.report import Finding, check_findings, sort_results, write_report
+from sacpo.evaluate.findings import Finding, check_findings
+from sacpo.evaluate.format import sort_results
+from sacpo.evaluate.report import write_report
 
 
 def by_start(findings, start):

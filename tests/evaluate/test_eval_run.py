@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from sacpo.evaluate.clusters import resolve_clusters
 from sacpo.evaluate.generate import stream_seed
 from sacpo.evaluate.report import write_report
-from sacpo.evaluate.run import ModelSpec, evaluate_models, load_results, resolve_clusters, specs_from_pipeline
+from sacpo.evaluate.run import ModelSpec, evaluate_models, load_results, specs_from_pipeline
 from sacpo.scoring.base import FunctionScorer, Scorer, run_scorer
 
 PROMPTS = ["Hello", "How are you?", "Tell me a joke", "What is 2+2?"]

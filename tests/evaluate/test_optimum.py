@@ -38,6 +38,8 @@ def exact(model_dir, prompt, lam, beta, scale):
 
 def test_pool_estimate_matches_exact_enumeration(tiny_model, tmp_path):
     lam, beta, scale = 1.0, 0.5, 1.0
+    torch.manual_seed(11)
+    rng_before = torch.random.get_rng_state()
     pool = sample_pool(
         tiny_model,
         PROMPTS,
@@ -50,6 +52,7 @@ def test_pool_estimate_matches_exact_enumeration(tiny_model, tmp_path):
         max_new_tokens=1,
         show_progress=False,
     )
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeded draws leave the caller's RNG alone
     (pt,) = estimate_optimum(pool, [lam], beta, scale, len(PROMPTS), b=0.0)
     m = pt.metrics
     assert m.family == OPTIMUM_FAMILY and m.param == pytest.approx(beta / lam)

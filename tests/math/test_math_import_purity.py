@@ -25,8 +25,8 @@ def test_import_does_not_load_hf_stack():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_sources_import_only_stdlib_torch_and_sacpo_math():
-    allowed = set(sys.stdlib_module_names) | {"torch"}
+def test_sources_import_only_stdlib_torch_numpy_and_sacpo_math():
+    allowed = set(sys.stdlib_module_names) | {"torch", "numpy"}  # DESIGN.md: math is torch/numpy only
     files = sorted(MATH_DIR.glob("*.py"))
     assert {f.name for f in files} >= {"__init__.py", "kl.py", "logprobs.py", "merging.py", "preference.py"}
     for path in files:

@@ -34,7 +34,7 @@ def test_quick_demo_end_to_end_and_cached(tmp_path, capsys):
     table = [
         line for line in ablations.splitlines() if line.startswith("| ") and not line.startswith("| arm")
     ]
-    from sacpo.worlds.demo import ARMS
+    from sacpo.recipes.demo_config import ARMS
 
     assert {line.split("|")[1].strip() for line in table} == {"default", "π* (target)", *ARMS}
     assert len(table) == 2 * (len(ARMS) + 2)  # λ ∈ {0.5, 2}

@@ -32,9 +32,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import torch
 from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
+from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.models.generate import sample
 from sacpo.models.load import (
     default_device,
@@ -162,24 +162,16 @@ def read_samples(path: str | Path) -> list[SampleRow]:
     return rows
 
 
-def write_jsonl(path: Path, items: Sequence[dict[str, Any]]) -> None:
-    """Atomic JSONL write: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: str | torch.device) -> Iterator[None]:
+    """torch.manual_seed(seed) for an upstream op that draws from the global RNG (`sacpo.models.generate.sample`),
+    inside `torch.random.fork_rng`: the caller's global CPU (and CUDA device) RNG state is restored on exit, and the
+    numbers drawn are those of a plain manual_seed."""
+    d = torch.device(device)
+    devices = [d.index if d.index is not None else torch.cuda.current_device()] if d.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _cached(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str, Any]] | None:
@@ -259,14 +251,7 @@ def generate_samples(
     if not prompts:
         raise ValueError("no evaluation prompts")
     out = Path(out_dir)
-    tokenizer = load_tokenizer(model_dir)
-    tok_fp = fingerprint_tokenizer(tokenizer)
-    ref_tokenizer_fp = fingerprint_tokenizer(load_tokenizer(ref_dir))
-    if ref_tokenizer_fp != tok_fp:
-        raise ValueError(
-            f"{model_dir} and the reference {ref_dir} have different tokenizers: the log-ratio of sequences "
-            "tokenized differently is not a KL estimate"
-        )
+    tokenizer, tok_fp = _shared_tokenizer(model_dir, ref_dir)
     model_fp = fingerprint_model(model_dir)
     ref_fp = ref_fingerprint or fingerprint_model(ref_dir)
     sampling_seed = seed if stream is None else stream_seed(seed, stream)
@@ -286,15 +271,10 @@ def generate_samples(
     same_as_ref = model_fp == ref_fp and ref_model is not None
     policy = ref_model if same_as_ref else load_model(model_dir, dtype=dtype).to(device)
     policy.eval()
-    context = max_positions(policy)
-    limit = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
-    if limit < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
+    limit = _prompt_limit(policy, max_prompt_length, max_new_tokens)
     prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(sampling_seed)
+    with seeded_global_rng(sampling_seed, device):
         seqs = sample(
             policy,
             prompt_ids,
@@ -314,6 +294,64 @@ def generate_samples(
     reference.eval()
     logp_ref = sequence_logps_batched(reference, seqs, pad, batch_size)  # (P·S,)
 
+    rows = _decode_rows(tokenizer, seqs, prompts, n_samples, logp_policy, logp_ref)
+    meta = {
+        "key": key,
+        "model_dir": str(model_dir),
+        "ref_dir": str(ref_dir),
+        "model_fingerprint": model_fp,
+        "ref_fingerprint": ref_fp,
+        "n_prompts": len(prompts),
+        "n_samples": n_samples,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_length": max_prompt_length,
+        "prompt_token_limit": limit,
+        "seed": seed,
+        "stream": stream,
+        "sampling_seed": sampling_seed,
+        "temperature": 1.0,
+        **_row_stats(rows, model_dir),
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / META_FILE).unlink(missing_ok=True)  # a stale key must never vouch for the new rows
+    atomic_write_jsonl(out / SAMPLES_FILE, [r.to_json() for r in rows])
+    # written last: its key marks the samples as complete
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False))
+    return Generation(rows, out / SAMPLES_FILE, False, meta)
+
+
+def _shared_tokenizer(model_dir: str | Path, ref_dir: str | Path) -> tuple[Any, str]:
+    """The model's tokenizer and its fingerprint; raises when the reference's tokenizer differs."""
+    tokenizer = load_tokenizer(model_dir)
+    tok_fp = fingerprint_tokenizer(tokenizer)
+    if fingerprint_tokenizer(load_tokenizer(ref_dir)) != tok_fp:
+        raise ValueError(
+            f"{model_dir} and the reference {ref_dir} have different tokenizers: the log-ratio of sequences "
+            "tokenized differently is not a KL estimate"
+        )
+    return tokenizer, tok_fp
+
+
+def _prompt_limit(policy: Any, max_prompt_length: int, max_new_tokens: int) -> int:
+    """Prompt tokens kept: min(max_prompt_length, context − max_new_tokens); raises when nothing is left."""
+    context = max_positions(policy)
+    limit = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
+    return limit
+
+
+def _decode_rows(
+    tokenizer: Any,
+    seqs: Sequence[Encoded],
+    prompts: Sequence[Prompt],
+    n_samples: int,
+    logp_policy: torch.Tensor,
+    logp_ref: torch.Tensor,
+) -> list[SampleRow]:
+    """One SampleRow per sampled sequence (prompt-major, P·S): the response text without its EOS, its log-probs
+    (P·S,) under the policy and the reference, and whether the text re-encodes to the sampled ids."""
+    eos = tokenizer.eos_token_id
     rows = []
     for i, seq in enumerate(seqs):
         response_ids = list(seq.input_ids[seq.prompt_len :])
@@ -333,6 +371,12 @@ def generate_samples(
                 roundtrip=_roundtrip(tokenizer, text_ids, text),
             )
         )
+    return rows
+
+
+def _row_stats(rows: Sequence[SampleRow], model_dir: str | Path) -> dict[str, float]:
+    """The meta's shares of responses that re-encode to their sampled ids and that ended with EOS, and the mean
+    response length in tokens; warns when some responses do not re-encode."""
     n_bad = sum(not r.roundtrip for r in rows)
     if n_bad:
         log.warning(
@@ -341,27 +385,8 @@ def generate_samples(
             n_bad,
             len(rows),
         )
-    meta = {
-        "key": key,
-        "model_dir": str(model_dir),
-        "ref_dir": str(ref_dir),
-        "model_fingerprint": model_fp,
-        "ref_fingerprint": ref_fp,
-        "n_prompts": len(prompts),
-        "n_samples": n_samples,
-        "max_new_tokens": max_new_tokens,
-        "max_prompt_length": max_prompt_length,
-        "prompt_token_limit": limit,
-        "seed": seed,
-        "stream": stream,
-        "sampling_seed": sampling_seed,
-        "temperature": 1.0,
+    return {
         "roundtrip_fraction": 1 - n_bad / len(rows),
         "finished_fraction": sum(bool(r.finished) for r in rows) / len(rows),
         "mean_response_tokens": sum(r.response_tokens or 0 for r in rows) / len(rows),
-        "seconds": time.perf_counter() - t0,
     }
-    (out / META_FILE).unlink(missing_ok=True)  # a stale key must never vouch for the new rows
-    write_jsonl(out / SAMPLES_FILE, [r.to_json() for r in rows])
-    write_json(out / META_FILE, meta)  # written last: its key marks the samples as complete
-    return Generation(rows, out / SAMPLES_FILE, False, meta)

@@ -19,6 +19,7 @@ other λ values reuses it. Responses are cut at max_new_tokens as in the evaluat
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -31,9 +32,11 @@ import torch
 
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
-from sacpo.evaluate.generate import sequence_logps_batched
-from sacpo.evaluate.metrics import ModelMetrics, bootstrap_ci, mean_and_stderr
+from sacpo.evaluate.generate import seeded_global_rng, sequence_logps_batched
+from sacpo.evaluate.metrics import ModelMetrics
+from sacpo.fsutil import atomic_write_bytes
 from sacpo.math.optimum import log_mixture_density, optimum_objective, tilted_estimate, weighted_win_rate
+from sacpo.math.statistics import bootstrap_ci, mean_and_stderr
 from sacpo.models.load import default_device
 from sacpo.scoring.base import Scorer, run_scorer
 
@@ -88,7 +91,6 @@ def sample_pool(
     """Draw (or reuse from out_dir) the mixture pool and score it; see the module docstring."""
     from tqdm.auto import tqdm
 
-    from sacpo.models.generate import sample
     from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model, load_tokenizer
 
     proposals = dict(proposals or {})
@@ -115,18 +117,8 @@ def sample_pool(
             return _pool_from(saved, names)
     device = device or default_device()
     pids = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
-    seqs, prompt_index, component = [], [], []
     bar = tqdm(total=len(dirs) * 2, desc="π* pool", disable=not show_progress, leave=False)
-    for k, (d, n) in enumerate(zip(dirs, counts, strict=True)):
-        model = load_model(d).to(device).eval()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + k)
-            drawn = sample(model, pids, tok.eos_token_id, tok.pad_token_id, n, max_new_tokens, batch_size=64)
-        seqs += drawn
-        prompt_index += [i // n for i in range(len(drawn))]
-        component += [k] * len(drawn)
-        del model
-        bar.update()
+    seqs, prompt_index, component = _draw(dirs, counts, pids, tok, max_new_tokens, seed, device, bar)
     logps = torch.empty(len(dirs), len(seqs), dtype=torch.float64)  # (K, M)
     for k, d in enumerate(dirs):
         model = load_model(d).to(device).eval()
@@ -134,33 +126,73 @@ def sample_pool(
         del model
         bar.update()
     bar.close()
-    # every pooled row came from the per-prompt mixture with the same counts on every prompt
-    log_q = log_mixture_density(logps, counts)  # (M,)
     responses = [tok.decode(s.input_ids[s.prompt_len :], skip_special_tokens=True).strip() for s in seqs]
-    row_prompts = [prompts[i] for i in prompt_index]
-    r = run_scorer(reward, row_prompts, responses).numpy()
-    g = run_scorer(safety, row_prompts, responses).numpy()
-    safe = (
-        g > 0
-        if is_safe is None
-        else np.array([bool(is_safe(p, y)) for p, y in zip(row_prompts, responses, strict=True)])
-    )
     saved = {
         "key": key,
         "prompt_index": torch.tensor(prompt_index),
         "component": torch.tensor(component),
         "log_sft": logps[0],
-        "log_q": log_q,
+        # every pooled row came from the per-prompt mixture with the same counts on every prompt
+        "log_q": log_mixture_density(logps, counts),  # (M,)
+        **_gold_scores([prompts[i] for i in prompt_index], responses, reward, safety, is_safe),
+        "responses": responses,
+    }
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return _pool_from(saved, names)
+
+
+def _draw(
+    dirs: list[Path],
+    counts: list[int],
+    prompt_ids: list[list[int]],
+    tok: Any,
+    max_new_tokens: int,
+    seed: int,
+    device: str,
+    bar: Any,
+) -> tuple[list[Any], list[int], list[int]]:
+    """counts[k] samples per prompt from every policy dirs[k] (seed seed·1000 + k): the sequences, flattened
+    prompt-major per policy, with each row's prompt index and component k."""
+    from sacpo.models.generate import sample
+    from sacpo.models.load import load_model
+
+    seqs, prompt_index, component = [], [], []
+    for k, (d, n) in enumerate(zip(dirs, counts, strict=True)):
+        model = load_model(d).to(device).eval()
+        with seeded_global_rng(seed * 1000 + k, device):
+            drawn = sample(
+                model, prompt_ids, tok.eos_token_id, tok.pad_token_id, n, max_new_tokens, batch_size=64
+            )
+        seqs += drawn
+        prompt_index += [i // n for i in range(len(drawn))]
+        component += [k] * len(drawn)
+        del model
+        bar.update()
+    return seqs, prompt_index, component
+
+
+def _gold_scores(
+    prompts: list[Prompt],
+    responses: list[str],
+    reward: Scorer,
+    safety: Scorer,
+    is_safe: Callable[[Prompt, str], bool] | None,
+) -> dict[str, torch.Tensor]:
+    """reward, safety (M,) float64 and safe (M,) bool of the pooled rows (safe: is_safe, default g > 0)."""
+    r = run_scorer(reward, prompts, responses).numpy()
+    g = run_scorer(safety, prompts, responses).numpy()
+    safe = (
+        g > 0
+        if is_safe is None
+        else np.array([bool(is_safe(p, y)) for p, y in zip(prompts, responses, strict=True)])
+    )
+    return {
         "reward": torch.from_numpy(np.asarray(r, dtype=np.float64)),
         "safety": torch.from_numpy(np.asarray(g, dtype=np.float64)),
         "safe": torch.from_numpy(np.asarray(safe, dtype=bool)),
-        "responses": responses,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(saved, tmp)
-    tmp.replace(path)
-    return _pool_from(saved, names)
 
 
 def _pool_from(saved: dict[str, Any], names: list[str]) -> Pool:

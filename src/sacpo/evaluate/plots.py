@@ -20,12 +20,15 @@ draws no bar, a point with an undefined coordinate is left out (and counted in t
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sacpo.evaluate.metrics import ModelMetrics
+from sacpo.fsutil import atomic_write_bytes
 
 FAMILY_STYLES: dict[str, tuple[str, str]] = {  # family → (colour, marker)
     "sft": ("black", "*"),
@@ -254,11 +257,11 @@ def _new_figure(ncols: int = 1, width: float = 6.0, height: float = 5.0):
     return fig, axes
 
 
-def _save(fig, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png", dpi=120)
-    return p
+def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Render a figure to PNG bytes in memory and write them atomically (`sacpo.fsutil.atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_win_rates(results: Sequence[ModelMetrics], path: str | Path, title: str | None = None) -> Path:
@@ -271,7 +274,7 @@ def plot_win_rates(results: Sequence[ModelMetrics], path: str | Path, title: str
     ax.set_ylabel("harmlessness win rate vs SFT")
     ax.set_title(title or "Win rates against the SFT policy")
     _caption(ax, skipped)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_helpful_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title: str | None = None) -> Path:
@@ -283,7 +286,7 @@ def plot_helpful_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title:
     ax.set_ylabel("helpfulness win rate vs SFT")
     ax.set_title(title or "Helpfulness against divergence from SFT")
     _caption(ax, skipped)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_gold_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title: str | None = None) -> Path:
@@ -296,7 +299,7 @@ def plot_gold_vs_kl(results: Sequence[ModelMetrics], path: str | Path, title: st
     right.set_xlabel("KL(π‖π_SFT) [nats]")
     right.set_ylabel("P(safe)")
     fig.suptitle(title or "Reward and safety against divergence from SFT")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 PLOTS: dict[str, Callable[[Sequence[ModelMetrics], str | Path], Path]] = {

@@ -10,8 +10,9 @@
     (β sweep), and against π_β for the win-rate reward r̃(y) = F⁻(y) + ½·q(y) (the probability that y beats a base
     sample, ties ½): win rate is linear in π, so that family is the exact win-rate/KL frontier.
 
-Writes theory.md (tables) and bon_kl.png, win_vs_kl.png to out_dir (matplotlib Figure API on the Agg canvas; no
-pyplot state); returns the numbers. Pure float64 math, a few seconds on a CPU.
+`compute_theory` returns the numbers (pure float64 math, a few seconds on a CPU), `theory_markdown` renders the
+tables, `plot_bon_kl` / `plot_win_vs_kl` the figures (matplotlib Figure API on the Agg canvas; no pyplot state).
+The job that writes theory.md, bon_kl.png and win_vs_kl.png is `sacpo.recipes.theory.run_theory`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sacpo.evaluate.plots import save_png
 from sacpo.math.bon import bon_kl_bound, bon_kl_estimate, bon_kl_exact, bon_pmf, bon_win_rate_exact
 from sacpo.math.lagrange import constrained_optimum
 from sacpo.math.tabular import (
@@ -33,7 +35,6 @@ from sacpo.math.tabular import (
 )
 
 D = torch.float64
-THEORY_FILE = "theory.md"
 BON_NS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 
 
@@ -207,8 +208,7 @@ def plot_bon_kl(curves: dict[str, Any], path: Path) -> Path:
     ax.set_title("Best-of-n KL: bound vs exact vs ε-estimator")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 def plot_win_vs_kl(curves: dict[str, Any], path: Path) -> Path:
@@ -245,8 +245,7 @@ def plot_win_vs_kl(curves: dict[str, Any], path: Path) -> Path:
     ax.set_title("Win rate against KL on a finite space (random p, r; K = 50)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -263,12 +262,19 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def _markdown(res: dict[str, Any]) -> str:
+def theory_markdown(res: dict[str, Any]) -> str:
+    """theory.md from `run_theory`'s numbers: (a) the SACPO table, (b) the best-of-n KL table, (c) win rate vs KL."""
     lines = [
         "# sacpo theory checks",
         "",
         "Exact float64 computations on finite output spaces (`sacpo.math`); see `docs/theory.md` for the formulas.",
         "",
+    ]
+    return "\n".join(lines + _sacpo_section(res) + _bon_section(res) + _win_section(res))
+
+
+def _sacpo_section(res: dict[str, Any]) -> list[str]:
+    lines = [
         "## (a) SACPO on a tabular policy",
         "",
         "Two DPO steps (population loss, exact Newton) vs the closed form π* ∝ π_ref·exp((r + λg)/β); "
@@ -284,6 +290,12 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Largest TV: {res['max_tv']:.2e} (≤ 1e-3: {'yes' if res['max_tv'] <= 1e-3 else 'NO'}).",
         "",
+    ]
+    return lines
+
+
+def _bon_section(res: dict[str, Any]) -> list[str]:
+    lines = [
         "## (b) Best-of-n KL",
         "",
         "KL(π⁽ⁿ⁾‖p): the bound log n − (n−1)/n, the exact value, and the expectation of the ε-estimator "
@@ -308,6 +320,12 @@ def _markdown(res: dict[str, Any]) -> str:
         "saturates at log(1/p(best)) while the bound keeps growing. The ε-estimator tracks the exact value "
         "closely (its expectation is within a few % of it here).",
         "",
+    ]
+    return lines
+
+
+def _win_section(res: dict[str, Any]) -> list[str]:
+    lines = [
         "## (c) Win rate against KL",
         "",
         "![win rate vs KL](win_vs_kl.png)",
@@ -339,15 +357,13 @@ def _markdown(res: dict[str, Any]) -> str:
         "exponential-tilt frontier (cf. Gui et al. 2024, BoNBoN: best-of-n is essentially win-rate optimal).",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
-def run_theory(out_dir: str | Path, show_progress: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Compute (a)–(c), write theory.md, bon_kl.png and win_vs_kl.png to out_dir; return the numbers."""
+def compute_theory(seed: int = 0, show_progress: bool = False) -> dict[str, Any]:
+    """The numbers of (a)–(c): sacpo (rows), sacpo_setup, max_tv, bon_kl (curves) and win_vs_kl (curves)."""
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=3, desc="theory", disable=not show_progress)
     res: dict[str, Any] = {"sacpo": sacpo_checks(seed)}
     res["sacpo_setup"] = f"2 prompts × 5 responses, random π_ref, r, g (seed {seed}), uniform pairs"
@@ -360,12 +376,4 @@ def run_theory(out_dir: str | Path, show_progress: bool = False, seed: int = 0) 
     res["win_vs_kl"] = win_vs_kl(p, r)
     bar.update()
     bar.close()
-    res["files"] = {
-        "bon_kl.png": str(plot_bon_kl(res["bon_kl"], out / "bon_kl.png")),
-        "win_vs_kl.png": str(plot_win_vs_kl(res["win_vs_kl"], out / "win_vs_kl.png")),
-    }
-    text = _markdown(res)
-    (out / THEORY_FILE).write_text(text, encoding="utf-8")
-    res["files"][THEORY_FILE] = str(out / THEORY_FILE)
-    res["markdown"] = text
     return res

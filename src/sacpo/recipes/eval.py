@@ -13,6 +13,7 @@ valid ones), or the clustering comes with the oracle (`Oracle.cluster`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,12 @@ from typing import Any
 
 from sacpo.config import ConfigError, help_field, to_yaml
 from sacpo.data.prompts import load_prompts
-from sacpo.evaluate.generate import write_json
+from sacpo.evaluate.findings import check_findings
 from sacpo.evaluate.metrics import ModelMetrics
-from sacpo.evaluate.report import check_findings, write_report
+from sacpo.evaluate.report import write_report
 from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_results, specs_from_pipeline
-from sacpo.scoring import (
-    get_clustering,
-    get_oracle,
-)
+from sacpo.fsutil import atomic_write_text
+from sacpo.scoring import get_clustering, get_oracle
 
 # Families of the stage / merge names used by configs/pipeline_tiny.yaml and `sacpo demo`.
 DEFAULT_FAMILIES = {
@@ -131,8 +130,7 @@ def model_specs(cfg: EvalConfig) -> tuple[Path, dict[str, ModelSpec]]:
 def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
     """Evaluate every model of the config, then write the report next to results.json."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
     oracle = get_oracle(cfg.oracle)
     sft, specs = model_specs(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
@@ -193,8 +191,6 @@ def report_notes(eval_json: dict[str, Any]) -> list[str]:
 def _source(d: Path) -> dict[str, Any]:
     """(prompts, split, max_prompts, n_samples, oracle) of a run directory's config.yaml (or eval.json's
     n_samples), {} when unreadable; prompts as a hash of the file's content (two copies of a file agree)."""
-    import hashlib
-
     import yaml
 
     try:
@@ -282,7 +278,9 @@ def report_from_dir(
         n_boot=meta.get("n_boot", 1000),
         seed=meta.get("seed", 0),
     )
-    write_json(dest / "findings.json", [f._asdict() for f in findings])
+    atomic_write_text(
+        dest / "findings.json", json.dumps([f._asdict() for f in findings], indent=2, ensure_ascii=False)
+    )
     return write_report(results, dest, title=title, notes=notes, findings=findings)
 
 
