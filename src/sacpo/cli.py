@@ -20,11 +20,10 @@ Every CONFIG is YAML for a frozen dataclass; `key=value` overrides (YAML values,
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sacpo.config import (
@@ -32,27 +31,33 @@ from sacpo.config import (
     deep_update,
     describe,
     from_dict,
-    help_field,
     load_config,
     parse_overrides,
     to_dict,
-    to_yaml,
 )
 
+# The config class of every command that takes a CONFIG file ("module:Class", imported when the command runs).
+CONFIG_CLASSES = {
+    "train": "sacpo.recipes.train:CommandTrainConfig",
+    "pipeline": "sacpo.recipes.pipeline:PipelineConfig",
+    "merge": "sacpo.recipes.merge:MergeConfig",
+    "reward": "sacpo.train.reward_model:RewardConfig",
+    "eval": "sacpo.recipes.eval:EvalConfig",
+    "bon": "sacpo.infer.bon_config:BonConfig",
+    "cd": "sacpo.infer.cd_config:CDConfig",
+    "cd-scorer": "sacpo.train.prefix_scorer:TrainScorerConfig",
+    "demo": "sacpo.recipes.demo_config:DemoConfig",
+}
 
-@dataclass(frozen=True)
-class MergeConfig:
-    a: str = help_field(help="model directory θ_a (P-SACPO: step-1 policy)")
-    b: str = help_field(help="model directory θ_b (P-SACPO: step-2 policy, large λ)")
-    output_dir: str = help_field(help="writes <output_dir>/q<q>/ for each q")
-    qs: list[float] = help_field([0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b")
 
-    def __post_init__(self) -> None:  # before any model is read or any output written
-        if not self.qs or not all(0 <= q <= 1 for q in self.qs):
-            raise ConfigError(f"qs must be a non-empty list of merge weights in [0, 1], got {self.qs}")
+def config_class(command: str) -> type:
+    """The config dataclass that `sacpo COMMAND CONFIG` loads."""
+    module, name = CONFIG_CLASSES[command].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _config_command(args: argparse.Namespace, cls: type):
+def _config_command(args: argparse.Namespace):
+    cls = config_class(args.command)
     if args.help_config:
         print(f"{cls.__name__} fields:\n{describe(cls)}")
         raise SystemExit(0)
@@ -62,10 +67,9 @@ def _config_command(args: argparse.Namespace, cls: type):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from sacpo.recipes.train import CommandTrainConfig
     from sacpo.train.loop import train
 
-    cfg = _config_command(args, CommandTrainConfig)
+    cfg = _config_command(args)
     result = train(cfg, resume=args.resume, show_progress=not args.quiet)
     print(
         json.dumps(
@@ -81,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
+    from sacpo.recipes.pipeline import run_pipeline
 
-    cfg = _config_command(args, PipelineConfig)
+    cfg = _config_command(args)
     result = run_pipeline(cfg, show_progress=not args.quiet, force=args.force)
     _print_pipeline(result)
 
@@ -110,21 +114,10 @@ def _print_pipeline(result: dict) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from sacpo.merge.linear import merge_dirs
+    from sacpo.recipes.merge import run_merge
 
-    cfg = _config_command(args, MergeConfig)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    records = []
-    for q in cfg.qs:
-        started = time.perf_counter()
-        path = merge_dirs(cfg.a, cfg.b, q, out / f"q{q:g}")
-        records.append(
-            {"q": q, "a": cfg.a, "b": cfg.b, "model": str(path), "seconds": time.perf_counter() - started}
-        )
-        print(f"q={q:g}: {path}")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for r in run_merge(_config_command(args)):
+        print(f"q={r['q']:g}: {r['model']}")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -134,18 +127,18 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 
 
 def cmd_reward(args: argparse.Namespace) -> None:
-    from sacpo.train.reward_model import RewardConfig, train_reward_model
+    from sacpo.train.reward_model import train_reward_model
 
-    cfg = _config_command(args, RewardConfig)
+    cfg = _config_command(args)
     r = train_reward_model(cfg, show_progress=not args.quiet)
     summary = {k: v for k, v in r.metrics.items() if k not in ("members", "history")}
     print(json.dumps({"output_dir": str(r.output_dir), "kind": r.kind, **summary}, indent=2, default=str))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from sacpo.recipes.eval import EvalConfig, run_eval
+    from sacpo.recipes.eval import run_eval
 
-    cfg = _config_command(args, EvalConfig)
+    cfg = _config_command(args)
     run_eval(cfg, show_progress=not args.quiet)
     print(f"report: {Path(cfg.output_dir) / 'report.md'}")
 
@@ -158,31 +151,29 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bon(args: argparse.Namespace) -> None:
-    from sacpo.infer.bon_config import BonConfig
     from sacpo.recipes.bon import run_bon
     from sacpo.recipes.bon_report import format_summary
 
-    cfg = _config_command(args, BonConfig)
+    cfg = _config_command(args)
     summary = run_bon(cfg, show_progress=not args.quiet)
     print(format_summary(summary))
     print(f"outputs: {cfg.output_dir} (summary.json, results.json for `sacpo report`, samples/)")
 
 
 def cmd_cd(args: argparse.Namespace) -> None:
-    from sacpo.infer.cd_config import CDConfig
     from sacpo.recipes.cd import run_cd
     from sacpo.recipes.cd_report import format_summary
 
-    cfg = _config_command(args, CDConfig)
+    cfg = _config_command(args)
     summary = run_cd(cfg, show_progress=not args.quiet)
     print(format_summary(summary))
     print(f"outputs: {cfg.output_dir} (samples.jsonl, summary.json, results.json when an oracle is set)")
 
 
 def cmd_cd_scorer(args: argparse.Namespace) -> None:
-    from sacpo.train.prefix_scorer import TrainScorerConfig, train_prefix_scorer
+    from sacpo.train.prefix_scorer import train_prefix_scorer
 
-    cfg = _config_command(args, TrainScorerConfig)
+    cfg = _config_command(args)
     r = train_prefix_scorer(cfg, show_progress=not args.quiet)
     m = r.metrics
     std = m.get("reward_std")
@@ -322,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_libraries()
-    import sacpo.worlds.toyworld  # noqa: F401  (registers the toyworld's gold oracles in sacpo.scoring)
+    import sacpo.recipes  # noqa: F401  (registers the embedded worlds' gold oracles and scorers in sacpo.scoring)
 
     try:
         args.func(args)
