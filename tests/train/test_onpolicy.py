@@ -57,8 +57,8 @@ def test_make_rows_schema_and_counts():
 def test_unknown_judge_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"test\.length"):
         get_scorer("no.such.judge")
-    with pytest.raises(ConfigError):
-        OnPolicyConfig(judge="test.length", label="vote")
+    with pytest.raises(ConfigError, match=r"^unknown label 'vote'; valid labels: bt, argmax$"):
+        from_dict(OnPolicyConfig, {"judge": "test.length", "label": "vote"})
 
 
 def _cfg(model, data, out, **on_policy):

@@ -2,12 +2,20 @@
 the same computation."""
 
 import math
+from typing import get_args
 
 import pytest
 import yaml
 
 from sacpo.config import ConfigError, from_dict, to_yaml
-from sacpo.train.config import TrainConfig, comparable, resolve_average_logprobs, same_computation
+from sacpo.train.config import (
+    DataFormat,
+    Loss,
+    TrainConfig,
+    comparable,
+    resolve_average_logprobs,
+    same_computation,
+)
 
 FORMAT = {"dpo": "pku_helpful", "ipo": "pku_safe", "kto": "pku_safe_kto"}
 
@@ -104,3 +112,10 @@ def test_kl_budget_needs_the_periodic_kl_estimate(fields):
     for name, value in fields.items():
         assert f"{name}={value}" in str(e.value)  # the error names the fields and their values
     assert cfg(kl_budget=2.0, kl_every=5).kl_budget == 2.0
+
+
+def test_declared_choices_are_the_registries():
+    from sacpo.data.loaders import FORMATS
+    from sacpo.math.preference import LOSSES
+
+    assert get_args(DataFormat) == tuple(FORMATS) and get_args(Loss) == tuple(LOSSES)

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Literal
 
 import yaml
 
-from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.config import (
+    ConfigError,
+    Fraction,
+    LearningRate,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Seed,
+    help_field,
+    to_yaml,
+)
+
+# the names of the registries sacpo.data.loaders.FORMATS and sacpo.math.preference.LOSSES (a test keeps them equal;
+# the registries are not imported here, so that reading a config imports no torch)
+DataFormat = Literal["pku_helpful", "pku_safe", "pku_safe_kto", "trl_paired", "trl_unpaired"]
+Loss = Literal["dpo", "ipo", "kto"]
+Scheduler = Literal["linear", "cosine", "constant"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = help_field(help="local .jsonl/.json/.parquet/.csv file, or a hub dataset name")
-    format: str = help_field(
-        "pku_helpful", help="pku_helpful | pku_safe | pku_safe_kto | trl_paired | trl_unpaired"
-    )
+    format: DataFormat = help_field("pku_helpful", help="record format (sacpo.data.loaders.FORMATS)")
     split: str = help_field("train", help="dataset split")
-    max_rows: int | None = help_field(None, help="use only the first N rows")
+    max_rows: PositiveInt | None = help_field(None, help="use only the first N rows; None = all")
     skip_invalid: bool = help_field(False, help="skip (and count) invalid rows instead of failing")
     drop_both_safe: bool = help_field(
         False,
@@ -26,14 +42,8 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        from sacpo.data.loaders import FORMATS
-
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown data.format {self.format!r}; valid formats: {', '.join(FORMATS)}")
         if self.drop_both_safe and not self.format.startswith("pku_"):
             raise ConfigError(f"data.drop_both_safe needs a PKU format, got {self.format!r}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise ConfigError(f"data.max_rows must be >= 1 or null, got {self.max_rows}")
 
     def load(self) -> list:
         """The records of this data: `sacpo.data.loaders.load_examples` with every field of this config."""
@@ -47,19 +57,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class LoraSettings:
     enabled: bool = help_field(False, help="train a LoRA adapter (peft) instead of all weights")
-    r: int = help_field(8, help="LoRA rank")
-    alpha: int = help_field(16, help="LoRA alpha (scaling = alpha / r)")
-    dropout: float = help_field(0.0, help="LoRA dropout")
+    r: PositiveInt = help_field(8, help="LoRA rank")
+    alpha: PositiveInt = help_field(16, help="LoRA alpha (scaling = alpha / r)")
+    dropout: Fraction = help_field(0.0, help="LoRA dropout")
     target_modules: list[str] | None = help_field(
         None, help="module names; None = peft's default for the model"
     )
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ConfigError(
-                f"lora needs r >= 1, alpha > 0 and dropout in [0, 1), got r={self.r}, alpha={self.alpha}, "
-                f"dropout={self.dropout}"
-            )
 
 
 @dataclass(frozen=True)
@@ -68,24 +71,26 @@ class TrainConfig:
     data: DataConfig = help_field(help="training data")
     output_dir: str = help_field(help="run directory: model/, metrics.jsonl, config.yaml, checkpoints/")
     reference: str | None = help_field(None, help="reference model directory; None = the starting policy")
-    loss: str = help_field("dpo", help="dpo | ipo | kto")
-    beta: float = help_field(0.1, help="KL coefficient β (β/λ for a SACPO realignment stage)")
-    label_smoothing: float = help_field(0.0, help="conservative DPO ε (dpo only)")
+    loss: Loss = help_field("dpo", help="preference loss (sacpo.math.preference.LOSSES)")
+    beta: PositiveFloat = help_field(0.1, help="KL coefficient β (β/λ for a SACPO realignment stage)")
+    label_smoothing: float = help_field(0.0, help="conservative DPO ε (dpo only)", ge=0, lt=0.5)
     average_logprobs: bool | None = help_field(
         None,
         help="length-average sequence log-probs (divide by the response's token count); None = auto: true for ipo "
         "(as TRL's IPO, whose β then means the same), false for dpo and kto",
     )
-    desirable_weight: float = help_field(1.0, help="KTO λ_D")
-    undesirable_weight: float = help_field(1.0, help="KTO λ_U")
-    max_length: int = help_field(256, help="max tokens of prompt + response")
-    max_prompt_length: int = help_field(128, help="max prompt tokens (prompt is truncated from the left)")
-    batch_size: int = help_field(8, help="examples per optimizer micro-step, over all processes")
-    grad_accum: int = help_field(1, help="gradient accumulation steps")
+    desirable_weight: PositiveFloat = help_field(1.0, help="KTO λ_D")
+    undesirable_weight: PositiveFloat = help_field(1.0, help="KTO λ_U")
+    max_length: PositiveInt = help_field(256, help="max tokens of prompt + response")
+    max_prompt_length: PositiveInt = help_field(
+        128, help="max prompt tokens (prompt is truncated from the left)"
+    )
+    batch_size: PositiveInt = help_field(8, help="examples per optimizer micro-step, over all processes")
+    grad_accum: PositiveInt = help_field(1, help="gradient accumulation steps")
     epochs: float = help_field(1.0, help="passes over the data (ignored if max_steps > 0)")
-    max_steps: int = help_field(0, help="optimizer steps; 0 = derive from epochs")
-    lr: float = help_field(5e-6, help="AdamW learning rate")
-    weight_decay: float = help_field(0.0, help="AdamW weight decay")
+    max_steps: NonNegativeInt = help_field(0, help="optimizer steps; 0 = derive from epochs")
+    lr: LearningRate = help_field(5e-6, help="AdamW learning rate")
+    weight_decay: NonNegativeFloat = help_field(0.0, help="AdamW weight decay")
     fused_adamw: bool = help_field(
         True, help="fused AdamW kernel (same update, one kernel for all parameters)"
     )
@@ -107,29 +112,33 @@ class TrainConfig:
         "in the Python API; the sacpo commands (train, pipeline, demo) build their TrainConfigs as "
         "sacpo.recipes.train.CommandTrainConfig, where it defaults to true: set it false there to opt out",
     )
-    warmup_ratio: float = help_field(0.1, help="fraction of steps with linear warmup")
-    scheduler: str = help_field("linear", help="linear | cosine | constant (after warmup)")
-    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")
+    warmup_ratio: Fraction = help_field(0.1, help="fraction of steps with linear warmup")
+    scheduler: Scheduler = help_field("linear", help="learning-rate schedule after the warmup")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables", ge=0)
     lora: LoraSettings = help_field(LoraSettings(), help="LoRA settings")
     gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
-    mixed_precision: str = help_field("auto", help="auto | no | bf16 | fp16 (auto: bf16 on CUDA, else no)")
-    seed: int = help_field(0, help="seed for init, data order and sampling")
-    log_every: int = help_field(10, help="log metrics every N optimizer steps")
-    kl_every: int = help_field(0, help="estimate KL(π‖π_ref) every N steps (0: only at the end)")
-    kl_prompts: int = help_field(16, help="held-out prompts sampled for the KL estimate (0 disables)")
-    kl_samples: int = help_field(2, help="samples per KL prompt")
-    kl_max_new_tokens: int = help_field(64, help="max new tokens when sampling for KL")
-    kl_budget: float | None = help_field(
+    mixed_precision: MixedPrecision = help_field("auto", help="autocast dtype (auto: bf16 on CUDA, else no)")
+    seed: Seed = help_field(0, help="seed for init, data order and sampling")
+    log_every: PositiveInt = help_field(10, help="log metrics every N optimizer steps")
+    kl_every: NonNegativeInt = help_field(0, help="estimate KL(π‖π_ref) every N steps (0: only at the end)")
+    kl_prompts: NonNegativeInt = help_field(
+        16, help="held-out prompts sampled for the KL estimate (0 disables)"
+    )
+    kl_samples: PositiveInt = help_field(2, help="samples per KL prompt")
+    kl_max_new_tokens: PositiveInt = help_field(64, help="max new tokens when sampling for KL")
+    kl_budget: PositiveFloat | None = help_field(
         None,
         help="stop the stage early once the held-out KL(π‖π_ref) estimate exceeds this many nats (checked every "
         "kl_every steps; needs kl_every > 0, kl_prompts > 0 and eval_fraction > 0); None = no budget",
     )
-    eval_fraction: float = help_field(0.1, help="fraction of prompts held out (KL prompts, eval metrics)")
-    save_every: int = help_field(0, help="checkpoint every N steps for --resume (0: never)")
+    eval_fraction: Fraction = help_field(0.1, help="fraction of prompts held out (KL prompts, eval metrics)")
+    save_every: NonNegativeInt = help_field(0, help="checkpoint every N steps for --resume (0: never)")
     cache_dir: str | None = help_field(
         None, help="reference log-prob cache; None = <output_dir>/../.ref_cache"
     )
-    logprob_chunk: int = help_field(256, help="sequence chunk for log-probs (bounds the logsumexp temporary)")
+    logprob_chunk: PositiveInt = help_field(
+        256, help="sequence chunk for log-probs (bounds the logsumexp temporary)"
+    )
     trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
 
     def __post_init__(self) -> None:
@@ -156,65 +165,23 @@ def resolve_average_logprobs(loss: str, average_logprobs: bool | None) -> bool:
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
-    """Reject impossible values before any model loads."""
-    from sacpo.math.preference import LOSSES
-
-    finite = math.isfinite
-    checks = [
-        (cfg.beta > 0 and finite(cfg.beta), f"beta must be > 0 and finite, got {cfg.beta}"),
-        (cfg.loss in LOSSES, f"unknown loss {cfg.loss!r}; valid losses: {', '.join(sorted(LOSSES))}"),
-        (0 <= cfg.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
-        (cfg.lr > 0 and finite(cfg.lr), f"lr must be > 0 and finite, got {cfg.lr}"),
-        (
-            cfg.weight_decay >= 0 and finite(cfg.weight_decay),
-            f"weight_decay must be >= 0, got {cfg.weight_decay}",
-        ),
-        (
-            cfg.max_grad_norm >= 0 and not math.isnan(cfg.max_grad_norm),
-            f"max_grad_norm must be >= 0 (0 disables clipping), got {cfg.max_grad_norm}",
-        ),
-        (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
-        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
-        (cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}"),
-        (cfg.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {cfg.max_prompt_length}"),
-        (
-            cfg.max_prompt_length < cfg.max_length,
+    """The checks across fields (each field's own bounds and choices are declared on it): a length to train for,
+    room for a response, the held-out KL estimate a budget needs, and data of the kind the loss consumes."""
+    if not (cfg.epochs > 0 or cfg.max_steps > 0):
+        raise ConfigError("set epochs > 0 or max_steps > 0")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(
             f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}): "
-            "the response needs at least one token",
-        ),
-        (cfg.scheduler in ("linear", "cosine", "constant"), f"unknown scheduler {cfg.scheduler!r}"),
-        (
-            cfg.mixed_precision in ("auto", "no", "bf16", "fp16"),
-            f"bad mixed_precision {cfg.mixed_precision!r}",
-        ),
-        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
-        (cfg.log_every >= 1, "log_every must be >= 1"),
-        (cfg.save_every >= 0, f"save_every must be >= 0 (0: never), got {cfg.save_every}"),
-        (cfg.kl_every >= 0, f"kl_every must be >= 0 (0: only at the end), got {cfg.kl_every}"),
-        (cfg.kl_prompts >= 0, f"kl_prompts must be >= 0 (0 disables), got {cfg.kl_prompts}"),
-        (cfg.kl_samples >= 1 and cfg.kl_max_new_tokens >= 1, "kl_samples and kl_max_new_tokens must be >= 1"),
-        (
-            all(finite(w) and w > 0 for w in (cfg.desirable_weight, cfg.undesirable_weight)),
-            "KTO weights must be finite and > 0",
-        ),
-        (cfg.logprob_chunk >= 1, "logprob_chunk must be >= 1"),
-        (
-            cfg.kl_budget is None or (cfg.kl_budget > 0 and finite(cfg.kl_budget)),
-            f"kl_budget must be > 0 and finite (nats), or null for no budget; got {cfg.kl_budget}",
-        ),
-        (
-            cfg.kl_budget is None or (cfg.kl_every > 0 and cfg.kl_prompts > 0 and cfg.eval_fraction > 0),
+            "the response needs at least one token"
+        )
+    if cfg.kl_budget is not None and not (cfg.kl_every > 0 and cfg.kl_prompts > 0 and cfg.eval_fraction > 0):
+        raise ConfigError(
             f"kl_budget={cfg.kl_budget} needs the periodic held-out KL estimate: set kl_every > 0, kl_prompts > 0 "
             f"and eval_fraction > 0 (got kl_every={cfg.kl_every}, kl_prompts={cfg.kl_prompts}, "
-            f"eval_fraction={cfg.eval_fraction})",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+            f"eval_fraction={cfg.eval_fraction})"
+        )
     from sacpo.data.loaders import FORMATS
+    from sacpo.math.preference import LOSSES
 
     loss_kind, data_kind = LOSSES[cfg.loss].kind, FORMATS[cfg.data.format].kind
     if loss_kind != data_kind:

@@ -26,16 +26,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from sacpo.config import ConfigError, help_field
+from sacpo.config import ConfigError, PositiveFloat, PositiveInt, Seed, help_field
 from sacpo.data.records import Prompt
 
 log = logging.getLogger("sacpo.onpolicy")
 
-LABEL_RULES = ("bt", "argmax")
+LabelRule = Literal["bt", "argmax"]
 LABEL_FIELDS = {"pku_helpful": "better_response_id", "pku_safe": "safer_response_id", "pku_safe_kto": None}
 DATA_FILE = "preferences.jsonl"
 META_FILE = "onpolicy.json"
@@ -44,23 +44,17 @@ META_FILE = "onpolicy.json"
 @dataclass(frozen=True)
 class OnPolicyConfig:
     judge: str = help_field(help="scorer name (sacpo.scoring): e.g. toyworld.safety, reward_model:DIR")
-    label: str = help_field("bt", help="bt: Bradley–Terry draw σ(s·(u1 − u0)); argmax: higher score wins")
-    bt_scale: float = help_field(1.0, help="Bradley–Terry scale s of the bt rule")
-    pairs_per_prompt: int = help_field(2, help="pairs sampled per prompt")
-    max_new_tokens: int = help_field(64, help="response length limit when sampling")
+    label: LabelRule = help_field(
+        "bt", help="bt: Bradley–Terry draw σ(s·(u1 − u0)); argmax: higher score wins"
+    )
+    bt_scale: PositiveFloat = help_field(1.0, help="Bradley–Terry scale s of the bt rule")
+    pairs_per_prompt: PositiveInt = help_field(2, help="pairs sampled per prompt")
+    max_new_tokens: PositiveInt = help_field(64, help="response length limit when sampling")
     safe_threshold: float = help_field(0.0, help="is_response_i_safe = judge score > threshold")
-    seed: int = help_field(0, help="seed of sampling and labels")
-
-    def __post_init__(self) -> None:
-        if self.label not in LABEL_RULES:
-            raise ConfigError(f"on_policy.label must be one of {LABEL_RULES}, got {self.label!r}")
-        if not (self.bt_scale > 0 and math.isfinite(self.bt_scale)):
-            raise ConfigError(f"on_policy.bt_scale must be > 0, got {self.bt_scale}")
-        if self.pairs_per_prompt < 1 or self.max_new_tokens < 1:
-            raise ConfigError("on_policy.pairs_per_prompt and on_policy.max_new_tokens must be >= 1")
+    seed: Seed = help_field(0, help="seed of sampling and labels")
 
 
-def label_pair(u0: float, u1: float, rule: str, scale: float, rng: random.Random) -> int | None:
+def label_pair(u0: float, u1: float, rule: LabelRule, scale: float, rng: random.Random) -> int | None:
     """Index of the preferred response (0 or 1), or None for an argmax tie.
 
     bt: 1 with probability σ(s·(u1 − u0)) (one uniform from rng); argmax: 1 iff u1 > u0.
