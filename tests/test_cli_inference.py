@@ -55,7 +55,7 @@ def test_bad_override_is_a_user_error(world, capsys):
         root / "bad.yaml", {"model": str(model), "prompts": str(root / "prompts.json"), "output_dir": "x"}
     )
     assert main(["bon", cfg, "ns=[0]"]) == 2
-    assert "sacpo bon: error: ns must be" in capsys.readouterr().err
+    assert "sacpo bon: error: ns[0] must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_cd_scorer_cd_bon_and_combined_report(world, tmp_path, capsys):

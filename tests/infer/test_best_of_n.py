@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from sacpo.config import ConfigError
+from sacpo.config import ConfigError, from_dict
 from sacpo.evaluate.generate import read_samples
 from sacpo.evaluate.run import load_results
 from sacpo.infer.bon_config import BonConfig
@@ -401,21 +401,32 @@ def test_calibration_on_another_split_holds_out_every_reported_prompt(tiny_model
 
 def test_config_validation():
     base = {"model": "m", "prompts": "p.json", "output_dir": "o"}
-    with pytest.raises(ConfigError, match="ns"):
-        BonConfig(**base, ns=[0, 2])
-    with pytest.raises(ConfigError, match="safety"):
-        BonConfig(**base, target=0.9)
-    with pytest.raises(ConfigError, match="constraint"):
-        BonConfig(**base, safety="toyworld-safety", target=0.9, constraint="median")
-    with pytest.raises(ConfigError, match="probability"):
-        BonConfig(**base, safety="toyworld-safety", target=1.5)
-    with pytest.raises(ConfigError, match="oracle"):
-        BonConfig(**base, oracle="nope")
-    with pytest.raises(ConfigError, match="confidence"):
-        BonConfig(**base, safety="toyworld-safety", target=0.9, confidence=1.0)
-    with pytest.raises(ConfigError, match="calibrate on other prompts"):
+
+    def error(**fields) -> str:
+        with pytest.raises(ConfigError) as e:
+            from_dict(BonConfig, {**base, **fields})
+        return str(e.value)
+
+    assert error(ns=[0, 2]) == "ns[0] must be >= 1, got 0"
+    assert error(ns=[]) == "ns must be non-empty, got []"
+    assert "safety" in error(target=0.9)
+    assert error(safety="toyworld-safety", target=0.9, constraint="median") == (
+        "unknown constraint 'median'; valid constraints: prob, mean"
+    )
+    assert error(reward_aggregate="median").startswith("unknown reward_aggregate 'median'; valid ")
+    assert "probability" in error(safety="toyworld-safety", target=1.5)
+    assert "oracle" in error(oracle="nope")
+    assert "confidence" in error(safety="toyworld-safety", target=0.9, confidence=1.0)
+    assert "calibrate on other prompts" in error(
+        safety="toyworld-safety", target=0.9, calibration_split="test"
+    )
+    assert error(device="gpu").startswith("device: 'gpu' is not a device")
+    assert from_dict(BonConfig, {**base, "safety": "toyworld-safety", "target": 0.5}).constrained
+    with pytest.raises(ConfigError, match="calibrate on other prompts"):  # cross-field checks: also in Python
         BonConfig(**base, safety="toyworld-safety", target=0.9, calibration_split="test")
-    assert BonConfig(**base, safety="toyworld-safety", target=0.5).constrained
+    # bounds of a config built in Python: checked by run_bon before anything loads
+    with pytest.raises(ConfigError, match=r"ns\[0\] must be >= 1"):
+        bon.run_bon(BonConfig(**base, ns=[0]), show_progress=False)
 
 
 # ---------------------------------------------------------------------------------- constrained: held-out

@@ -122,3 +122,25 @@ def test_bad_merge_weights_are_rejected_before_reading_models(tmp_path, capsys, 
     rc, _, err = run_cli(["-q", "merge", str(cfg), f"qs={qs}"], capsys)
     assert_user_error(rc, err, "qs must be a non-empty list of merge weights in [0, 1]")
     assert no_model_loads == [] and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "qs, message",
+    [
+        ([1.5], "qs[0] must be in [0, 1], got 1.5"),
+        ([-0.5, 0.5], "qs[0] must be in [0, 1], got -0.5"),
+        ([], "qs must be non-empty, got []"),
+        ([float("nan")], "qs[0] must be in [0, 1], got nan"),
+    ],
+)
+def test_recipe_merge_weights_are_declared_bounds(tmp_path, no_model_loads, qs, message):
+    from sacpo.config import ConfigError, from_dict
+    from sacpo.recipes.merge import MergeConfig, run_merge
+
+    fields = {"a": "/a", "b": "/b", "output_dir": str(tmp_path / "m")}
+    with pytest.raises(ConfigError) as e:
+        from_dict(MergeConfig, {**fields, "qs": qs})
+    assert str(e.value) == message
+    with pytest.raises(ConfigError, match=r"qs"):  # built in Python: run_merge checks before reading models
+        run_merge(MergeConfig(**fields, qs=qs))
+    assert no_model_loads == [] and not (tmp_path / "m").exists()

@@ -117,12 +117,22 @@ def test_bradley_terry_labels_follow_the_logistic_probability():
     assert flipped == pytest.approx(0.8, abs=0.015)
 
 
-def test_config_validation():
-    from sacpo.config import ConfigError
+def test_config_validation(tmp_path):
+    from sacpo.config import ConfigError, from_dict
 
-    for bad in ({"test_fraction": 1.0}, {"flip_noise": 0.7}, {"bt_scale": 0.0}, {"sft_steps": 0}):
-        with pytest.raises(ConfigError):
-            ToyWorldConfig(**bad)
+    for bad, message in (
+        ({"test_fraction": 1.0}, "test_fraction must be in (0, 1), got 1.0"),
+        ({"flip_noise": 0.7}, "flip_noise must be in [0, 0.5], got 0.7"),
+        ({"bt_scale": 0.0}, "bt_scale must be > 0, got 0.0"),
+        ({"sft_steps": 0}, "sft_steps must be >= 1, got 0"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            from_dict(ToyWorldConfig, bad)
+        assert str(e.value) == message
+    # a config built in Python: checked by build_world before building
+    with pytest.raises(ConfigError, match="sft_steps must be >= 1"):
+        build_world(tmp_path / "w", ToyWorldConfig(sft_steps=0), show_progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from sacpo.config import ConfigError, help_field
+from sacpo.config import ConfigError, Device, PositiveInt, Seed, help_field
 from sacpo.math.bon_select import CONSTRAINTS
 from sacpo.scoring import oracle_names
+from sacpo.scoring.reward_model import AGGREGATES
 
-AGGREGATES = ("mean", "min", "max", "pessimistic")
+Aggregate = Literal[AGGREGATES]  # the ensemble aggregates of `RewardModelScorer`
+Constraint = Literal[CONSTRAINTS]  # the constraints of `sacpo.math.bon_select`
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,11 @@ class BonConfig:
     )
     output_dir: str = help_field(help="writes summary.json, results.json, candidates.jsonl, samples/<name>/")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
-    max_prompts: int | None = help_field(None, help="use the first N prompts only")
-    ns: list[int] = help_field([1, 2, 4, 8, 16, 32, 64], help="best-of-n sizes; max(ns) candidates per draw")
-    n_samples: int = help_field(
+    max_prompts: PositiveInt | None = help_field(None, help="use the first N prompts only")
+    ns: list[PositiveInt] = help_field(
+        [1, 2, 4, 8, 16, 32, 64], help="best-of-n sizes; max(ns) candidates per draw", min_length=1
+    )
+    n_samples: PositiveInt = help_field(
         4, help="independent best-of-n draws per prompt (rows per prompt in each samples.jsonl)"
     )
     reward: str | list[str] = help_field(
@@ -30,14 +35,14 @@ class BonConfig:
         help="selection reward: a registered scorer name (sacpo.scoring) or reward model dir(s) (several = "
         "ensemble)",
     )
-    reward_aggregate: str = help_field("mean", help="ensemble aggregate: mean, min, max, pessimistic")
+    reward_aggregate: Aggregate = help_field("mean", help="ensemble aggregate of the reward models")
     safety: str | list[str] | None = help_field(
         None,
         help="safety scorer g (higher = safer): a registered scorer name (toyworld-safety) or cost/safety model "
         "dir(s), read on the score view (g = −cost); None = unconstrained only",
     )
-    safety_aggregate: str = help_field("mean", help="ensemble aggregate of the safety models")
-    constraint: str = help_field(
+    safety_aggregate: Aggregate = help_field("mean", help="ensemble aggregate of the safety models")
+    constraint: Constraint = help_field(
         "prob", help="'prob': P(g > safe_threshold) ≥ target; 'mean': E[g] ≥ target (over selected responses)"
     )
     target: float | None = help_field(None, help="constraint target; None = no constrained best-of-n")
@@ -52,7 +57,7 @@ class BonConfig:
         help="calibrate λ on this split of the prompts file instead (e.g. 'train' or 'validation'); every prompt "
         "of prompts_split is then held out, and all reported rows are on prompts_split",
     )
-    calibration_max_prompts: int | None = help_field(
+    calibration_max_prompts: PositiveInt | None = help_field(
         None, help="use the first N prompts of calibration_split only"
     )
     confidence: float = help_field(
@@ -66,41 +71,23 @@ class BonConfig:
         None,
         help="gold oracle (sacpo.scoring) reported for every selection, e.g. toyworld; None = scorers only",
     )
-    seed: int = help_field(0, help="sampling seed; also the tie-break keys and the calibration split")
-    max_new_tokens: int = help_field(64, help="response length limit (tokens)")
-    max_prompt_length: int = help_field(256, help="prompts are left-truncated to this many tokens")
-    batch_size: int = help_field(
+    seed: Seed = help_field(0, help="sampling seed; also the tie-break keys and the calibration split")
+    max_new_tokens: PositiveInt = help_field(64, help="response length limit (tokens)")
+    max_prompt_length: PositiveInt = help_field(256, help="prompts are left-truncated to this many tokens")
+    batch_size: PositiveInt = help_field(
         4, help="prompts per generate call (each call draws batch_size·n_samples·(max(ns)+1) sequences)"
     )
-    logp_batch_size: int = help_field(64, help="sequences per base log-prob forward pass")
-    n_boot: int = help_field(1000, help="bootstrap resamples of prompts for the win-rate CIs in results.json")
-    device: str | None = help_field(None, help="cuda / cpu / cuda:1 …; default cuda when available")
+    logp_batch_size: PositiveInt = help_field(64, help="sequences per base log-prob forward pass")
+    n_boot: PositiveInt = help_field(
+        1000, help="bootstrap resamples of prompts for the win-rate CIs in results.json"
+    )
+    device: Device | None = help_field(None, help="cpu | cuda | cuda:N …; None or auto = cuda when available")
 
-    def __post_init__(self) -> None:
-        if not self.ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ns):
-            raise ConfigError(f"ns must be a non-empty list of integers ≥ 1, got {self.ns}")
-        for name in (
-            "n_samples",
-            "max_new_tokens",
-            "max_prompt_length",
-            "batch_size",
-            "logp_batch_size",
-            "n_boot",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("max_prompts", "calibration_max_prompts"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+    def __post_init__(self) -> None:  # cross-field checks; types, bounds and choices are declared above
         if self.calibration_split is not None and self.calibration_split == self.prompts_split:
             raise ConfigError(
                 f"calibration_split {self.calibration_split!r} is prompts_split: calibrate on other prompts"
             )
-        if self.constraint not in CONSTRAINTS:
-            raise ConfigError(f"unknown constraint {self.constraint!r}; valid: {', '.join(CONSTRAINTS)}")
-        for name in ("reward_aggregate", "safety_aggregate"):
-            if getattr(self, name) not in AGGREGATES:
-                raise ConfigError(f"{name}: unknown {getattr(self, name)!r}; valid: {', '.join(AGGREGATES)}")
         if self.target is not None:
             if self.safety is None:
                 raise ConfigError("a constraint target needs a safety scorer (safety=...)")

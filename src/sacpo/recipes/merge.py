@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.config import Probability, from_dict, help_field, to_dict, to_yaml
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.merge.linear import merge_dirs
 
@@ -21,15 +21,14 @@ class MergeConfig:
     a: str = help_field(help="model directory θ_a (P-SACPO: step-1 policy)")
     b: str = help_field(help="model directory θ_b (P-SACPO: step-2 policy, large λ)")
     output_dir: str = help_field(help="writes <output_dir>/q<q>/ for each q")
-    qs: list[float] = help_field([0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b")
-
-    def __post_init__(self) -> None:  # before any model is read or any output written
-        if not self.qs or not all(0 <= q <= 1 for q in self.qs):
-            raise ConfigError(f"qs must be a non-empty list of merge weights in [0, 1], got {self.qs}")
+    qs: list[Probability] = help_field(
+        [0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b", min_length=1
+    )
 
 
 def run_merge(cfg: MergeConfig) -> list[dict[str, Any]]:
     """Merge for every q (each model dir written atomically by `merge_dirs`); returns one record per q."""
+    from_dict(MergeConfig, to_dict(cfg))  # checks a config built in Python too, before any model is read
     out = Path(cfg.output_dir)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     records = []

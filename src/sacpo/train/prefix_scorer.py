@@ -32,11 +32,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
-from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.config import (
+    ConfigError,
+    Device,
+    Fraction,
+    LearningRate,
+    NonNegativeFloat,
+    PositiveInt,
+    Seed,
+    from_dict,
+    help_field,
+    to_dict,
+    to_yaml,
+)
 from sacpo.data.prompts import load_prompts
 from sacpo.math.decoding import bellman_targets
 from sacpo.models.load import (
@@ -54,7 +66,8 @@ from sacpo.train.prefix_rollouts import Rollout, batch_tensors, sample_rollouts
 
 log = logging.getLogger("sacpo.prefix_scorer")
 
-METHODS = ("fudge", "q")
+Method = Literal["fudge", "q"]  # CD-FUDGE, CD-Q
+METHODS = get_args(Method)
 
 
 def scorer_targets(
@@ -97,56 +110,34 @@ class TrainScorerConfig:
         help="reward of full responses, a scorer spec: toyworld-gold (r*), toyworld-safety (g*), another "
         "registered name, or a `sacpo reward` directory (a cost model gives its cost)",
     )
-    method: str = help_field(
+    method: Method = help_field(
         "fudge", help="fudge (regress every prefix on the final reward) | q (CD-Q Bellman)"
     )
     prompts_split: str = help_field("train", help="key of the prompt list when the .json maps splits")
-    max_prompts: int | None = help_field(None, help="use the first N prompts only")
-    n_rollouts: int = help_field(512, help="base-model responses sampled (prompts cycled in a seeded order)")
-    max_new_tokens: int = help_field(40, help="max tokens per rollout")
-    max_prompt_length: int = help_field(128, help="prompts are left-truncated to this many tokens")
-    steps: int = help_field(300, help="optimizer steps")
-    batch_size: int = help_field(32, help="rollouts per step (every response prefix of each is a target)")
-    lr: float = help_field(3e-4, help="AdamW learning rate (constant after a 5% linear warmup)")
-    weight_decay: float = help_field(0.0, help="AdamW weight decay")
-    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")
-    top_k: int = help_field(10, help="CD-Q: base top-k children of each prefix in the Bellman backup")
-    target_update_every: int = help_field(25, help="CD-Q: copy V into the target network V̄ every N steps")
-    eval_fraction: float = help_field(0.1, help="fraction of rollouts held out for the validation loss")
-    generation_batch_size: int = help_field(64, help="prompts per generate call when sampling rollouts")
-    log_every: int = help_field(20, help="record the training loss every N steps (metrics.json)")
-    seed: int = help_field(0, help="seed of the prompt order, rollouts, head init and batches")
-    device: str = help_field("auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
-
-    def __post_init__(self) -> None:
-        validate_train_config(self)
-
-
-def validate_train_config(cfg: TrainScorerConfig) -> None:
-    """Reject impossible values before any model loads (ConfigError)."""
-    checks = [
-        (cfg.method in METHODS, f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}"),
-        (cfg.n_rollouts >= 2, f"n_rollouts must be >= 2, got {cfg.n_rollouts}"),
-        (cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
-        (cfg.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {cfg.max_prompt_length}"),
-        (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), f"lr must be > 0 and finite, got {cfg.lr}"),
-        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
-        (cfg.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {cfg.max_grad_norm}"),
-        (cfg.top_k >= 1, f"top_k must be >= 1, got {cfg.top_k}"),
-        (cfg.target_update_every >= 1, f"target_update_every must be >= 1, got {cfg.target_update_every}"),
-        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
-        (
-            cfg.generation_batch_size >= 1,
-            f"generation_batch_size must be >= 1, got {cfg.generation_batch_size}",
-        ),
-        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
-        (cfg.max_prompts is None or cfg.max_prompts >= 1, f"max_prompts must be >= 1, got {cfg.max_prompts}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    max_prompts: PositiveInt | None = help_field(None, help="use the first N prompts only")
+    n_rollouts: int = help_field(
+        512, help="base-model responses sampled (prompts cycled in a seeded order)", ge=2
+    )
+    max_new_tokens: PositiveInt = help_field(40, help="max tokens per rollout")
+    max_prompt_length: PositiveInt = help_field(128, help="prompts are left-truncated to this many tokens")
+    steps: PositiveInt = help_field(300, help="optimizer steps")
+    batch_size: PositiveInt = help_field(
+        32, help="rollouts per step (every response prefix of each is a target)"
+    )
+    lr: LearningRate = help_field(3e-4, help="AdamW learning rate (constant after a 5% linear warmup)")
+    weight_decay: NonNegativeFloat = help_field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables", ge=0)
+    top_k: PositiveInt = help_field(10, help="CD-Q: base top-k children of each prefix in the Bellman backup")
+    target_update_every: PositiveInt = help_field(
+        25, help="CD-Q: copy V into the target network V̄ every N steps"
+    )
+    eval_fraction: Fraction = help_field(0.1, help="fraction of rollouts held out for the validation loss")
+    generation_batch_size: PositiveInt = help_field(
+        64, help="prompts per generate call when sampling rollouts"
+    )
+    log_every: PositiveInt = help_field(20, help="record the training loss every N steps (metrics.json)")
+    seed: Seed = help_field(0, help="seed of the prompt order, rollouts, head init and batches")
+    device: Device = help_field("auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -198,7 +189,7 @@ def train_prefix_scorer(cfg: TrainScorerConfig, show_progress: bool = True) -> T
     metrics.json: rollout statistics (reward mean/std — the std² is the MSE of the best constant predictor),
     held-out losses before and after training, the loss history, seconds.
     """
-    validate_train_config(cfg)
+    from_dict(TrainScorerConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     check_scorer_spec(cfg.reward, "reward")
     check_model_dir(cfg.model)
     prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)

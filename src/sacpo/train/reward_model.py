@@ -41,11 +41,24 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.config import (
+    ConfigError,
+    Device,
+    Fraction,
+    LearningRate,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    from_dict,
+    help_field,
+    to_dict,
+    to_yaml,
+)
 from sacpo.data.loaders import get_format
 from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
 from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
@@ -59,7 +72,7 @@ from sacpo.train.engine import Stepper, autocast, fit, seeded, warmup_linear_dec
 
 log = logging.getLogger("sacpo.reward")
 
-KINDS = ("auto", "reward", "cost")
+Kind = Literal["auto", "reward", "cost"]  # auto: cost for pku_safe data, reward otherwise
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -68,79 +81,51 @@ class RewardConfig:
     model: str = help_field(help="causal-LM directory (safetensors) whose backbone becomes the reward model")
     data: DataConfig = help_field(help="paired preference data (pku_helpful: reward, pku_safe: cost)")
     output_dir: str = help_field(help="model dir (ensemble=1) or dir of member-<i>/ model dirs (ensemble>1)")
-    kind: str = help_field("auto", help="reward | cost (c = −score) | auto: cost for pku_safe, else reward")
-    ensemble: int = help_field(1, help="number of members k, trained with seeds seed..seed+k−1")
-    max_length: int = help_field(256, help="max tokens of prompt + response (same policy as training)")
-    max_prompt_length: int = help_field(128, help="max prompt tokens (prompt is truncated from the left)")
-    batch_size: int = help_field(8, help="pairs per optimizer step (2×batch_size sequences per forward)")
+    kind: Kind = help_field("auto", help="reward | cost (c = −score) | auto: cost for pku_safe, else reward")
+    ensemble: PositiveInt = help_field(1, help="number of members k, trained with seeds seed..seed+k−1")
+    max_length: PositiveInt = help_field(
+        256, help="max tokens of prompt + response (same policy as training)"
+    )
+    max_prompt_length: PositiveInt = help_field(
+        128, help="max prompt tokens (prompt is truncated from the left)"
+    )
+    batch_size: PositiveInt = help_field(
+        8, help="pairs per optimizer step (2×batch_size sequences per forward)"
+    )
     epochs: float = help_field(1.0, help="passes over the training pairs (ignored if max_steps > 0)")
-    max_steps: int = help_field(0, help="optimizer steps per member; 0 = derive from epochs")
-    lr: float = help_field(1e-5, help="AdamW learning rate")
-    weight_decay: float = help_field(0.0, help="AdamW weight decay")
-    warmup_ratio: float = help_field(
+    max_steps: NonNegativeInt = help_field(0, help="optimizer steps per member; 0 = derive from epochs")
+    lr: LearningRate = help_field(1e-5, help="AdamW learning rate")
+    weight_decay: NonNegativeFloat = help_field(0.0, help="AdamW weight decay")
+    warmup_ratio: Fraction = help_field(
         0.1, help="fraction of steps with linear warmup (then linear decay to 0)"
     )
-    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables")
-    center_coef: float = help_field(
+    max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables", ge=0)
+    center_coef: NonNegativeFloat = help_field(
         1e-3, help="coefficient c of the centring term c·mean(score²); 0 disables"
     )
-    eval_fraction: float = help_field(0.1, help="fraction of pairs held out for accuracy (seeded split)")
-    eval_batch_size: int = help_field(32, help="sequences per forward when scoring for metrics")
-    log_every: int = help_field(10, help="record the training loss/accuracy every N steps (metrics.json)")
-    seed: int = help_field(0, help="seed of the split, of member 0's head init and data order")
-    device: str = help_field("auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
-    mixed_precision: str = help_field("auto", help="auto | no | bf16 (auto: bf16 on CUDA when supported)")
+    eval_fraction: Fraction = help_field(0.1, help="fraction of pairs held out for accuracy (seeded split)")
+    eval_batch_size: PositiveInt = help_field(32, help="sequences per forward when scoring for metrics")
+    log_every: PositiveInt = help_field(
+        10, help="record the training loss/accuracy every N steps (metrics.json)"
+    )
+    seed: Seed = help_field(0, help="seed of the split, of member 0's head init and data order")
+    device: Device = help_field("auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    mixed_precision: Literal["auto", "no", "bf16"] = help_field(
+        "auto", help="auto | no | bf16 (auto: bf16 on CUDA when supported)"
+    )
     gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
     trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
 
-    def __post_init__(self) -> None:
-        validate_reward_config(self)
-
-
-def validate_reward_config(cfg: RewardConfig) -> None:
-    """Reject impossible values before any model or data loads (raises ConfigError, a ValueError)."""
-    from sacpo.data.loaders import FORMATS
-
-    finite = math.isfinite
-    checks = [
-        (cfg.ensemble >= 1, f"ensemble must be >= 1, got {cfg.ensemble}"),
-        (cfg.lr > 0 and finite(cfg.lr), f"lr must be > 0 and finite, got {cfg.lr}"),
-        (0 <= cfg.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}"),
-        (cfg.kind in KINDS, f"unknown kind {cfg.kind!r}; valid kinds: {', '.join(KINDS)}"),
-        (
-            cfg.data.format in FORMATS,
-            f"unknown data format {cfg.data.format!r}; valid formats: {', '.join(FORMATS)}",
-        ),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
-        (cfg.epochs > 0 or cfg.max_steps > 0, "set epochs > 0 or max_steps > 0"),
-        (cfg.max_steps >= 0, f"max_steps must be >= 0, got {cfg.max_steps}"),
-        (
-            cfg.weight_decay >= 0 and finite(cfg.weight_decay),
-            f"weight_decay must be >= 0, got {cfg.weight_decay}",
-        ),
-        (0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"),
-        (
-            cfg.max_grad_norm >= 0 and not math.isnan(cfg.max_grad_norm),
-            f"max_grad_norm must be >= 0, got {cfg.max_grad_norm}",
-        ),
-        (
-            cfg.center_coef >= 0 and finite(cfg.center_coef),
-            f"center_coef must be >= 0 and finite, got {cfg.center_coef}",
-        ),
-        (cfg.max_prompt_length >= 1, f"max_prompt_length must be >= 1, got {cfg.max_prompt_length}"),
-        (cfg.max_prompt_length < cfg.max_length, "max_prompt_length must be < max_length"),
-        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
-        (cfg.mixed_precision in ("auto", "no", "bf16"), f"bad mixed_precision {cfg.mixed_precision!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    if get_format(cfg.data.format).kind != "paired":
-        raise ConfigError(
-            f"reward models train on paired data; data.format {cfg.data.format!r} is unpaired "
-            "(use pku_helpful, pku_safe or trl_paired)"
-        )
+    def __post_init__(self) -> None:  # cross-field checks; types, bounds and choices are declared above
+        if not (self.epochs > 0 or self.max_steps > 0):
+            raise ConfigError("set epochs > 0 or max_steps > 0")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError("max_prompt_length must be < max_length")
+        if get_format(self.data.format).kind != "paired":
+            raise ConfigError(
+                f"reward models train on paired data; data.format {self.data.format!r} is unpaired "
+                "(use pku_helpful, pku_safe or trl_paired)"
+            )
 
 
 def resolve_kind(cfg: RewardConfig) -> str:
@@ -295,7 +280,7 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     train/held-out pairwise accuracy and BT loss, n pairs; for an ensemble also the mean-aggregated and
     worst-case ensemble accuracies and every member's metrics).
     """
-    validate_reward_config(cfg)
+    from_dict(RewardConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     kind = resolve_kind(cfg)
     out = Path(cfg.output_dir)
     started = time.time()

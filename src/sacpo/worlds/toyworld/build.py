@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sacpo.config import ConfigError, help_field
+from sacpo.config import LearningRate, NonNegativeInt, PositiveInt, Seed, from_dict, help_field
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.train.engine import Stepper, fit, seeded, warmup_cosine
 from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
@@ -36,36 +36,21 @@ EOS = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class ToyWorldConfig:
-    seed: int = help_field(0, help="seed of the prompt split, SFT data, SFT init and preference sampling")
-    test_fraction: float = help_field(0.2, help="fraction of prompts held out for evaluation")
-    n_layer: int = help_field(2, help="SFT GPT-2 layers")
-    n_embd: int = help_field(64, help="SFT GPT-2 width")
-    n_head: int = help_field(4, help="SFT GPT-2 attention heads")
-    sft_demos_per_prompt: int = help_field(24, help="SFT demonstrations sampled per training prompt")
-    sft_steps: int = help_field(1200, help="SFT optimizer steps")
-    sft_batch_size: int = help_field(64, help="SFT batch size (sequences)")
-    sft_lr: float = help_field(3e-3, help="SFT peak learning rate (cosine decay, 5% warmup)")
-    pairs_per_prompt: int = help_field(4, help="preference rows per training prompt (2 SFT samples each)")
-    bt_scale: float = help_field(2.0, help="Bradley–Terry inverse temperature s of the labels")
-    flip_noise: float = help_field(0.0, help="probability of flipping each preference label")
-    max_new_tokens: int = help_field(40, help="max response tokens when sampling the SFT policy")
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if not 0.0 <= self.flip_noise <= 0.5:
-            raise ConfigError(f"flip_noise must be in [0, 0.5], got {self.flip_noise}")
-        if self.bt_scale <= 0:
-            raise ConfigError(f"bt_scale must be > 0, got {self.bt_scale}")
-        for name in (
-            "sft_demos_per_prompt",
-            "sft_steps",
-            "sft_batch_size",
-            "pairs_per_prompt",
-            "max_new_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+    seed: Seed = help_field(0, help="seed of the prompt split, SFT data, SFT init and preference sampling")
+    test_fraction: float = help_field(0.2, help="fraction of prompts held out for evaluation", gt=0, lt=1)
+    n_layer: NonNegativeInt = help_field(2, help="SFT GPT-2 layers")
+    n_embd: PositiveInt = help_field(64, help="SFT GPT-2 width")
+    n_head: PositiveInt = help_field(4, help="SFT GPT-2 attention heads")
+    sft_demos_per_prompt: PositiveInt = help_field(24, help="SFT demonstrations sampled per training prompt")
+    sft_steps: PositiveInt = help_field(1200, help="SFT optimizer steps")
+    sft_batch_size: PositiveInt = help_field(64, help="SFT batch size (sequences)")
+    sft_lr: LearningRate = help_field(3e-3, help="SFT peak learning rate (cosine decay, 5% warmup)")
+    pairs_per_prompt: PositiveInt = help_field(
+        4, help="preference rows per training prompt (2 SFT samples each)"
+    )
+    bt_scale: float = help_field(2.0, help="Bradley–Terry inverse temperature s of the labels", gt=0)
+    flip_noise: float = help_field(0.0, help="probability of flipping each preference label", ge=0, le=0.5)
+    max_new_tokens: PositiveInt = help_field(40, help="max response tokens when sampling the SFT policy")
 
 
 @dataclass(frozen=True)
@@ -240,6 +225,7 @@ def _preference_row(rng: random.Random, p: str, y0: str, y1: str, cfg: ToyWorldC
 def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_progress: bool = True) -> World:
     """Build (or reuse, when out_dir holds a finished world with the same config) the toyworld."""
     cfg = cfg or ToyWorldConfig()
+    from_dict(ToyWorldConfig, asdict(cfg))  # checks the declared bounds of a config built in Python too
     root = Path(out_dir)
     meta_path = root / "world.json"
     if (root / "DONE").exists() and meta_path.exists():
