@@ -218,3 +218,38 @@ def test_describe_shows_help_defaults_bounds_and_choices():
         "  stages[].lam = None  (float | list[float] | None)",
     ]:
         assert line in text, line
+
+
+def test_config_dataclass_checks_every_construction():
+    """`config_dataclass`: direct construction and dataclasses.replace check declared bounds and choices like
+    from_dict; the class's own __post_init__ still runs (once per construction path); paths count as strings."""
+    import dataclasses
+    from pathlib import Path
+
+    from sacpo.config import config_dataclass
+
+    calls = []
+
+    @config_dataclass
+    class Inner:
+        r: PositiveInt = help_field(8, help="rank")
+
+    @config_dataclass
+    class Outer:
+        out: str = help_field("x", help="dir")
+        mode: Literal["a", "b"] = help_field("a", help="mode")
+        inner: Inner = help_field(Inner(), help="nested")
+
+        def __post_init__(self) -> None:
+            calls.append(self.mode)
+
+    assert Outer(out=Path("/tmp/x")).out == Path("/tmp/x")  # a Path is accepted as a string
+    with pytest.raises(ConfigError, match=r"unknown mode 'c'"):
+        Outer(mode="c")
+    with pytest.raises(ConfigError, match=r"r must be >= 1, got 0"):
+        Inner(r=0)
+    cfg = Outer()
+    with pytest.raises(ConfigError, match=r"unknown mode"):
+        dataclasses.replace(cfg, mode="z")
+    assert from_dict(Outer, {"mode": "b", "inner": {"r": 2}}).inner.r == 2
+    assert "b" in calls  # the own __post_init__ ran for the from_dict construction

@@ -2,14 +2,15 @@
 
     cfg = load_config(TrainConfig, "configs/train.yaml", ["beta=0.05", "lora.r=16"])
 
-A config class is a plain frozen stdlib `@dataclass`; its fields say their type, help text, bounds and choices:
+A config class is a frozen stdlib dataclass made with `@config_dataclass`, so that every construction (YAML,
+`Cls(...)` in Python, `dataclasses.replace`) is checked; its fields say their type, help text, bounds and choices:
 
-    @dataclass(frozen=True)
+    @config_dataclass
     class LoraConfig:
         r: PositiveInt = help_field(8, help="LoRA rank")
         dropout: Fraction = help_field(0.0, help="LoRA dropout")
 
-    @dataclass(frozen=True)
+    @config_dataclass
     class TrainConfig:
         data: DataConfig = help_field(help="training data")                   # required, nested
         loss: Literal["dpo", "ipo", "kto"] = help_field("dpo", help="preference loss")
@@ -36,6 +37,7 @@ dropout), `Probability` ([0, 1]: merge weights, noise rates), `Device` (auto | c
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -52,6 +54,7 @@ from pydantic import AfterValidator, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 T = TypeVar("T")
+_VALIDATING = contextvars.ContextVar("sacpo_config_validating", default=False)
 
 
 class ConfigError(ValueError):
@@ -199,11 +202,46 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         text = json.dumps({"value": data}, default=_not_yaml)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}{cls.__name__}: {e}") from None
+    token = _VALIDATING.set(True)  # the instances pydantic builds need no second check (`config_dataclass`)
     try:
         return _validator(cls).model_validate_json(text).value
     except pydantic.ValidationError as e:
         lines = _messages(cls, e.errors(include_url=False), data)
         raise ConfigError("\n".join(where + line for line in lines)) from None
+    finally:
+        _VALIDATING.reset(token)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return _not_yaml(value)
+
+
+def check(cfg: T, where: str = "") -> T:
+    """Validate a config built in Python exactly as `from_dict` validates YAML (paths count as strings); returns
+    `cfg`. Raises ConfigError."""
+    data = json.loads(json.dumps(to_dict(cfg), default=_plain))
+    from_dict(type(cfg), data, where)
+    return cfg
+
+
+@typing.dataclass_transform(frozen_default=True)
+def config_dataclass(cls: type[T]) -> type[T]:
+    """`@dataclass(frozen=True)` whose every construction — `Cls(...)`, `dataclasses.replace`, `from_dict` — checks
+    the declared types, bounds and choices, then runs the class's own `__post_init__` (cross-field checks)."""
+    own = cls.__dict__.get("__post_init__") or getattr(cls, "__post_init__", None)
+    own = getattr(own, "__sacpo_own_post_init__", own)
+
+    def __post_init__(self: Any) -> None:
+        if not _VALIDATING.get():
+            check(self)
+        if own is not None:
+            own(self)
+
+    __post_init__.__sacpo_own_post_init__ = own  # type: ignore[attr-defined]
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    return dataclasses.dataclass(frozen=True)(cls)
 
 
 @dataclasses.dataclass

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-from sacpo.config import ConfigError, Device, PositiveInt, Seed, help_field
+from sacpo.config import ConfigError, Device, PositiveInt, Seed, config_dataclass, help_field
 from sacpo.math.bon_select import CONSTRAINTS
 from sacpo.scoring import oracle_names
 from sacpo.scoring.reward_model import AGGREGATES
@@ -14,7 +13,7 @@ Aggregate = Literal[AGGREGATES]  # the ensemble aggregates of `RewardModelScorer
 Constraint = Literal[CONSTRAINTS]  # the constraints of `sacpo.math.bon_select`
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class BonConfig:
     model: str = help_field(help="base causal-LM directory (safetensors): the policy sampled from")
     prompts: str = help_field(

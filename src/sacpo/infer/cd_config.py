@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-from sacpo.config import ConfigError, Device, NonNegativeFloat, PositiveInt, Seed, help_field
+from sacpo.config import (
+    ConfigError,
+    Device,
+    NonNegativeFloat,
+    PositiveInt,
+    Seed,
+    config_dataclass,
+    help_field,
+)
 from sacpo.math.decoding import COMBINERS
 from sacpo.scoring import oracle_names
 
 Combine = Literal[tuple(COMBINERS)]  # the value combinations of `sacpo.math.decoding`
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class CDConfig:
     model: str = help_field(help="base causal-LM directory (safetensors)")
     scorer: str = help_field(help="reward prefix scorer directory (train_prefix_scorer output)")

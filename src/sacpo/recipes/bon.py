@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sacpo.config import ConfigError, from_dict, to_dict
+from sacpo.config import ConfigError
 from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.infer.bon_cache import CANDIDATES_FILE, candidates_key, read_cached_pool
@@ -97,7 +97,6 @@ def run_bon(
     and returns the summary. `reward` / `safety`: scorer objects that replace cfg.reward / cfg.safety
     (programmatic use, tests)."""
     started = time.time()
-    from_dict(BonConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     _check_scorers(cfg, reward, safety)
     check_model_dir(cfg.model)
     prompts, n_calib = load_bon_prompts(cfg)

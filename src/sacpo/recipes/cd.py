@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sacpo.config import ConfigError, from_dict, to_dict, to_yaml
+from sacpo.config import ConfigError, to_yaml
 from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
@@ -79,7 +79,6 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     """Decode n_samples responses per prompt with controlled decoding and write samples.jsonl, summary.json and
     config.yaml (+ baseline.jsonl, results.json with an oracle) to cfg.output_dir (atomically). Returns the
     summary."""
-    from_dict(CDConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     check_model_dir(cfg.model)
     scorer_dirs = [cfg.scorer] + ([cfg.safety_scorer] if cfg.safety_scorer and cfg.lam > 0 else [])
     for d in scorer_dirs:

@@ -18,11 +18,11 @@ the ablation table `sacpo.recipes.demo_arms.write_ablations`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import ConfigError, from_dict, help_field
+from sacpo.config import ConfigError, config_dataclass, from_dict, help_field
 from sacpo.recipes.eval import DEFAULT_FAMILIES
 from sacpo.recipes.pipeline import PipelineConfig
 from sacpo.worlds.toyworld.build import ToyWorldConfig, World
@@ -30,7 +30,7 @@ from sacpo.worlds.toyworld.build import ToyWorldConfig, World
 SAFETY_DATA = ("all", "informative")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class DemoConfig:
     out: str = help_field("runs/demo", help="output directory")
     world: ToyWorldConfig = help_field(ToyWorldConfig(), help="the toyworld (SFT model, preference data)")

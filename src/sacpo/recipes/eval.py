@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import ConfigError, help_field, to_yaml
+from sacpo.config import ConfigError, config_dataclass, help_field, to_yaml
 from sacpo.data.prompts import load_prompts
 from sacpo.evaluate.findings import check_findings
 from sacpo.evaluate.metrics import ModelMetrics
@@ -39,7 +38,7 @@ DEFAULT_FAMILIES = {
 }
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class EvalConfig:
     output_dir: str = help_field(
         help="writes results.json, samples/<model>/, report.md/.html and PNG figures"

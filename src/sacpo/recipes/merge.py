@@ -7,16 +7,15 @@ records = run_merge(cfg)           # <output_dir>/q<q>/ (HF model dirs), config.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import Probability, from_dict, help_field, to_dict, to_yaml
+from sacpo.config import Probability, config_dataclass, help_field, to_yaml
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.merge.linear import merge_dirs
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class MergeConfig:
     a: str = help_field(help="model directory θ_a (P-SACPO: step-1 policy)")
     b: str = help_field(help="model directory θ_b (P-SACPO: step-2 policy, large λ)")
@@ -28,7 +27,6 @@ class MergeConfig:
 
 def run_merge(cfg: MergeConfig) -> list[dict[str, Any]]:
     """Merge for every q (each model dir written atomically by `merge_dirs`); returns one record per q."""
-    from_dict(MergeConfig, to_dict(cfg))  # checks a config built in Python too, before any model is read
     out = Path(cfg.output_dir)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     records = []

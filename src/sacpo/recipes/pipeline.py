@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sacpo.config import ConfigError, Probability, deep_update, from_dict, help_field, to_yaml
+from sacpo.config import (
+    ConfigError,
+    Probability,
+    config_dataclass,
+    deep_update,
+    from_dict,
+    help_field,
+    to_yaml,
+)
 from sacpo.fsutil import atomic_write_json, atomic_write_text
 from sacpo.merge.linear import merge_dirs
 from sacpo.models.load import ModelLoadError
@@ -36,7 +44,7 @@ log = logging.getLogger("sacpo.pipeline")
 SFT = "sft"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class StageConfig:
     name: str = help_field(help="stage name (also its output directory under stages/)")
     data: DataConfig = help_field(help="preference data of this stage")
@@ -54,7 +62,7 @@ class StageConfig:
     )
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class MergeSpec:
     name: str = help_field(help="name of the merged models (merges/<name>-q<q>)")
     a: str = help_field(help="stage (or branch) for θ_a — P-SACPO: the step-1 policy")
@@ -62,7 +70,7 @@ class MergeSpec:
     qs: list[Probability] = help_field([0.25, 0.5, 0.75], help="merge weights q: θ = (1−q)·θ_a + q·θ_b")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class PipelineConfig:
     policy: str = help_field(help="SFT policy directory, or builtin:tiny-gpt2")
     output_dir: str = help_field(help="pipeline directory: stages/, merges/, pipeline.json")

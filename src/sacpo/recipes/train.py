@@ -8,13 +8,11 @@ unless the config says `malloc_tuning: false`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from sacpo.config import help_field
+from sacpo.config import config_dataclass, help_field
 from sacpo.train.config import TrainConfig
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class CommandTrainConfig(TrainConfig):
     """TrainConfig as the sacpo commands build it: the same fields, malloc_tuning on by default."""
 

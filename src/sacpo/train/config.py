@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import yaml
@@ -16,6 +15,7 @@ from sacpo.config import (
     PositiveFloat,
     PositiveInt,
     Seed,
+    config_dataclass,
     help_field,
     to_yaml,
 )
@@ -28,7 +28,7 @@ Scheduler = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class DataConfig:
     source: str = help_field(help="local .jsonl/.json/.parquet/.csv file, or a hub dataset name")
     format: DataFormat = help_field("pku_helpful", help="record format (sacpo.data.loaders.FORMATS)")
@@ -54,7 +54,7 @@ class DataConfig:
         )
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class LoraSettings:
     enabled: bool = help_field(False, help="train a LoRA adapter (peft) instead of all weights")
     r: PositiveInt = help_field(8, help="LoRA rank")
@@ -65,7 +65,7 @@ class LoraSettings:
     )
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrainConfig:
     policy: str = help_field(help="HF model directory of the starting policy (safetensors)")
     data: DataConfig = help_field(help="training data")

@@ -24,13 +24,13 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from sacpo.config import ConfigError, PositiveFloat, PositiveInt, Seed, help_field
+from sacpo.config import ConfigError, PositiveFloat, PositiveInt, Seed, config_dataclass, help_field
 from sacpo.data.records import Prompt
 
 log = logging.getLogger("sacpo.onpolicy")
@@ -41,7 +41,7 @@ DATA_FILE = "preferences.jsonl"
 META_FILE = "onpolicy.json"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class OnPolicyConfig:
     judge: str = help_field(help="scorer name (sacpo.scoring): e.g. toyworld.safety, reward_model:DIR")
     label: LabelRule = help_field(

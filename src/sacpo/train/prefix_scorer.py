@@ -44,9 +44,8 @@ from sacpo.config import (
     NonNegativeFloat,
     PositiveInt,
     Seed,
-    from_dict,
+    config_dataclass,
     help_field,
-    to_dict,
     to_yaml,
 )
 from sacpo.data.prompts import load_prompts
@@ -96,7 +95,7 @@ def masked_mse(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
 
 
 # ------------------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
+@config_dataclass
 class TrainScorerConfig:
     model: str = help_field(
         help="base causal-LM directory (safetensors): sampled from, and the scorer's backbone"
@@ -189,7 +188,6 @@ def train_prefix_scorer(cfg: TrainScorerConfig, show_progress: bool = True) -> T
     metrics.json: rollout statistics (reward mean/std — the std² is the MSE of the best constant predictor),
     held-out losses before and after training, the loss history, seconds.
     """
-    from_dict(TrainScorerConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     check_scorer_spec(cfg.reward, "reward")
     check_model_dir(cfg.model)
     prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)

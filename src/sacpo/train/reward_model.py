@@ -54,9 +54,8 @@ from sacpo.config import (
     NonNegativeInt,
     PositiveInt,
     Seed,
-    from_dict,
+    config_dataclass,
     help_field,
-    to_dict,
     to_yaml,
 )
 from sacpo.data.loaders import get_format
@@ -76,7 +75,7 @@ Kind = Literal["auto", "reward", "cost"]  # auto: cost for pku_safe data, reward
 
 
 # ------------------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
+@config_dataclass
 class RewardConfig:
     model: str = help_field(help="causal-LM directory (safetensors) whose backbone becomes the reward model")
     data: DataConfig = help_field(help="paired preference data (pku_helpful: reward, pku_safe: cost)")
@@ -280,7 +279,6 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     train/held-out pairwise accuracy and BT loss, n pairs; for an ensemble also the mean-aggregated and
     worst-case ensemble accuracies and every member's metrics).
     """
-    from_dict(RewardConfig, to_dict(cfg))  # checks the declared bounds of a config built in Python too
     kind = resolve_kind(cfg)
     out = Path(cfg.output_dir)
     started = time.time()

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from sacpo.config import LearningRate, NonNegativeInt, PositiveInt, Seed, from_dict, help_field
+from sacpo.config import (
+    LearningRate,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    config_dataclass,
+    help_field,
+)
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.train.engine import Stepper, fit, seeded, warmup_cosine
 from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
@@ -34,7 +41,7 @@ log = logging.getLogger("sacpo.toyworld")
 EOS = "<|endoftext|>"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ToyWorldConfig:
     seed: Seed = help_field(0, help="seed of the prompt split, SFT data, SFT init and preference sampling")
     test_fraction: float = help_field(0.2, help="fraction of prompts held out for evaluation", gt=0, lt=1)
@@ -225,7 +232,6 @@ def _preference_row(rng: random.Random, p: str, y0: str, y1: str, cfg: ToyWorldC
 def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_progress: bool = True) -> World:
     """Build (or reuse, when out_dir holds a finished world with the same config) the toyworld."""
     cfg = cfg or ToyWorldConfig()
-    from_dict(ToyWorldConfig, asdict(cfg))  # checks the declared bounds of a config built in Python too
     root = Path(out_dir)
     meta_path = root / "world.json"
     if (root / "DONE").exists() and meta_path.exists():
