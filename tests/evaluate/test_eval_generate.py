@@ -12,7 +12,6 @@ from sacpo.evaluate.generate import (
     SampleRow,
     generate_samples,
     read_samples,
-    seeded_global_rng,
     stream_seed,
 )
 from sacpo.models.load import load_model, load_tokenizer
@@ -114,17 +113,6 @@ def test_sample_row_json_and_errors(tmp_path):
         SampleRow.from_json({"prompt": "x"})
     with pytest.raises(ValueError):
         generate_samples(tmp_path, [], tmp_path, tmp_path)
-
-
-def test_seeded_global_rng_draws_manual_seed_numbers_and_restores_the_callers_state():
-    torch.manual_seed(5)
-    want = torch.rand(3)
-    torch.manual_seed(123)
-    before = torch.random.get_rng_state()
-    with seeded_global_rng(5, "cpu"):
-        got = torch.rand(3)
-    assert torch.equal(got, want)  # the numbers of a plain torch.manual_seed(5)
-    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is untouched
 
 
 def test_generate_samples_leaves_the_global_rng_alone(tiny_model, tmp_path):

@@ -1,5 +1,5 @@
 """The auxiliary trainers' engine: its schedules equal the formulas they replaced (transformers' linear schedule),
-a non-finite loss stops before any update, `seeded` leaves the caller's RNG alone, history windows."""
+a non-finite loss stops before any update, history windows."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sacpo.train.checkpoint import NonFiniteError
-from sacpo.train.engine import Stepper, fit, seeded, warmup_constant, warmup_cosine, warmup_linear_decay
+from sacpo.train.engine import Stepper, fit, warmup_constant, warmup_cosine, warmup_linear_decay
 
 
 def _lrs(schedule, steps):
@@ -57,14 +57,3 @@ def test_fit_history_windows_and_clipping():
     assert [h["loss"] for h in run.history] == [0.5, 2.5, 4.0]  # means over each window, last one shorter
     assert all(h["lr"] == pytest.approx(0.1) for h in run.history)
     assert len(run.values) == 5
-
-
-def test_seeded_restores_the_global_rng():
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    with seeded(7):
-        inside = torch.rand(3)
-    assert torch.equal(torch.rand(3), expected)  # the caller's stream continues as if nothing happened
-    torch.manual_seed(7)
-    assert torch.equal(inside, torch.rand(3))

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from sacpo.models.load import (
     load_tokenizer,
 )
 from sacpo.models.logprobs import sequence_logps
+from sacpo.rng import torch_seeded
 
 log = logging.getLogger("sacpo.evaluate")
 
@@ -162,18 +163,6 @@ def read_samples(path: str | Path) -> list[SampleRow]:
     return rows
 
 
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: str | torch.device) -> Iterator[None]:
-    """torch.manual_seed(seed) for an upstream op that draws from the global RNG (`sacpo.models.generate.sample`),
-    inside `torch.random.fork_rng`: the caller's global CPU (and CUDA device) RNG state is restored on exit, and the
-    numbers drawn are those of a plain manual_seed."""
-    d = torch.device(device)
-    devices = [d.index if d.index is not None else torch.cuda.current_device()] if d.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _cached(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str, Any]] | None:
     meta_path, samples_path = out / META_FILE, out / SAMPLES_FILE
     if not (meta_path.is_file() and samples_path.is_file()):
@@ -274,7 +263,7 @@ def generate_samples(
     limit = _prompt_limit(policy, max_prompt_length, max_new_tokens)
     prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    with seeded_global_rng(sampling_seed, device):
+    with torch_seeded(sampling_seed):
         seqs = sample(
             policy,
             prompt_ids,

@@ -32,12 +32,13 @@ import torch
 
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
-from sacpo.evaluate.generate import seeded_global_rng, sequence_logps_batched
+from sacpo.evaluate.generate import sequence_logps_batched
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.fsutil import atomic_write_bytes
 from sacpo.math.optimum import log_mixture_density, optimum_objective, tilted_estimate, weighted_win_rate
 from sacpo.math.statistics import bootstrap_ci, mean_and_stderr
 from sacpo.models.load import default_device
+from sacpo.rng import torch_seeded
 from sacpo.scoring.base import Scorer, run_scorer
 
 log = logging.getLogger("sacpo.optimum")
@@ -161,7 +162,7 @@ def _draw(
     seqs, prompt_index, component = [], [], []
     for k, (d, n) in enumerate(zip(dirs, counts, strict=True)):
         model = load_model(d).to(device).eval()
-        with seeded_global_rng(seed * 1000 + k, device):
+        with torch_seeded(seed * 1000 + k):
             drawn = sample(
                 model, prompt_ids, tok.eos_token_id, tok.pad_token_id, n, max_new_tokens, batch_size=64
             )

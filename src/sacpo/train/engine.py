@@ -20,9 +20,8 @@ Schedules are multipliers of the base LR, lr(s) = lr · f(s) at optimizer step s
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,13 +151,3 @@ def autocast(mixed_precision: str, device: torch.device) -> Any:
     if mp == "auto":
         mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """`torch.manual_seed(seed)` for the block only: the global CPU RNG and every CUDA device's RNG are restored on
-    exit. For upstream code that draws from the global RNG (HF module init, `generate`)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

@@ -32,6 +32,7 @@ import torch
 
 from sacpo.config import ConfigError, PositiveFloat, PositiveInt, Seed, config_dataclass, help_field
 from sacpo.data.records import Prompt
+from sacpo.rng import torch_seeded
 
 log = logging.getLogger("sacpo.onpolicy")
 
@@ -158,8 +159,7 @@ def generate_preferences(
     pids = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
     pair_prompts, pairs = [], []
     # sampling draws from the global RNG: seeded here, the caller's state restored after (CUDA's too on a GPU)
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
+    with torch_seeded(cfg.seed):
         for _ in range(cfg.pairs_per_prompt):
             seqs = sample(
                 model, pids, tok.eos_token_id, tok.pad_token_id, 2, cfg.max_new_tokens, batch_size=batch_size

@@ -22,8 +22,8 @@ import torch
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.models.prefix_value import decode_response
+from sacpo.rng import torch_seeded as seeded
 from sacpo.scoring import Scorer
-from sacpo.train.engine import seeded
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,10 @@ from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_acc
 from sacpo.models.load import check_model_dir, load_tokenizer
 from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.models.reward import META_FILE, build_reward_model, score_encoded, sequence_scores
+from sacpo.rng import torch_seeded as seeded
 from sacpo.train.batches import batch_order, split_indices
 from sacpo.train.config import DataConfig
-from sacpo.train.engine import Stepper, autocast, fit, seeded, warmup_linear_decay
+from sacpo.train.engine import Stepper, autocast, fit, warmup_linear_decay
 
 log = logging.getLogger("sacpo.reward")
 

@@ -33,7 +33,8 @@ from sacpo.config import (
     help_field,
 )
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
-from sacpo.train.engine import Stepper, fit, seeded, warmup_cosine
+from sacpo.rng import torch_seeded as seeded
+from sacpo.train.engine import Stepper, fit, warmup_cosine
 from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
 from sacpo.worlds.toyworld.oracle import gold_reward, gold_safety, is_safe
 
