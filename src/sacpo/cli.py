@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input: printed as one line, exit code 2 (no traceback)."""
-    from sacpo.data.loaders import DataError
+    from sacpo.data.formats import DataError
     from sacpo.math.merging import MergeError
     from sacpo.models.load import ModelLoadError
     from sacpo.train.checkpoint import NonFiniteError

@@ -2,14 +2,8 @@ import json
 
 import pytest
 
-from sacpo.data.loaders import (
-    FORMATS,
-    DataError,
-    convert_rows,
-    get_format,
-    is_local,
-    load_examples,
-)
+from sacpo.data.formats import FORMATS, DataError, get_format
+from sacpo.data.loaders import convert_rows, is_local, load_examples
 from sacpo.data.records import BinaryExample, PairedExample
 
 PKU = {
@@ -181,7 +175,8 @@ def test_every_format_has_a_kind_matching_a_loss_kind():
 
 
 def test_drop_both_safe_keeps_only_pairs_with_an_unsafe_response(tmp_path):
-    from sacpo.data.loaders import DataError, load_examples
+    from sacpo.data.formats import DataError
+    from sacpo.data.loaders import load_examples
 
     rows = [
         {"prompt": "p1", "response_0": "a", "response_1": "b", "safer_response_id": 0,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sacpo.data.loaders import pku_safety_binary
+from sacpo.data.formats import pku_safety_binary
 from sacpo.data.records import BinaryExample, PairedExample
 from sacpo.data.tokenize import (
     encode,

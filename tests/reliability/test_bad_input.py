@@ -11,7 +11,8 @@ import sys
 import pytest
 from reliability_helpers import assert_user_error, read_metrics, run_cli, stage_fields, write_yaml
 
-from sacpo.data.loaders import DataError, load_examples
+from sacpo.data.formats import DataError
+from sacpo.data.loaders import load_examples
 from sacpo.data.tokenize import encode, encode_prompt, render_prompt
 from sacpo.models.load import load_tokenizer
 

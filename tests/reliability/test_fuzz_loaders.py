@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sacpo.data.loaders import FORMATS, DataError, convert_rows, load_examples
+from sacpo.data.formats import FORMATS, DataError
+from sacpo.data.loaders import convert_rows, load_examples
 from sacpo.data.records import PairedExample
 from sacpo.data.tokenize import encode_binary, encode_paired
 from sacpo.models.tiny import build_byte_tokenizer

@@ -115,7 +115,7 @@ def test_kl_budget_needs_the_periodic_kl_estimate(fields):
 
 
 def test_declared_choices_are_the_registries():
-    from sacpo.data.loaders import FORMATS
+    from sacpo.data.formats import FORMATS
     from sacpo.math.preference import LOSSES
 
     assert get_args(DataFormat) == tuple(FORMATS) and get_args(Loss) == tuple(LOSSES)

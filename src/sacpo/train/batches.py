@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sacpo.config import ConfigError
-from sacpo.data.loaders import DataError, get_format
+from sacpo.data.formats import DataError, get_format
 from sacpo.data.tokenize import Encoded, encode_binary, encode_paired
 from sacpo.math.preference import get_loss
 from sacpo.train.config import TrainConfig

@@ -20,7 +20,7 @@ from sacpo.config import (
     to_yaml,
 )
 
-# the names of the registries sacpo.data.loaders.FORMATS and sacpo.math.preference.LOSSES (a test keeps them equal;
+# the names of the registries sacpo.data.formats.FORMATS and sacpo.math.preference.LOSSES (a test keeps them equal;
 # the registries are not imported here, so that reading a config imports no torch)
 DataFormat = Literal["pku_helpful", "pku_safe", "pku_safe_kto", "trl_paired", "trl_unpaired"]
 Loss = Literal["dpo", "ipo", "kto"]
@@ -31,7 +31,7 @@ MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 @config_dataclass
 class DataConfig:
     source: str = help_field(help="local .jsonl/.json/.parquet/.csv file, or a hub dataset name")
-    format: DataFormat = help_field("pku_helpful", help="record format (sacpo.data.loaders.FORMATS)")
+    format: DataFormat = help_field("pku_helpful", help="record format (sacpo.data.formats.FORMATS)")
     split: str = help_field("train", help="dataset split")
     max_rows: PositiveInt | None = help_field(None, help="use only the first N rows; None = all")
     skip_invalid: bool = help_field(False, help="skip (and count) invalid rows instead of failing")
@@ -180,7 +180,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
             f"and eval_fraction > 0 (got kl_every={cfg.kl_every}, kl_prompts={cfg.kl_prompts}, "
             f"eval_fraction={cfg.eval_fraction})"
         )
-    from sacpo.data.loaders import FORMATS
+    from sacpo.data.formats import FORMATS
     from sacpo.math.preference import LOSSES
 
     loss_kind, data_kind = LOSSES[cfg.loss].kind, FORMATS[cfg.data.format].kind

@@ -58,7 +58,7 @@ from sacpo.config import (
     help_field,
     to_yaml,
 )
-from sacpo.data.loaders import get_format
+from sacpo.data.formats import get_format
 from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
 from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
