@@ -1,15 +1,18 @@
 """TrainConfig: the auto rule of average_logprobs, kl_budget's validation, and which saved configs still describe
 the same computation."""
 
+import dataclasses
 import math
 from typing import get_args
 
 import pytest
+import torch
 import yaml
 
 from sacpo.config import ConfigError, from_dict, to_yaml
 from sacpo.train.config import (
     DataFormat,
+    KlEstimator,
     Loss,
     TrainConfig,
     comparable,
@@ -116,6 +119,36 @@ def test_kl_budget_needs_the_periodic_kl_estimate(fields):
 
 def test_declared_choices_are_the_registries():
     from sacpo.data.formats import FORMATS
+    from sacpo.math.kl import KL_ESTIMATORS
     from sacpo.math.preference import LOSSES
 
     assert get_args(DataFormat) == tuple(FORMATS) and get_args(Loss) == tuple(LOSSES)
+    assert get_args(KlEstimator) == tuple(KL_ESTIMATORS)
+
+
+def test_kl_estimator_is_wired_and_old_stages_stay_current(tiny_model, pku_tiny, tmp_path):
+    """estimate_kl applies the named estimator to the same samples (k3 ≥ 0; k1 = mean log-ratio), and a saved
+    config without kl_estimator is the same computation as today's default k1 (a finished stage is not stale)."""
+    from sacpo.models.load import load_model, load_tokenizer
+    from sacpo.train.kl_eval import estimate_kl
+
+    policy, ref = load_model(tiny_model), load_model(tiny_model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tok = load_tokenizer(tiny_model)
+    prompts = [tok("hello there").input_ids, tok("how do I").input_ids]
+    args = (policy, ref, prompts, tok.eos_token_id, tok.pad_token_id, 3, 8)
+    k1, k3 = estimate_kl(*args, estimator="k1"), estimate_kl(*args, estimator="k3")
+    assert k1["kl_n"] == k3["kl_n"] == 6 and k3["kl"] >= 0 and k1["kl"] != k3["kl"]
+    with pytest.raises(ValueError, match="unknown KL estimator 'k9'"):
+        estimate_kl(*args, estimator="k9")
+    cfg = from_dict(
+        TrainConfig,
+        {"policy": str(tiny_model), "data": {"source": str(pku_tiny)}, "output_dir": str(tmp_path)},
+    )
+    saved = yaml.safe_load(to_yaml(cfg))
+    del saved["kl_estimator"]
+    assert same_computation(yaml.safe_dump(saved), cfg)
+    assert not same_computation(to_yaml(cfg), dataclasses.replace(cfg, kl_estimator="k3"))

@@ -20,10 +20,12 @@ from sacpo.config import (
     to_yaml,
 )
 
-# the names of the registries sacpo.data.formats.FORMATS and sacpo.math.preference.LOSSES (a test keeps them equal;
+# the names of the registries sacpo.data.formats.FORMATS, sacpo.math.preference.LOSSES and sacpo.math.kl.KL_ESTIMATORS
+# (a test keeps them equal;
 # the registries are not imported here, so that reading a config imports no torch)
 DataFormat = Literal["pku_helpful", "pku_safe", "pku_safe_kto", "trl_paired", "trl_unpaired"]
 Loss = Literal["dpo", "ipo", "kto"]
+KlEstimator = Literal["k1", "k2", "k3"]
 Scheduler = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -126,6 +128,11 @@ class TrainConfig:
     )
     kl_samples: PositiveInt = help_field(2, help="samples per KL prompt")
     kl_max_new_tokens: PositiveInt = help_field(64, help="max new tokens when sampling for KL")
+    kl_estimator: KlEstimator = help_field(
+        "k1",
+        help="sequence-level KL estimator on the samples (sacpo.math.kl.KL_ESTIMATORS): k1 = log r (unbiased), "
+        "k2 = ½(log r)², k3 = (1/r − 1) + log r (unbiased, ≥ 0), r = π(y|x)/π_ref(y|x)",
+    )
     kl_budget: PositiveFloat | None = help_field(
         None,
         help="stop the stage early once the held-out KL(π‖π_ref) estimate exceeds this many nats (checked every "
@@ -196,7 +203,7 @@ RUNTIME_ONLY_FIELDS = frozenset({"malloc_tuning"})
 
 # fields added after runs were first written, with the value that reproduces the behaviour from before they
 # existed: a saved config without the field describes the same computation as one with this value
-ADDED_FIELDS: dict[str, object] = {"kl_budget": None}
+ADDED_FIELDS: dict[str, object] = {"kl_budget": None, "kl_estimator": "k1"}
 ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields
 
 

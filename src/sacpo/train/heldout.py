@@ -85,6 +85,7 @@ def heldout_kl(
         seed=cfg.seed + step,
         chunk=cfg.logprob_chunk,
         reference_context=policy.disable_adapter() if ref_is_base else None,
+        estimator=cfg.kl_estimator,
     )
     del ref
     warning = kl_health(result["kl"])

@@ -1,7 +1,9 @@
 """KL(π‖π_ref) on held-out prompts by sampling from π — the tutorial's training-health signal.
 
-KL(π(·|x)‖π_ref(·|x)) ≈ mean over y ~ π(·|x) of [log π(y|x) − log π_ref(y|x)] (sequence-level k1, unbiased),
-reported with its standard error. < 8 nats is fine; > 15 inspect for reward hacking; > 100 results unlikely useful.
+KL(π(·|x)‖π_ref(·|x)) ≈ mean over y ~ π(·|x) of k(log π(y|x), log π_ref(y|x)), with a sequence-level estimator k of
+`sacpo.math.kl.KL_ESTIMATORS` (k1 = log r, unbiased, the default; k3 = (1/r − 1) + log r, unbiased and ≥ 0; k2 =
+½(log r)², biased, low variance), reported with its standard error. < 8 nats is fine; > 15 inspect for reward
+hacking; > 100 results unlikely useful.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 
 from sacpo.data.tokenize import Encoded, pad_sequences
-from sacpo.math.kl import mean_and_stderr
+from sacpo.math.kl import get_kl_estimator, mean_and_stderr
 from sacpo.models.generate import sample
 from sacpo.models.logprobs import sequence_logps
 from sacpo.rng import torch_seeded
@@ -40,6 +42,7 @@ def estimate_kl(
     batch_size: int = 16,
     chunk: int = 256,
     reference_context: contextlib.AbstractContextManager | None = None,
+    estimator: str = "k1",
 ) -> dict[str, float]:
     """Sample from `policy`, score with both models; returns kl, kl_stderr, response length and n.
 
@@ -54,6 +57,6 @@ def estimate_kl(
     with reference_context or contextlib.nullcontext():
         logq = _logps(reference, seqs, pad_id, batch_size, chunk)  # (M,)
     policy.train(was_training)
-    kl, stderr = mean_and_stderr(logp - logq)
+    kl, stderr = mean_and_stderr(get_kl_estimator(estimator)(logp, logq))  # (M,) per-sample values
     lengths = torch.tensor([s.response_len for s in seqs], dtype=torch.float32)
     return {"kl": kl, "kl_stderr": stderr, "kl_response_len": lengths.mean().item(), "kl_n": float(len(seqs))}
