@@ -18,7 +18,7 @@ Reference (`ref`):
   trl live+malloc  — TRL live after `sacpo.train.allocator.tune_malloc()` (the glibc malloc thresholds sacpo's
                      `train()` sets on CPU): like for like on the allocator
 
-`--spec '{"mode": "parity", ...}'` instead computes the first batch's loss with sacpo's `Stepper` and TRL's
+`--spec '{"mode": "parity", ...}'` instead computes the first batch's loss with sacpo's `BatchLoss` and TRL's
 `compute_loss` (reference = a perturbed copy of the policy, so the loss is not trivially log 2), checks the token ids
 and response masks both sides build are identical, and warms sacpo's reference cache for the timed runs.
 """
@@ -236,7 +236,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- parity
 def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
-    """First-batch DPO loss of sacpo (Stepper) and TRL (compute_loss, live and precomputed reference)."""
+    """First-batch DPO loss of sacpo (BatchLoss) and TRL (compute_loss, live and precomputed reference)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -258,7 +258,7 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
     for name, ref_dir in (("perturbed", spec["reference"]), ("self", cfg.policy)):
         ref = reference_logps(ref_dir, tokenizer, pairs, cfg.cache_dir, cfg.max_length, show_progress=False)
         split = batches.subset(pairs, ref.logps, None, list(range(len(pairs))))
-        stepper = step.Stepper(cfg, split, tokenizer.pad_token_id, acc)
+        stepper = step.BatchLoss(cfg, split, tokenizer.pad_token_id, acc)
         with torch.no_grad():
             loss, _ = stepper(model, first, first)
         losses[name] = float(loss)

@@ -5,11 +5,11 @@ import os
 import sys
 import time
 
-import sacpo.train.loop as loop
+import sacpo.train.step as step
 from sacpo.cli import main
 
 DELAY = float(os.environ.get("SACPO_TEST_STEP_DELAY", "0.3"))
-_real_call = loop.Stepper.__call__
+_real_call = step.BatchLoss.__call__
 
 
 def _slow_call(self, model, idx, global_idx):
@@ -17,7 +17,7 @@ def _slow_call(self, model, idx, global_idx):
     return _real_call(self, model, idx, global_idx)
 
 
-loop.Stepper.__call__ = _slow_call
+step.BatchLoss.__call__ = _slow_call
 
 if __name__ == "__main__":
     sys.exit(main())

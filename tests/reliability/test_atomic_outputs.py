@@ -151,20 +151,20 @@ def _pipeline(model, data, out, safe_overrides=None):
 def test_pipeline_skips_finished_stages_and_redoes_the_others(tiny_model, pku_tiny, tmp_path, monkeypatch):
     out = tmp_path / "p"
     stages = out / "stages"
-    import sacpo.train.loop as loop
+    import sacpo.train.step as step
 
     def run():
         return run_pipeline(_pipeline(tiny_model, pku_tiny, out), show_progress=False)["reference_passes"]
 
     # a crash while training the second stage (after its reference pass): the first is finished, it is not
-    real = loop.Stepper.__call__
+    real = step.BatchLoss.__call__
 
     def crash_in_safe(self, *a, **k):
         if self.cfg.output_dir.endswith("safe"):
             raise KeyboardInterrupt("simulated crash")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(loop.Stepper, "__call__", crash_in_safe)
+    monkeypatch.setattr(step.BatchLoss, "__call__", crash_in_safe)
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.undo()

@@ -97,9 +97,9 @@ class Crash(Exception):
 
 def _crash_after(monkeypatch, calls: int) -> None:
     """The process dies (an exception nobody catches) at the `calls`+1-th micro-batch."""
-    import sacpo.train.loop as loop
+    import sacpo.train.step as step
 
-    real, n = loop.Stepper.__call__, {"calls": 0}
+    real, n = step.BatchLoss.__call__, {"calls": 0}
 
     def crashing(self, *a, **k):
         n["calls"] += 1
@@ -107,7 +107,7 @@ def _crash_after(monkeypatch, calls: int) -> None:
             raise Crash(f"simulated crash at micro-batch {n['calls']}")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
+    monkeypatch.setattr(step.BatchLoss, "__call__", crashing)
 
 
 @pytest.fixture(scope="module")

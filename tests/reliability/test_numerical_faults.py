@@ -17,6 +17,7 @@ from reliability_helpers import (
 )
 
 import sacpo.train.loop as loop
+import sacpo.train.step as step
 from sacpo.train import checkpoint
 from sacpo.train.checkpoint import NonFiniteError
 from sacpo.train.loop import is_done, train
@@ -27,7 +28,7 @@ KW = {"max_steps": 8, "save_every": 2, "log_every": 2, "batch_size": 4, "grad_ac
 
 def _inject(monkeypatch, fault: str) -> None:
     """Poison the FAULT_STEP-th optimizer step (its second micro-batch when grad_accum=2)."""
-    real = loop.Stepper.__call__
+    real = step.BatchLoss.__call__
     state = {"calls": 0, "hook": None}
 
     def faulty(self, model, idx, global_idx):
@@ -48,7 +49,7 @@ def _inject(monkeypatch, fault: str) -> None:
             state["hook"] = None
         return loss, metrics
 
-    monkeypatch.setattr(loop.Stepper, "__call__", faulty)
+    monkeypatch.setattr(step.BatchLoss, "__call__", faulty)
 
 
 FAULTS = {

@@ -23,7 +23,7 @@ from sacpo.train import checkpoint
 from sacpo.train.batches import batch_order
 from sacpo.train.config import TrainConfig
 from sacpo.train.heldout import budget_exceeded, eval_loss, heldout_kl
-from sacpo.train.step import Stepper, reduce_metrics
+from sacpo.train.step import BatchLoss, reduce_metrics
 
 log = logging.getLogger("sacpo.train")
 
@@ -39,8 +39,8 @@ class StepLoop:
     optimizer: Any
     scheduler: Any
     params: list[torch.nn.Parameter]
-    stepper: Stepper  # over the training split
-    eval_stepper: Stepper  # over the held-out split
+    stepper: BatchLoss  # over the training split
+    eval_stepper: BatchLoss  # over the held-out split
     tokenizer: Any
     kl_prompts: list[list[int]]
     total_steps: int

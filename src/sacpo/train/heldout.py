@@ -14,13 +14,13 @@ from sacpo.math.kl import kl_health
 from sacpo.models.load import load_model
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
-from sacpo.train.step import Stepper
+from sacpo.train.step import BatchLoss
 
 log = logging.getLogger("sacpo.train")
 
 
 @torch.no_grad()
-def eval_loss(stepper: Stepper, model: Any, n: int, acc: Any) -> dict[str, float]:
+def eval_loss(stepper: BatchLoss, model: Any, n: int, acc: Any) -> dict[str, float]:
     """Loss and reward metrics on the n held-out examples: example-weighted means, Σ_b |b|·mean_b / Σ_b |b|.
 
     Global batches of `batch_size` are split over the processes (process i takes batch[i::P]); the sums and counts

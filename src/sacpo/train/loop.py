@@ -30,7 +30,7 @@ from sacpo.train.config import TrainConfig, comparable
 from sacpo.train.epochs import LoopEnd, StepLoop, run_steps
 from sacpo.train.policy import build_policy, make_accelerator, make_optimizer, make_scheduler
 from sacpo.train.ref_cache import RefLogps, reference_logps
-from sacpo.train.step import PackedPairsProbe, Stepper
+from sacpo.train.step import BatchLoss, PackedPairsProbe
 from sacpo.train.workspace import SweepWorkspace
 
 log = logging.getLogger("sacpo.train")
@@ -236,8 +236,8 @@ def _step_loop(
         optimizer=optimizer,
         scheduler=scheduler,
         params=params,
-        stepper=Stepper(cfg, inputs.train, pad_id, acc, probe),
-        eval_stepper=Stepper(cfg, inputs.held_out, pad_id, acc, probe),
+        stepper=BatchLoss(cfg, inputs.train, pad_id, acc, probe),
+        eval_stepper=BatchLoss(cfg, inputs.held_out, pad_id, acc, probe),
         tokenizer=tokenizer,
         kl_prompts=inputs.kl_prompts,
         total_steps=total_steps,

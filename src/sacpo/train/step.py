@@ -38,7 +38,7 @@ class PackedPairsProbe:
         return ok
 
 
-class Stepper:
+class BatchLoss:
     """Computes the loss and metrics of one micro-batch (a list of global indices, already local to a process)."""
 
     def __init__(
