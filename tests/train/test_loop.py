@@ -192,9 +192,9 @@ def test_resume_continues_to_the_same_weights(tiny_model, pku_tiny, tmp_path, mo
     out = tmp_path / "crash"
     cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=6, save_every=3, kl_prompts=0)
     calls = {"n": 0}
-    import sacpo.train.loop as loop
+    import sacpo.train.step as step
 
-    real = loop.Stepper.__call__
+    real = step.BatchLoss.__call__
 
     def crash_after_4_steps(self, *a, **k):
         calls["n"] += 1
@@ -202,7 +202,7 @@ def test_resume_continues_to_the_same_weights(tiny_model, pku_tiny, tmp_path, mo
             raise KeyboardInterrupt("simulated crash")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(loop.Stepper, "__call__", crash_after_4_steps)
+    monkeypatch.setattr(step.BatchLoss, "__call__", crash_after_4_steps)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, show_progress=False)
     assert not is_done(out) and (out / "checkpoints" / "step-3").is_dir()

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import sacpo.train.loop as loop
+import sacpo.train.step as step
 from sacpo.config import from_dict, to_dict
 from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
 from sacpo.train.config import TrainConfig
@@ -161,7 +162,7 @@ def test_resume_does_not_use_the_workspace(tiny_model, pku_tiny, tmp_path, monke
     assert ws.holds_policy
     cfg = _train_cfg(tiny_model, pku_tiny, tmp_path / "b")
     cfg = from_dict(TrainConfig, {**to_dict(cfg), "save_every": 1})
-    real, calls = loop.Stepper.__call__, []
+    real, calls = step.BatchLoss.__call__, []
 
     def crash_at_step_3(self, *a, **k):
         calls.append(1)
@@ -169,7 +170,7 @@ def test_resume_does_not_use_the_workspace(tiny_model, pku_tiny, tmp_path, monke
             raise KeyboardInterrupt("simulated crash")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(loop.Stepper, "__call__", crash_at_step_3)
+    monkeypatch.setattr(step.BatchLoss, "__call__", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(cfg, show_progress=False)
     monkeypatch.undo()
