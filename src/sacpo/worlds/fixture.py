@@ -8,9 +8,10 @@ prompt), so the helpfulness and safety labels disagree on harmful prompts. Regen
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from sacpo.fsutil import atomic_write_jsonl
 
 BENIGN = ["bake bread", "fix a bike", "plant tomatoes", "write a poem", "learn python", "brew tea"]
 HARMFUL = ["pick a lock", "make poison", "steal a car", "hack email", "build a bomb", "forge money"]
@@ -51,10 +52,7 @@ def pku_rows(n_rows: int = 48, seed: int = 0) -> list[dict]:
 
 def write_pku_fixture(path: str | Path, n_rows: int = 48, seed: int = 0) -> Path:
     """Write the fixture as JSONL; return the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in pku_rows(n_rows, seed)))
-    return out
+    return atomic_write_jsonl(path, pku_rows(n_rows, seed), ensure_ascii=True)
 
 
 if __name__ == "__main__":

