@@ -63,7 +63,7 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def match_sacpo_allocator() -> None:
-    """Apply in this (TRL) process the glibc malloc thresholds sacpo's `train()` sets on CPU
+    """Apply in this (TRL) process the glibc malloc thresholds sacpo's commands set on CPU (`malloc_tuning`)
     (`sacpo.train.allocator.tune_malloc`): the like-for-like allocator arms of the step and sweep benchmarks."""
     from sacpo.train.allocator import tune_malloc
 

@@ -16,7 +16,7 @@ Reference (`ref`):
   trl live         — TRL's default: a reference model copy (full) or the adapter-disabled policy (LoRA) per step
   trl precompute   — `precompute_ref_log_probs=True`: one reference pass before training, kept in the dataset
   trl live+malloc  — TRL live after `sacpo.train.allocator.tune_malloc()` (the glibc malloc thresholds sacpo's
-                     `train()` sets on CPU): like for like on the allocator
+                     commands set on CPU): like for like on the allocator
 
 `--spec '{"mode": "parity", ...}'` instead computes the first batch's loss with sacpo's `BatchLoss` and TRL's
 `compute_loss` (reference = a perturbed copy of the policy, so the loss is not trivially log 2), checks the token ids

@@ -58,7 +58,7 @@ COMPARISONS = [
     (
         ("sacpo", "cached"),
         ("trl", "live+malloc"),
-        "like for like on the allocator: TRL's default with the glibc malloc thresholds sacpo's `train()` sets",
+        "like for like on the allocator: TRL's default with the glibc malloc thresholds the sacpo commands set",
     ),
 ]
 TARGETS = {  # config name -> (min tokens/s ratio, max RSS ratio) on the "each tool's default" row
@@ -502,8 +502,8 @@ def report_sweep(res: dict[str, Any]) -> tuple[list[str], dict]:
     if matched:
         like = summary([a / b for a, b in zip(s, tm, strict=False) if a is not None and b is not None])
         lines[-1] += (
-            f" Like for like on the allocator, sacpo ÷ TRL with the same glibc malloc thresholds that sacpo's "
-            f"`train()` sets (`malloc_tuning`): {fmt(like)} (informational; the target compares each tool as shipped)."
+            f" Like for like on the allocator, sacpo ÷ TRL with the same glibc malloc thresholds that the sacpo "
+            f"commands set (`malloc_tuning`): {fmt(like)} (informational; the target compares each tool as shipped)."
         )
     per_s = [r["per_lambda_s"] for r in res["runs"]["sacpo"] if "per_lambda_s" in r]
     per_t = [r["per_lambda_s"] for r in res["runs"]["trl"] if "per_lambda_s" in r]

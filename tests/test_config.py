@@ -16,6 +16,7 @@ from sacpo.config import (
     LearningRate,
     PositiveInt,
     Probability,
+    config_dataclass,
     describe,
     from_dict,
     help_field,
@@ -253,3 +254,29 @@ def test_config_dataclass_checks_every_construction():
         dataclasses.replace(cfg, mode="z")
     assert from_dict(Outer, {"mode": "b", "inner": {"r": 2}}).inner.r == 2
     assert "b" in calls  # the own __post_init__ ran for the from_dict construction
+
+
+@config_dataclass
+class Leaf:
+    r: PositiveInt = help_field(8, help="rank")
+
+
+@config_dataclass
+class Tree:
+    inner: Leaf = help_field(Leaf(), help="nested")
+    items: list[Leaf] = help_field([], help="a list of nested configs")
+    beta: float = help_field(0.1, help="β")
+
+
+def test_config_dataclass_builds_nested_mappings_and_takes_numpy_scalars():
+    import dataclasses
+
+    import numpy as np
+
+    cfg = Tree(inner={"r": 4}, items=[{"r": 2}], beta=np.float32(0.5))
+    assert isinstance(cfg.inner, Leaf) and cfg.inner.r == 4 and cfg.items == [Leaf(r=2)]
+    assert isinstance(dataclasses.replace(cfg, inner={"r": 3}).inner, Leaf)
+    with pytest.raises(ConfigError, match=r"inner.r must be >= 1"):
+        Tree(inner={"r": 0})
+    with pytest.raises(ConfigError, match="not a YAML value"):
+        Tree(beta=object())

@@ -4,6 +4,8 @@ the old output, and a failed build leaves the old output untouched."""
 import json
 import os
 import stat
+import sys
+import threading
 
 import pytest
 import torch
@@ -41,7 +43,7 @@ def test_file_modes_follow_the_umask(tmp_path, umask022):
     assert torch.equal(load_file(t)["w"], torch.arange(3.0))
 
 
-def test_replace_dir_keeps_old_until_new_is_in_place(tmp_path, umask022, monkeypatch):
+def test_replace_dir_without_exchange_keeps_old_until_new_is_in_place(tmp_path, umask022, monkeypatch):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
@@ -56,6 +58,7 @@ def test_replace_dir_keeps_old_until_new_is_in_place(tmp_path, umask022, monkeyp
         return real_replace(src, dst)
 
     monkeypatch.setattr(fsutil.os, "replace", spy)
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)  # the fallback path (no renameat2)
     fsutil.replace_dir(new, final)
     assert seen[0] == ["old.txt"]  # the old tree is renamed aside, not deleted, before the swap
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
@@ -71,4 +74,32 @@ def test_atomic_dir_failure_leaves_old_output(tmp_path):
         (tmp / "b.json").write_text("partial")
         raise RuntimeError("crash while building")
     assert sorted(p.name for p in final.iterdir()) == ["a.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux-only")
+def test_replace_dir_swaps_atomically_a_reader_never_sees_the_output_missing(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "v").write_text("0")
+    misses, reads, stop = [0], [0], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            reads[0] += 1
+            if not (final / "v").is_file():
+                misses[0] += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 101):
+            new = fsutil.temp_dir_for(final)
+            (new / "v").write_text(str(i))
+            fsutil.replace_dir(new, final)
+    finally:
+        stop.set()
+        thread.join()
+    assert (final / "v").read_text() == "100"
+    assert reads[0] > 0 and misses[0] == 0
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

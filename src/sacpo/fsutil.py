@@ -8,9 +8,11 @@ never reached the disk. Every writer here fsyncs the data before the rename and 
         save_file(tensors, tmp / "x.safetensors")
     replace_dir(tmp, final)                  the directory version of write-temp-fsync-rename
 
-Replacing a directory: the new tree is made durable, the old one is renamed aside (`.<name>.old<pid>`), the new
-one renamed into place, and only then is the old one deleted, so a reader sees the old output or the new one at
-every moment (a crash in between leaves the old tree under its aside name and `final` already replaced).
+Replacing a directory: the new tree is made durable, then swapped with the old one in one atomic step
+(`renameat2(RENAME_EXCHANGE)` on Linux), and only then is the old tree deleted: a reader sees the old output or the
+new one at every moment, and a crash leaves one of the two complete at `final`. Where the exchange is not
+available the old tree is renamed aside (`.<name>.old<pid>`) and the new one renamed in: a window of two renames
+in which `final` is absent (a crash there leaves the old tree under its aside name).
 Files get normal permissions (0666 & ~umask) whatever the library that wrote them chose (safetensors writes
 0600 through its memory map).
 """
@@ -69,12 +71,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: atomically swap two existing paths
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """renameat2(a, b, RENAME_EXCHANGE): swap two paths in one atomic step; False where the OS or the filesystem
+    cannot (not Linux, glibc < 2.28, a filesystem without the flag)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> Path:
-    """Make `tmp` durable with normal modes and put it at `final`, keeping the old `final` until the new one is in
-    place (see the module docstring). Returns `final`."""
+    """Make `tmp` durable with normal modes and put it at `final` (see the module docstring): swapped in atomically
+    where the OS can (Linux renameat2), else the old tree is renamed aside first. Returns `final`."""
     tmp, final = Path(tmp), Path(final)
     normal_modes(tmp)
     fsync_tree(tmp)
+    if final.exists() and _exchange(tmp, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # the old tree, now at the temporary name
+        return final
     aside = final.with_name(f".{final.name}.old{os.getpid()}")
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)
@@ -145,7 +169,24 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[Any], **kwargs: Any) -> 
 def atomic_save_file(
     tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """safetensors `save_file` through a temp file, fsync, rename (normal file mode, not safetensors' 0600)."""
-    from safetensors.torch import save as save_bytes
+    """safetensors `save_file` to a temp file in the same directory (streamed to disk, no second copy of the
+    tensors in memory), fsync, normal file mode (not safetensors' 0600), rename, fsync the parent."""
+    from safetensors.torch import save_file
 
-    return atomic_write_bytes(path, save_bytes(tensors, metadata=metadata))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(p.parent)
+    return p

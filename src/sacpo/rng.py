@@ -21,7 +21,12 @@ import torch
 
 
 def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    """The CUDA devices whose RNG state a block must restore: those this process already uses. Reading another
+    device's state would create a context there (every DDP rank on every GPU) and start CUDA in a CPU-only run.
+    torch.manual_seed reseeds devices not yet initialised lazily, as a plain global seed would."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    return [torch.cuda.current_device()]
 
 
 @contextlib.contextmanager

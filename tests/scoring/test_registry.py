@@ -88,3 +88,17 @@ def test_a_reward_model_directory_resolves_to_a_model_scorer(tiny_model, tmp_pat
     for spec in (str(tiny_model), MODEL_PREFIX + str(tiny_model)):
         with pytest.raises((ModelLoadError, ValueError), match=r"reward_model\.json|sequence-classification"):
             resolve_scorer(spec)
+
+
+def test_a_fresh_process_finds_the_toyworld_through_its_entry_point():
+    """Library code never imports a world: the names resolve through the `sacpo.worlds` entry point."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sacpo.scoring import get_oracle, resolve_scorer\n"
+        "assert 'sacpo.worlds.toyworld' not in sys.modules\n"
+        "print(resolve_scorer('toyworld-gold').name, get_oracle('toyworld').safety.name)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "toyworld r* toyworld g*"

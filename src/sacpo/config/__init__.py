@@ -209,17 +209,23 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def _plain(value: Any) -> Any:
+    """Python values a config built in code may hold: paths as strings, numpy/torch scalars as numbers."""
     if isinstance(value, Path):
         return str(value)
+    if callable(getattr(value, "item", None)) and getattr(value, "ndim", 0) == 0:
+        return value.item()
     return _not_yaml(value)
 
 
 def check(cfg: T, where: str = "") -> T:
-    """Validate a config built in Python exactly as `from_dict` validates YAML (paths count as strings); returns
-    `cfg`. Raises ConfigError."""
-    data = json.loads(json.dumps(to_dict(cfg), default=_plain))
-    from_dict(type(cfg), data, where)
-    return cfg
+    """Validate a config built in Python exactly as `from_dict` validates YAML (paths count as strings, numpy
+    scalars as numbers); returns the validated config (nested mappings built into their dataclasses).
+    Raises ConfigError."""
+    try:
+        data = json.loads(json.dumps(to_dict(cfg), default=_plain))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}{type(cfg).__name__}: {e}") from None
+    return from_dict(type(cfg), data, where)
 
 
 @typing.dataclass_transform(frozen_default=True)
@@ -231,7 +237,12 @@ def config_dataclass(cls: type[T]) -> type[T]:
 
     def __post_init__(self: Any) -> None:
         if not _VALIDATING.get():
-            check(self)
+            valid = check(self)
+            for f in dataclasses.fields(
+                self
+            ):  # a nested config given as a mapping (or a list of them) is built
+                if isinstance(getattr(self, f.name), dict | list):
+                    object.__setattr__(self, f.name, getattr(valid, f.name))
         if own is not None:
             own(self)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sacpo.fsutil import atomic_dir
 from sacpo.rng import torch_seeded
 
 EOS = "<|endoftext|>"
@@ -56,7 +57,8 @@ def build_tiny_gpt2(
     n_head: int = 4,
     n_positions: int = 256,
 ) -> Path:
-    """Write a randomly initialised GPT-2 (safetensors) and the byte tokenizer to `out_dir`; return it."""
+    """Write a randomly initialised GPT-2 (safetensors) and the byte tokenizer to `out_dir` (atomically, normal file
+    modes); return it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out = Path(out_dir)
@@ -73,7 +75,7 @@ def build_tiny_gpt2(
     )
     with torch_seeded(seed):  # HF init draws from the global RNG: seed it, leave the caller's as is
         model = GPT2LMHeadModel(config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with atomic_dir(out) as tmp:  # the old directory (if any) stays until the new one is complete
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

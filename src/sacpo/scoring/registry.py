@@ -10,8 +10,9 @@ Models are read on their *score* view by default: a reward model's r, a cost mod
 (higher = safer), so a constrained selection is always r + λ·g.
 
 An oracle is a world's gold pair (reward r*, safety g*, optionally is_safe(x, y) and the prompt clustering whose
-clusters are paraphrases of one task). Worlds register theirs when imported (`sacpo.recipes` imports the embedded
-worlds); library code only looks names up here. Unknown names list the valid ones.
+clusters are paraphrases of one task). Worlds register theirs when imported; a world is found through the
+`sacpo.worlds` entry-point group (`load_plugins`, run on a lookup miss), so library code never imports one and a
+user's package can add its own judges and oracles. Unknown names list the valid ones.
 
     register_scorer("my.judge", lambda: FunctionScorer("my.judge", fn))
     scorer = resolve_scorer("toyworld.safety")
@@ -44,6 +45,28 @@ SCORERS: dict[str, Callable[[], Scorer]] = {}
 ORACLES: dict[str, Callable[[], Oracle]] = {}
 CLUSTERINGS: dict[str, Callable[[Prompt], str]] = {}
 RESERVED_CLUSTERINGS = ("oracle", "prompt")
+PLUGIN_GROUP = "sacpo.worlds"  # entry points of packages that register scorers/oracles when imported
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module registered under the `sacpo.worlds` entry-point group (once per process), so that a
+    world's names resolve without the caller importing it: sacpo's own toyworld is one (pyproject.toml), and any
+    installed package can add its judges and oracles the same way. Called on a lookup miss and for name lists."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        ep.load()
+
+
+def _known(table: dict[str, Any], name: str) -> bool:
+    if name not in table:
+        load_plugins()
+    return name in table
 
 
 def _unknown(kind: str, name: str, valid: list[str]) -> ConfigError:
@@ -79,6 +102,7 @@ def spec_list(spec: str | list[str]) -> list[str]:
 
 
 def scorer_names() -> list[str]:
+    load_plugins()
     return [*sorted(SCORERS), f"{MODEL_PREFIX}DIR", "DIR"]
 
 
@@ -87,7 +111,7 @@ def check_scorer_spec(spec: str | list[str], what: str = "scorer") -> None:
     items = spec_list(spec)
     if not items:
         raise ConfigError(f"{what}: empty scorer list")
-    if len(items) == 1 and items[0] in SCORERS:
+    if len(items) == 1 and _known(SCORERS, items[0]):
         return
     bad = [s for s in items if not Path(s.removeprefix(MODEL_PREFIX)).is_dir()]
     if bad:
@@ -102,7 +126,7 @@ def resolve_scorer(
 ) -> Scorer:
     """The scorer a spec names (see the module docstring); several directories form an ensemble."""
     items = spec_list(spec)
-    if len(items) == 1 and items[0] in SCORERS:
+    if len(items) == 1 and _known(SCORERS, items[0]):
         return SCORERS[items[0]]()
     if len(items) == 1 and not items[0].startswith(MODEL_PREFIX) and not Path(items[0]).is_dir():
         raise _unknown("scorer", items[0], scorer_names())
@@ -118,10 +142,12 @@ def get_scorer(name: str) -> Scorer:
 
 
 def oracle_names() -> list[str]:
+    load_plugins()
     return sorted(ORACLES)
 
 
 def get_oracle(name: str) -> Oracle:
+    _known(ORACLES, name)
     try:
         factory = ORACLES[name]
     except KeyError:
@@ -136,6 +162,7 @@ def get_clustering(name: str, oracle: Oracle | None = None) -> Callable[[Prompt]
         return None if oracle is None else oracle.cluster
     if name == "prompt":
         return None
+    _known(CLUSTERINGS, name)
     try:
         return CLUSTERINGS[name]
     except KeyError:

@@ -26,7 +26,7 @@ from sacpo.rng import seeded
 from sacpo.train import checkpoint
 from sacpo.train.allocator import tune_malloc
 from sacpo.train.batches import Split, prepare_data, split_indices, subset
-from sacpo.train.config import TrainConfig, comparable
+from sacpo.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, comparable
 from sacpo.train.epochs import LoopEnd, StepLoop, run_steps
 from sacpo.train.policy import build_policy, make_accelerator, make_optimizer, make_scheduler
 from sacpo.train.ref_cache import RefLogps, reference_logps
@@ -64,6 +64,7 @@ class Inputs:
 RESUME_FREE = frozenset(
     {"output_dir", "cache_dir", "save_every", "log_every", "kl_every", "kl_prompts", "kl_samples"}
     | {"kl_max_new_tokens", "logprob_chunk"}
+    | RUNTIME_ONLY_FIELDS  # malloc_tuning: on for `sacpo train`, off from Python; either may resume the other
 )
 
 
