@@ -22,7 +22,6 @@ from sacpo.config import ConfigError, from_dict
 from sacpo.evaluate.generate import read_samples
 from sacpo.evaluate.run import load_results
 from sacpo.infer.bon_config import BonConfig
-from sacpo.infer.logps import base_logps
 from sacpo.infer.pool import sample_candidates
 from sacpo.math.bon import bon_kl_bound, bon_pmf, bon_win_rate_exact
 from sacpo.math.bon_calibrate import calibrate_bon, lower_bound
@@ -201,10 +200,10 @@ def test_one_batched_sampling_call_per_prompt_batch(tiny_model, monkeypatch):
     assert (pool.logp < 0).all() and (pool.response_tokens >= 1).all()
 
 
-def test_base_logps_are_sequence_logps_of_the_ids_with_duplicates_scored_once(tiny_model):
+def test_batched_sequence_logps_are_sequence_logps_of_the_ids_with_duplicates_scored_once(tiny_model):
     from sacpo.data.tokenize import Encoded, pad_sequences
     from sacpo.models.load import load_model
-    from sacpo.models.logprobs import sequence_logps
+    from sacpo.models.logprobs import batched_sequence_logps, sequence_logps
 
     model = load_model(tiny_model).eval()
     seqs = [
@@ -221,12 +220,16 @@ def test_base_logps_are_sequence_logps_of_the_ids_with_duplicates_scored_once(ti
         return forward(*args, **kwargs)
 
     model.forward = counting
-    got = base_logps(model, seqs, pad_id=0, batch_size=2)
+    got = batched_sequence_logps(model, seqs, pad_id=0, batch_size=2, dedup=True)
     assert sum(forwards) == 3  # 3 distinct sequences
+    forwards.clear()
+    in_order = batched_sequence_logps(model, seqs, pad_id=0, batch_size=2, sort=False)
+    assert forwards == [2, 2]  # every sequence, in the given order
     model.forward = forward
     with torch.no_grad():
         want = torch.stack([sequence_logps(model, pad_sequences([s], 0))[0] for s in seqs]).double()
     assert torch.allclose(got, want, atol=1e-5) and got[0] == got[2]
+    assert got.dtype == in_order.dtype == torch.float64 and torch.allclose(in_order, want, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

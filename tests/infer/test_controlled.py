@@ -15,10 +15,10 @@ from sacpo.evaluate.generate import read_samples
 from sacpo.infer.cd_block import block_cd
 from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_token import token_cd
-from sacpo.infer.logps import base_logps
 from sacpo.math.decoding import tilted_step
 from sacpo.models.generate import sample
 from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.models.prefix_value import PrefixScorer
 from sacpo.recipes.cd import run_cd
 
@@ -77,7 +77,7 @@ def test_infinite_beta_full_vocabulary_is_base_sampling(base, scorer, tok, promp
             assert len(s["ids"]) == v  # every token is a candidate, with q(z) = p(z)
             assert torch.logsumexp(s["logp"], -1).item() == pytest.approx(0.0, abs=1e-9)
     # the incremental (KV-cache, left-padded) log-probs equal a plain forward of the sampled sequences
-    expected = base_logps(base, out.seqs, tok.pad_token_id).tolist()
+    expected = batched_sequence_logps(base, out.seqs, tok.pad_token_id, 64, dedup=True).tolist()
     assert out.logp_base == pytest.approx(expected, abs=1e-4)
 
 

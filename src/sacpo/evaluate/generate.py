@@ -42,7 +42,7 @@ import torch
 
 from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
-from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
+from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.models.generate import sample
 from sacpo.models.load import (
@@ -52,7 +52,7 @@ from sacpo.models.load import (
     load_model,
     load_tokenizer,
 )
-from sacpo.models.logprobs import sequence_logps
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.rng import torch_seeded
 
 log = logging.getLogger("sacpo.evaluate")
@@ -192,20 +192,6 @@ def max_positions(model: Any) -> int | None:
 
 
 @torch.no_grad()
-def sequence_logps_batched(
-    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 16, chunk_size: int = 256
-) -> torch.Tensor:
-    """log π(response | prompt) of each encoded sequence, batched by length to limit padding. Returns (N,) fp32."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].input_ids))
-    out = torch.empty(len(seqs), dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in pad_sequences([seqs[i] for i in idx], pad_id).items()}
-        out[idx] = sequence_logps(model, batch, chunk_size).float().cpu()  # (b,)
-    return out
-
-
 def _roundtrip(tokenizer: Any, response_ids: list[int], text: str) -> bool:
     return tokenizer(text, add_special_tokens=False)["input_ids"] == response_ids
 
@@ -274,14 +260,14 @@ def generate_samples(
             temperature=1.0,
             batch_size=batch_size,
         )
-    logp_policy = sequence_logps_batched(policy, seqs, pad, batch_size)  # (P·S,)
+    logp_policy = batched_sequence_logps(policy, seqs, pad, batch_size).float()  # (P·S,)
     if not same_as_ref:
         del policy
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
     reference = ref_model if ref_model is not None else load_model(ref_dir, dtype=dtype).to(device)
     reference.eval()
-    logp_ref = sequence_logps_batched(reference, seqs, pad, batch_size)  # (P·S,)
+    logp_ref = batched_sequence_logps(reference, seqs, pad, batch_size).float()  # (P·S,)
 
     rows = _decode_rows(tokenizer, seqs, prompts, n_samples, logp_policy, logp_ref)
     meta = {

@@ -32,12 +32,12 @@ import torch
 
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
-from sacpo.evaluate.generate import sequence_logps_batched
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.fsutil import atomic_write_bytes
 from sacpo.math.optimum import log_mixture_density, optimum_objective, tilted_estimate, weighted_win_rate
 from sacpo.math.statistics import bootstrap_ci, mean_and_stderr
 from sacpo.models.load import default_device
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.rng import torch_seeded
 from sacpo.scoring.base import Scorer, run_scorer
 
@@ -123,7 +123,7 @@ def sample_pool(
     logps = torch.empty(len(dirs), len(seqs), dtype=torch.float64)  # (K, M)
     for k, d in enumerate(dirs):
         model = load_model(d).to(device).eval()
-        logps[k] = sequence_logps_batched(model, seqs, tok.pad_token_id, batch_size=batch_size).double()
+        logps[k] = batched_sequence_logps(model, seqs, tok.pad_token_id, batch_size=batch_size)
         del model
         bar.update()
     bar.close()

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
-from sacpo.infer.logps import base_logps
 from sacpo.models.generate import sample
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.rng import torch_seeded
 from sacpo.scoring.base import run_scorer
 
@@ -120,7 +120,9 @@ def sample_candidates(
             seqs += sample(
                 model, chunk, eos, pad, n=m, max_new_tokens=max_new_tokens, batch_size=len(chunk)
             )  # one sample call: len(chunk)·m sequences, prompt-major
-    logp = base_logps(model, seqs, pad, logp_batch_size, show_progress, "bon log-probs").view(len(prompts), m)
+    logp = batched_sequence_logps(
+        model, seqs, pad, logp_batch_size, dedup=True, show_progress=show_progress, desc="bon log-probs"
+    ).view(len(prompts), m)  # (P, M)
     decoded = [_decode(tokenizer, s.input_ids[s.prompt_len :], eos) for s in seqs]
     return CandidatePool(
         prompts=list(prompts),

@@ -17,11 +17,14 @@ full path. `head_path(model)` says which path a model gets, and why.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from sacpo.data.tokenize import Encoded, pad_sequences
 from sacpo.math.logprobs import IGNORE_INDEX, masked_mean, masked_sum, token_logprobs
 
 FUSED_MIN_VOCAB = 4096
@@ -185,6 +188,40 @@ def sequence_logps(
     return reduce(token_logps, batch["labels_mask"])
 
 
+@torch.no_grad()
+def batched_sequence_logps(
+    model: Any,
+    seqs: Sequence[Encoded],
+    pad_id: int,
+    batch_size: int = 16,
+    chunk_size: int = 256,
+    sort: bool = True,
+    dedup: bool = False,
+    show_progress: bool = False,
+    desc: str = "log-probs",
+) -> torch.Tensor:
+    """log π(response | prompt) (`sequence_logps`) of N encoded sequences, in batches of `batch_size`: (N,)
+    float64 on the CPU, holding the model's float32 values exactly.
+
+    sort: batches of similar length (longest padding is the batch's own), else the given order; dedup: identical
+    (prompt length, token ids) scored once (best-of-n pools repeat responses)."""
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, tuple[int, ...]], int] = {}
+    if dedup:
+        where = [unique.setdefault((s.prompt_len, s.input_ids), len(unique)) for s in seqs]
+        todo = [Encoded(ids, prompt_len) for prompt_len, ids in unique]
+    else:
+        todo = list(seqs)
+    order = sorted(range(len(todo)), key=lambda i: len(todo[i].input_ids)) if sort else list(range(len(todo)))
+    values = torch.empty(len(todo), dtype=torch.float64)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not show_progress):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_sequences([todo[i] for i in idx], pad_id).items()}
+        values[idx] = sequence_logps(model, batch, chunk_size).double().cpu()  # (b,)
+    return values[torch.tensor(where, dtype=torch.long)] if dedup else values  # (N,)
+
+
 def _attn_implementation(model: Any) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(base, "config", None), "_attn_implementation", None)
@@ -249,7 +286,7 @@ def supports_packed_pairs(model: Any) -> bool:
     or use none, fail the check). Probed on a 3-token prompt with 2- and 3-token responses (in eval mode, no
     gradient; the model's mode is restored). Nothing is stored on the model: a caller that probes often keeps the
     answer (sacpo.train.step.PackedPairsProbe)."""
-    from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences
+    from sacpo.data.tokenize import pack_pairs
 
     ok = False
     if _attn_implementation(model) in ("sdpa", "eager"):

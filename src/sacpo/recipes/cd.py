@@ -37,7 +37,6 @@ from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_output import CDOutput
 from sacpo.infer.cd_stream import combined_final_values
 from sacpo.infer.cd_token import token_cd
-from sacpo.infer.logps import base_logps
 from sacpo.models.generate import sample
 from sacpo.models.load import (
     ModelLoadError,
@@ -46,6 +45,7 @@ from sacpo.models.load import (
     load_model,
     load_tokenizer,
 )
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.models.modules import resolve_device
 from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response
 from sacpo.recipes.cd_report import cd_results, cd_summary, mean_se, write_cd_outputs
@@ -99,7 +99,7 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     out = DECODERS[cfg.mode](cfg, base, scorers, row_prompts, eos, pad, show_progress)
     decode_seconds = time.perf_counter() - t0
     if cfg.mode == "block":
-        out.logp_base = base_logps(base, out.seqs, pad, cfg.batch_size).tolist()
+        out.logp_base = batched_sequence_logps(base, out.seqs, pad, cfg.batch_size, dedup=True).tolist()
     rows = cd_rows(cfg, out, scorers, tokenizer, prompts)
     summary = cd_summary(cfg, out, rows, [str(d) for d in scorer_dirs], len(prompts), decode_seconds)
     summary["seconds"] = round(time.time() - started, 3)

@@ -13,21 +13,10 @@ from typing import Any
 
 import torch
 
-from sacpo.data.tokenize import Encoded, pad_sequences
 from sacpo.math.kl import get_kl_estimator, mean_and_stderr
 from sacpo.models.generate import sample
-from sacpo.models.logprobs import sequence_logps
+from sacpo.models.logprobs import batched_sequence_logps
 from sacpo.rng import torch_seeded
-
-
-@torch.no_grad()
-def _logps(model: Any, seqs: list[Encoded], pad_id: int, batch_size: int, chunk: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(seqs), batch_size):
-        batch = {k: v.to(device) for k, v in pad_sequences(seqs[start : start + batch_size], pad_id).items()}
-        out.append(sequence_logps(model, batch, chunk).float().cpu())
-    return torch.cat(out)
 
 
 def estimate_kl(
@@ -53,9 +42,9 @@ def estimate_kl(
     policy.eval()
     with torch_seeded(seed):
         seqs = sample(policy, prompts, eos_id, pad_id, n_samples, max_new_tokens, batch_size=batch_size)
-    logp = _logps(policy, seqs, pad_id, batch_size, chunk)  # (M,)
+    logp = batched_sequence_logps(policy, seqs, pad_id, batch_size, chunk, sort=False).float()  # (M,)
     with reference_context or contextlib.nullcontext():
-        logq = _logps(reference, seqs, pad_id, batch_size, chunk)  # (M,)
+        logq = batched_sequence_logps(reference, seqs, pad_id, batch_size, chunk, sort=False).float()  # (M,)
     policy.train(was_training)
     kl, stderr = mean_and_stderr(get_kl_estimator(estimator)(logp, logq))  # (M,) per-sample values
     lengths = torch.tensor([s.response_len for s in seqs], dtype=torch.float32)
