@@ -48,13 +48,13 @@ def _phases():
             "sacpo.train.step.packed_pair_logps",
             lambda real: _raise,
         ),  # paired data: one row per pair
-        "checkpoint save": ("sacpo.train.checkpoint._write_json", lambda real: _raise),
+        "checkpoint save": ("sacpo.train.checkpoint.atomic_write_json", lambda real: _raise),
         "final model save": (
             PreTrainedModel,
             "save_pretrained",
             lambda real: _crash_mid_model_save(real),
         ),
-        "between summary and DONE": ("sacpo.train.checkpoint._write_text", _crash_on_done),
+        "between summary and DONE": ("sacpo.train.checkpoint.atomic_write_text", _crash_on_done),
     }
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from sacpo.config import ConfigError, from_dict
 from sacpo.recipes.pipeline import PipelineConfig, plan, run_pipeline
-from sacpo.scoring import FunctionScorer, get_scorer, register_scorer
+from sacpo.scoring import FunctionScorer, register_scorer, resolve_scorer
 from sacpo.train.onpolicy import OnPolicyConfig, label_pair, make_rows
 
 
@@ -56,7 +56,7 @@ def test_make_rows_schema_and_counts():
 
 def test_unknown_judge_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"test\.length"):
-        get_scorer("no.such.judge")
+        resolve_scorer("no.such.judge")
     with pytest.raises(ConfigError, match=r"^unknown label 'vote'; valid labels: bt, argmax$"):
         from_dict(OnPolicyConfig, {"judge": "test.length", "label": "vote"})
 

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from sacpo.models.load import default_device
+
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """ "auto"/None → cuda when available, else cpu; anything else as given."""
     if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     return torch.device(name)
 
 

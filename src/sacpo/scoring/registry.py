@@ -136,11 +136,6 @@ def resolve_scorer(
     return RewardModelScorer(dirs, aggregate=aggregate, device=device, view=view)
 
 
-def get_scorer(name: str) -> Scorer:
-    """`resolve_scorer` for one name (kept for the on-policy stage's `judge` field)."""
-    return resolve_scorer(name)
-
-
 def oracle_names() -> list[str]:
     load_plugins()
     return sorted(ORACLES)

@@ -99,10 +99,10 @@ def save(
         path.mkdir(parents=True)
     acc.wait_for_everyone()
     _save_state(acc, path)
-    _write_json(_pending_file(path, acc.process_index), pending or {})
+    atomic_write_json(_pending_file(path, acc.process_index), pending or {})
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _write_json(path / "step.json", {"step": step, "run": run, "accelerator_step": acc.step})
+        atomic_write_json(path / "step.json", {"step": step, "run": run, "accelerator_step": acc.step})
         ckpts = sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -246,14 +246,6 @@ def check_weights_finite(acc: Any, params: list[torch.Tensor], step: int, out: P
         )
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write_json(path, data)
-
-
 def _atomic_dir(final: Path) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,8 +279,8 @@ def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> P
 
 def finish(out: Path, summary: dict) -> None:
     """summary.json, then the DONE marker: from here on the directory counts as finished."""
-    _write_json(out / "summary.json", summary)
-    _write_text(out / DONE, DONE_TEXT)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / DONE, DONE_TEXT)
 
 
 def is_finished(out: Path) -> bool:

@@ -145,9 +145,14 @@ def fit(
 
 
 # ---------------------------------------------------------------------------------------- precision / seeding
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """ "auto" → "bf16" on a CUDA device that supports it, else "no"; any other setting as given."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+
 def autocast(mixed_precision: str, device: torch.device) -> Any:
-    """The forward's autocast context: "bf16" → bfloat16, "no" → off, "auto" → bf16 on CUDA when supported."""
-    mp = mixed_precision
-    if mp == "auto":
-        mp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")
+    """The forward's autocast context: "bf16" → bfloat16, "no" → off, "auto" → `resolve_precision`."""
+    enabled = resolve_precision(mixed_precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

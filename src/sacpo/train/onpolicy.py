@@ -12,7 +12,7 @@ pairs from the reference policy instead (docs/toyworld.md, the ablation table):
 
 Rows are written in the PKU-SafeRLHF schema of the stage's data format: `better_response_id` (pku_helpful),
 `safer_response_id` (pku_safe), `is_response_i_safe` = u_i > safe_threshold (pku_safe_kto, and pku_safe). Pairs
-with an empty or identical response are dropped and counted. The judge is any name `sacpo.scoring.get_scorer`
+with an empty or identical response are dropped and counted. The judge is any name `sacpo.scoring.resolve_scorer`
 resolves: a gold oracle, a reward/cost model, a registered function.
 """
 
@@ -138,7 +138,7 @@ def generate_preferences(
     from sacpo.fsutil import atomic_write_text
     from sacpo.models.generate import sample
     from sacpo.models.load import default_device, fingerprint_model, load_model, load_tokenizer
-    from sacpo.scoring import get_scorer
+    from sacpo.scoring import resolve_scorer
 
     prompts = unique_prompts(prompts)
     if not prompts:
@@ -152,7 +152,7 @@ def generate_preferences(
     if meta_path.is_file() and data_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         log.info("on-policy data: reusing %s", data_path)
         return data_path
-    scorer = get_scorer(cfg.judge)  # fail on an unknown judge before sampling
+    scorer = resolve_scorer(cfg.judge)  # fail on an unknown judge before sampling
     device = device or default_device()
     tok = load_tokenizer(policy_dir)
     model = load_model(policy_dir).to(device).eval()

@@ -9,18 +9,18 @@ from typing import Any
 import torch
 
 from sacpo.models.load import load_model
-from sacpo.models.modules import disable_dropout, enable_checkpointing
+from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.train.config import TrainConfig
+from sacpo.train.engine import resolve_precision
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
     """accelerate's Accelerator; mixed_precision auto = bf16 on a CUDA device that supports it, else none."""
     from accelerate import Accelerator
 
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    device = resolve_device("auto")
+    mp = resolve_precision(cfg.mixed_precision, device)
+    return Accelerator(mixed_precision=mp, cpu=device.type != "cuda")
 
 
 def build_policy(cfg: TrainConfig) -> Any:
