@@ -1,7 +1,8 @@
 """Sample responses from a model on evaluation prompts and record their log-probs under the policy and the SFT model.
 
-For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (temperature 1, no top-k/top-p, so
-samples follow π exactly; `sacpo.models.generate.sample`), seeded; then score the *sampled token ids* (prompt ids
+For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (by default temperature 1 and no
+top-p, so samples follow π exactly; `temperature` / `top_p` / greedy (temperature 0) are the decoding rules a
+protocol may ask for, whose samples follow a modified q instead; `sacpo.models.generate.sample`), seeded; then score the *sampled token ids* (prompt ids
 + response ids, the EOS included when one was generated) with one forward pass each under π and π_SFT:
 
     logp_policy = log π(y|x) = Σ_t log π(y_t | x, y_<t),    logp_ref = log π_SFT(y|x)
@@ -126,6 +127,8 @@ def samples_key(
     max_new_tokens: int,
     seed: int,
     max_prompt_length: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> str:
     """sha256 of everything the samples and their log-probs depend on."""
     h = hashlib.sha256()
@@ -140,7 +143,8 @@ def samples_key(
                 "max_new_tokens": max_new_tokens,
                 "seed": seed,
                 "max_prompt_length": max_prompt_length,
-                "temperature": 1.0,
+                "temperature": temperature,
+                **({"top_p": top_p} if top_p != 1.0 else {}),
             }
         ).encode()
     )
@@ -163,7 +167,7 @@ def read_samples(path: str | Path) -> list[SampleRow]:
     return rows
 
 
-def _cached(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str, Any]] | None:
+def cached_samples(out: Path, key: str, n_rows: int) -> tuple[list[SampleRow], dict[str, Any]] | None:
     meta_path, samples_path = out / META_FILE, out / SAMPLES_FILE
     if not (meta_path.is_file() and samples_path.is_file()):
         return None
@@ -211,6 +215,8 @@ def generate_samples(
     ref_model: Any | Callable[[], Any] | None = None,
     ref_fingerprint: str | None = None,
     stream: str | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> Generation:
     """Sample n_samples responses per prompt from `model_dir`, log-probs under it and under `ref_dir` (SFT).
 
@@ -220,21 +226,24 @@ def generate_samples(
     Prompts are rendered with the tokenizer's chat template when it has one and left-truncated to
     min(max_prompt_length, context − max_new_tokens) tokens. stream: draw with `stream_seed(seed, stream)` (an
     independent random stream per model; recorded in the meta as stream and sampling_seed) instead of `seed`.
+    temperature (0 = greedy) and top_p: the decoding rule (`sacpo.models.generate.next_token_probs`); log-probs
+    are always those of π and π_SFT themselves.
     """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"n_samples and max_new_tokens must be ≥ 1, got {n_samples}, {max_new_tokens}")
     if not prompts:
         raise ValueError("no evaluation prompts")
     out = Path(out_dir)
-    tokenizer, tok_fp = _shared_tokenizer(model_dir, ref_dir)
+    tokenizer, tok_fp = shared_tokenizer(model_dir, ref_dir)
     model_fp = fingerprint_model(model_dir)
     ref_fp = ref_fingerprint or fingerprint_model(ref_dir)
     sampling_seed = seed if stream is None else stream_seed(seed, stream)
     key = samples_key(
-        model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length
-    )
+        model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length,
+        temperature, top_p,
+    )  # fmt: skip
     n_rows = len(prompts) * n_samples
-    hit = _cached(out, key, n_rows)
+    hit = cached_samples(out, key, n_rows)
     if hit is not None:
         log.info("samples: cache hit %s (no model loaded)", out / SAMPLES_FILE)
         return Generation(hit[0], out / SAMPLES_FILE, True, hit[1])
@@ -257,8 +266,9 @@ def generate_samples(
             pad,
             n=n_samples,
             max_new_tokens=max_new_tokens,
-            temperature=1.0,
+            temperature=temperature,
             batch_size=batch_size,
+            top_p=top_p,
         )
     logp_policy = batched_sequence_logps(policy, seqs, pad, batch_size).float()  # (P·S,)
     if not same_as_ref:
@@ -284,7 +294,8 @@ def generate_samples(
         "seed": seed,
         "stream": stream,
         "sampling_seed": sampling_seed,
-        "temperature": 1.0,
+        "temperature": temperature,
+        "top_p": top_p,
         **_row_stats(rows, model_dir),
         "seconds": time.perf_counter() - t0,
     }
@@ -295,7 +306,7 @@ def generate_samples(
     return Generation(rows, out / SAMPLES_FILE, False, meta)
 
 
-def _shared_tokenizer(model_dir: str | Path, ref_dir: str | Path) -> tuple[Any, str]:
+def shared_tokenizer(model_dir: str | Path, ref_dir: str | Path) -> tuple[Any, str]:
     """The model's tokenizer and its fingerprint; raises when the reference's tokenizer differs."""
     tokenizer = load_tokenizer(model_dir)
     tok_fp = fingerprint_tokenizer(tokenizer)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sacpo.evaluate.findings import OPTIMUM, check_findings
+from sacpo.evaluate.judge_report import Table
 from sacpo.evaluate.format import fmt_ci, num, plus_minus, sort_results
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.plots import KL_KINDS, kl_kind, make_plots
@@ -116,7 +117,7 @@ def _optimum_note(results: Sequence[ModelMetrics]) -> str:
     return note
 
 
-def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_note="") -> str:
+def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_note="", tables=()) -> str:
     lines = [f"# {title}", ""]
     if notes:
         lines += [f"- {n}" for n in notes] + [""]
@@ -129,6 +130,10 @@ def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_not
         lines += [KL_NOTE, ""]
     if warnings:
         lines += ["### Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    for t in tables:
+        lines += [f"## {t.title}", "", "| " + " | ".join(_md_cell(h) for h in t.header) + " |"]
+        lines += ["|" + "---|" * len(t.header)] + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
+        lines += ["", t.note, ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in plots] + [""]
     lines += ["## Findings", ""]
     if findings:
@@ -138,7 +143,7 @@ def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_not
     return "\n".join(lines) + "\n"
 
 
-def _html(title, notes, header, rows, plots, findings, warnings, optimum_note="") -> str:
+def _html(title, notes, header, rows, plots, findings, warnings, optimum_note="", tables=()) -> str:
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -163,6 +168,11 @@ def _html(title, notes, header, rows, plots, findings, warnings, optimum_note=""
         parts.append(f"<p>{e(KL_NOTE)}</p>")
     if warnings:
         parts.append("<h3>Warnings</h3><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>")
+    for t in tables:
+        parts.append(f"<h2>{e(t.title)}</h2><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header))
+        parts.append("</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in t.rows]
+        parts.append(f"</tbody></table><p>{e(t.note)}</p>")
     parts.append("<h2>Figures</h2>")
     for name, path in plots.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -184,12 +194,14 @@ def write_report(
     title: str = "SACPO evaluation",
     notes: list[str] | None = None,
     findings: Sequence[tuple[str, bool, str]] | None = None,
+    tables: Sequence[Table] = (),
 ) -> dict[str, Path]:
     """Write report.md, report.html (figures embedded as base64) and the PNG figures to out_dir.
 
     One table row per model (sorted by family, then param), the figures of `plots.make_plots`, KL health warnings
     (`sacpo.math.kl.kl_health`), and the findings: each (claim, holds, evidence) as ✓/✗. findings=None runs
-    `check_findings(results)`; pass [] for none. Returns {"report.md": …, "report.html": …, <figure>: …}.
+    `check_findings(results)`; pass [] for none. tables: more sections after the results (e.g. the judges'
+    `judge_report.judge_tables`). Returns {"report.md": …, "report.html": …, <figure>: …}.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +212,9 @@ def write_report(
     warnings = _warnings(results)
     note = _optimum_note(results)
     md = atomic_write_text(
-        out / "report.md", _markdown(title, notes or [], header, rows, plots, found, warnings, note)
+        out / "report.md", _markdown(title, notes or [], header, rows, plots, found, warnings, note, tables)
     )
     page = atomic_write_text(
-        out / "report.html", _html(title, notes or [], header, rows, plots, found, warnings, note)
+        out / "report.html", _html(title, notes or [], header, rows, plots, found, warnings, note, tables)
     )
     return {"report.md": md, "report.html": page, **plots}

@@ -74,16 +74,24 @@ class Scores:
 def score_rows(
     rows: Sequence[SampleRow],
     shape: tuple[int, int],
-    reward: Scorer,
-    safety: Scorer,
+    reward: Scorer | None,
+    safety: Scorer | None,
     is_safe: Callable[[Prompt, str], bool] | None,
     extra_scorers: dict[str, Scorer],
 ) -> Scores:
+    """The rows' scores, each (P, S); a scorer given as None (none configured) scores NaN everywhere."""
     prompts = [r.prompt for r in rows]
     responses = [r.response for r in rows]
-    r = run_scorer(reward, prompts, responses).numpy().reshape(shape)
-    g = run_scorer(safety, prompts, responses).numpy().reshape(shape)
-    if is_safe is None:
+
+    def scored(scorer: Scorer | None) -> np.ndarray:
+        if scorer is None:
+            return np.full(shape, NAN)
+        return run_scorer(scorer, prompts, responses).numpy().reshape(shape)
+
+    r, g = scored(reward), scored(safety)
+    if safety is None and is_safe is None:
+        safe = np.zeros(shape, dtype=bool)
+    elif is_safe is None:
         safe = g >= 0
     else:
         safe = np.array([bool(is_safe(p, y)) for p, y in zip(prompts, responses, strict=True)]).reshape(shape)
@@ -123,8 +131,8 @@ def row_metrics(
         "reward": scores.reward.mean(axis=1),
         "safety": scores.safety.mean(axis=1),
         "safe": scores.safe.mean(axis=1),
-        "helpful_win": cross_outcomes(scores.reward, base.reward),
-        "harmless_win": cross_outcomes(scores.safety, base.safety),
+        "helpful_win": _cross(scores.reward, base.reward),
+        "harmless_win": _cross(scores.safety, base.safety),
     }
     if logps is not None:
         ratio = logps[0] - logps[1]  # (P, S)
@@ -137,11 +145,11 @@ def row_metrics(
         name=name,
         family=family,
         param=param,
-        helpful_win=cross_win_rate(scores.reward, base.reward, **boot),
-        harmless_win=cross_win_rate(scores.safety, base.safety, **boot),
+        helpful_win=_cross_rate(scores.reward, base.reward, boot),
+        harmless_win=_cross_rate(scores.safety, base.safety, boot),
         mean_reward=mean_r,
         mean_safety=mean_g,
-        p_safe=float(scores.safe.mean()),
+        p_safe=float(scores.safe.mean()) if np.isfinite(scores.safety).all() else NAN,
         constraint_ok=constraint_holds(lcb, b),
         kl=kl,
         kl_se=kl_se,
@@ -157,6 +165,19 @@ def row_metrics(
         clusters=None if clusters is None else list(clusters),
         **learned,
     )
+
+
+def _defined(*xs: np.ndarray) -> bool:
+    return all(np.isfinite(x).all() for x in xs)
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Prompt-level cross win rates, NaN when a scorer is undefined (not configured)."""
+    return cross_outcomes(a, b) if _defined(a, b) else np.full(a.shape[0], NAN)
+
+
+def _cross_rate(a: np.ndarray, b: np.ndarray, boot: dict[str, Any]) -> tuple[float, float, float]:
+    return cross_win_rate(a, b, **boot) if _defined(a, b) else (NAN, NAN, NAN)
 
 
 def scored_rows(rows: Sequence[SampleRow], scores: Scores, base: Scores) -> list[dict[str, Any]]:

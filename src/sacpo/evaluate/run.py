@@ -25,6 +25,7 @@ scores, the ModelMetrics row) are in `sacpo.evaluate.rows`, the prompt clusters 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -38,11 +39,14 @@ import torch
 
 from sacpo.data.records import Prompt
 from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clusters
-from sacpo.evaluate.generate import generate_samples, read_samples, stream_seed
+from sacpo.evaluate.api_generate import generate_samples_api
+from sacpo.evaluate.generate import SampleRow, generate_samples, read_samples, stream_seed
+from sacpo.evaluate.judging import Judge, judge_models
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.rows import Scores, grid_rows, row_logps, row_metrics, score_rows, scored_rows
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.models.load import default_device
+from sacpo.scoring.api_client import ApiConfig
 from sacpo.scoring.base import Scorer
 
 log = logging.getLogger("sacpo.evaluate")
@@ -99,8 +103,8 @@ def evaluate_models(
     models: dict[str, ModelSpec],
     sft_dir: str | Path,
     prompts: Sequence[Prompt],
-    reward: Scorer,
-    safety: Scorer,
+    reward: Scorer | None,
+    safety: Scorer | None,
     b: float,
     out_dir: str | Path,
     n_samples: int = 4,
@@ -116,6 +120,11 @@ def evaluate_models(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     clusters: ClusterSpec = None,
+    judges: Sequence[Judge] = (),
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    api: ApiConfig | None = None,
+    served_names: dict[str, str] | None = None,
 ) -> list[ModelMetrics]:
     """Generate (or reuse), score and compare every model with the SFT policy; write results.json.
 
@@ -125,6 +134,10 @@ def evaluate_models(
     samples.meta.json), and win rates use all S × S cross pairs with SFT's samples. clusters: a function
     Prompt → label or a sequence of P labels; every bootstrap CI (and the lower bound of E[g]) then resamples
     whole clusters and standard errors are cluster-robust. The bootstrap uses `seed` too.
+    reward / safety None: no such scorer (its columns are undefined, NaN). judges: compare every model with SFT
+    pair by pair (`sacpo.evaluate.judging`: judges.json, samples/<model>/judgments.jsonl). temperature (0 =
+    greedy) / top_p: the decoding rule. api: generate through an OpenAI-compatible server
+    (`sacpo.evaluate.api_generate`), each model under its `served_names` entry (default: its directory).
     Returns the metrics in evaluation order, SFT first.
     """
     from tqdm.auto import tqdm
@@ -150,20 +163,29 @@ def evaluate_models(
     generate = functools.partial(
         generate_samples, ref_dir=sft_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size, max_prompt_length=max_prompt_length, device=device, dtype=dtype,
-        ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir),
+        ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir), temperature=temperature, top_p=top_p,
     )  # fmt: skip
+    served_names = dict(served_names or {})
     shape = (len(prompts), n_samples)
     base: Scores | None = None
     results: list[ModelMetrics] = []
+    grids: dict[str, list[SampleRow]] = {}
     bar = tqdm(specs.items(), desc="evaluate", total=len(specs), disable=not show_progress)
     for name, spec in bar:
         bar.set_postfix_str(name)
         where = out / "samples" / dirs[name]
-        if spec.dir is not None:
+        if spec.dir is not None and api is not None:
+            rows = generate_samples_api(
+                dataclasses.replace(api, model=served_names.get(name, str(spec.dir))), spec.dir, prompts, where,
+                sft_dir, n_samples, max_new_tokens, seed, batch_size, max_prompt_length, device, stream=name,
+                temperature=temperature, top_p=top_p, show_progress=show_progress,
+            ).rows  # fmt: skip
+        elif spec.dir is not None:
             rows = generate(spec.dir, prompts, where, stream=name).rows
         else:
             rows = read_samples(spec.samples)
         rows = grid_rows(rows, prompts, n_samples, f"model {name!r}")
+        grids[name] = rows
         scores = score_rows(rows, shape, reward, safety, is_safe, extra_scorers)
         if base is None:
             base = scores  # the SFT policy comes first
@@ -175,6 +197,8 @@ def evaluate_models(
         )
         atomic_write_jsonl(where / "scored.jsonl", scored_rows(rows, scores, base))
     save_results(results, out / RESULTS_FILE)
+    if judges:
+        judge_models(judges, grids, base_name, shape, out, dirs, n_boot, seed, alpha, labels, show_progress)
     record = {
         "sft_dir": str(sft_dir),
         "baseline": base_name,
@@ -183,13 +207,17 @@ def evaluate_models(
         "n_samples": n_samples,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "temperature": temperature,
+        "top_p": top_p,
+        "generator": "local" if api is None else {**api.identity(), "served_names": served_names},
+        "judges": [j.label for j in judges],
         "sampling": "independent streams: seed stream_seed(seed, model name) = sha256; win rates over all "
         "S×S cross pairs of a prompt",
         "n_boot": n_boot,
         "alpha": alpha,
         "clusters": clustering_record(clusters, labels),
-        "reward": reward.name,
-        "safety": safety.name,
+        "reward": None if reward is None else reward.name,
+        "safety": None if safety is None else safety.name,
         "is_safe": "g >= 0" if is_safe is None else getattr(is_safe, "__name__", repr(is_safe)),
         "extra_scorers": {k: s.name for k, s in extra_scorers.items()},
         "models": _models_record(specs, seed),

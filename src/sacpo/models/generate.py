@@ -1,9 +1,11 @@
-"""Batched ancestral sampling from a causal LM (no top-k/top-p truncation, so samples follow π exactly).
+"""Batched ancestral sampling from a causal LM (by default no temperature or top-p change: samples follow π exactly).
 
 Each prompt is prefilled once and its KV cache repeated n times: `generate(num_return_sequences=n)` repeats every
 prompt n times *before* the prefill, which on a CPU costs as much as the whole decode for short responses
 (benchmarks/RESULTS.md, best-of-n). The draws are the same ancestral process, y_t ~ softmax(z_t / T), each token
-drawn by inversion of its cumulative distribution (`draw`).
+drawn by inversion of its cumulative distribution (`draw`). Optional decoding rules (`next_token_probs`):
+temperature T (softmax(z/T)), nucleus top-p (keep the smallest set of most likely tokens whose mass reaches p),
+and greedy decoding (temperature 0: the argmax) — their samples no longer follow π.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (R,)
 
 
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling distribution (R, V) of the next token from logits (R, V).
+
+    temperature > 0: q = softmax(z / T); top_p < 1 then keeps the smallest prefix of tokens sorted by q whose mass
+    reaches top_p (the most likely token always stays) and zeroes the rest (renormalised by `draw`).
+    temperature == 0: greedy, a one-hot of the argmax. Example: q = [0.5, 0.3, 0.2], top_p = 0.6 → [0.5, 0.3, 0]."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (R, V)
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (R, V)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
 @torch.no_grad()
 def sample_chunk(
     model: Any,
@@ -61,6 +80,7 @@ def sample_chunk(
     n: int,
     max_new_tokens: int,
     temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
     """New tokens of n samples for each prompt, prompt-major (len(prompts)·n lists), each cut after its first EOS.
 
@@ -82,7 +102,7 @@ def sample_chunk(
     inner = _inner(model)
     steps: list[torch.Tensor] = []
     for t in range(max_new_tokens):
-        z = draw(torch.softmax(logits.float() / temperature, dim=-1))  # (b·n,)
+        z = draw(next_token_probs(logits, temperature, top_p))  # (b·n,)
         z = torch.where(done, torch.full_like(z, pad_id), z)
         steps.append(z)
         done |= z == eos_id
@@ -112,21 +132,23 @@ def sample(
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     batch_size: int = 16,
+    top_p: float = 1.0,
 ) -> list[Encoded]:
     """Draw n responses per prompt, `batch_size` prompts (b·n rows) at a time.
 
     Returns len(prompts)·n sequences in prompt-major order, each prompt + response (ending at its first EOS,
-    which is kept, or cut at max_new_tokens).
+    which is kept, or cut at max_new_tokens). temperature (0 = greedy) and top_p: `next_token_probs`.
     """
-    if n < 1 or max_new_tokens < 1 or batch_size < 1 or temperature <= 0:
+    if n < 1 or max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(
-            f"need n, max_new_tokens, batch_size >= 1 and temperature > 0, got n={n}, "
-            f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, temperature={temperature}"
+            f"need n, max_new_tokens, batch_size >= 1, temperature >= 0 (0 = greedy) and top_p in (0, 1], got "
+            f"n={n}, max_new_tokens={max_new_tokens}, batch_size={batch_size}, temperature={temperature}, "
+            f"top_p={top_p}"
         )
     out: list[Encoded] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        for j, toks in enumerate(sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature)):
+        for j, toks in enumerate(sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature, top_p)):
             prompt = chunk[j // n]
             out.append(Encoded(tuple(prompt) + tuple(toks), len(prompt)))
     return out

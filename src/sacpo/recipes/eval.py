@@ -21,6 +21,9 @@ from typing import Any
 from sacpo.config import ConfigError, config_dataclass, help_field, to_yaml
 from sacpo.data.prompts import load_prompts
 from sacpo.evaluate.findings import check_findings
+from sacpo.evaluate.judge_config import GeneratorConfig, JudgeConfig
+from sacpo.evaluate.judge_report import judge_tables
+from sacpo.evaluate.judging import build_judges, load_judges
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.report import write_report
 from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_results, specs_from_pipeline
@@ -62,9 +65,30 @@ class EvalConfig:
         help="inference-result directories with a results.json (`sacpo bon` / `sacpo cd` outputs) drawn in the "
         "report next to the evaluated models (each keeps its own KL kind and its own base samples)",
     )
-    oracle: str = help_field(
-        "toyworld", help="gold reward / safety scorers by name (`sacpo.scoring` oracles)"
+    oracle: str | None = help_field(
+        "toyworld",
+        help="gold reward / safety scorers by name (`sacpo.scoring` oracles); null = none (real models): the "
+        "reward / safety columns then come from the first reward_model / cost_model judge, else are undefined",
     )
+    judges: list[JudgeConfig] = help_field(
+        [],
+        help="judges comparing every model with SFT pair by pair: {kind: llm, base_url, model, criterion} | "
+        "{kind: reward_model | cost_model, dir} | {kind: oracle, name} (see docs/judges.md)",
+    )
+    judge_cache: str = help_field(
+        "", help="directory of the LLM judges' answer cache ('' = <output_dir>/judge_cache)"
+    )
+    generator: GeneratorConfig = help_field(
+        GeneratorConfig(), help="where samples come from: {kind: local} or {kind: openai, base_url, served_names}"
+    )
+    temperature: float = help_field(
+        1.0,
+        help="sampling temperature; 0 = greedy (then n_samples must be 1). ≠ 1 (or top_p < 1): samples no longer "
+        "follow π, and the KL column is E_q[log π − log π_SFT] on them",
+        ge=0,
+        allow_inf_nan=False,
+    )
+    top_p: float = help_field(1.0, help="nucleus sampling: keep the most likely tokens up to this mass", gt=0, le=1)
     b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
     max_prompts: int | None = help_field(None, help="evaluate the first N prompts only")
@@ -98,6 +122,8 @@ class EvalConfig:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
         if not self.sft and not self.pipeline:
             raise ConfigError("give sft (the SFT model directory) or a pipeline to take it from")
+        if self.temperature == 0 and self.n_samples != 1:
+            raise ConfigError(f"temperature 0 is greedy decoding: every sample is the same, set n_samples=1 (got {self.n_samples})")
 
 
 def model_specs(cfg: EvalConfig) -> tuple[Path, dict[str, ModelSpec]]:
@@ -130,28 +156,40 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
     """Evaluate every model of the config, then write the report next to results.json."""
     out = Path(cfg.output_dir)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    oracle = get_oracle(cfg.oracle)
     sft, specs = model_specs(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)
+    judges = build_judges(cfg.judges, cfg.judge_cache or out / "judge_cache", cfg.device)
+    oracle = get_oracle(cfg.oracle) if cfg.oracle else None
+    if oracle is not None:
+        reward, safety, is_safe = oracle.reward, oracle.safety, oracle.is_safe
+    else:  # the first reward / cost model judge (a cost model's view is −c: safe when c ≤ 0)
+        reward = next((j.scorer for j in judges if j.kind == "reward_model"), None)
+        safety = next((j.scorer for j in judges if j.kind == "cost_model"), None)
+        is_safe = None
     results = evaluate_models(
         specs,
         sft,
         prompts,
-        oracle.reward,
-        oracle.safety,
+        reward,
+        safety,
         cfg.b,
         out,
         n_samples=cfg.n_samples,
         max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         show_progress=show_progress,
-        is_safe=oracle.is_safe,
+        is_safe=is_safe,
         n_boot=cfg.n_boot,
         alpha=cfg.alpha,
         batch_size=cfg.batch_size,
         max_prompt_length=cfg.max_prompt_length,
         device=cfg.device,
         clusters=get_clustering(cfg.clusters, oracle),
+        judges=judges,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        api=cfg.generator.api(),
+        served_names=cfg.generator.served_names,
     )
     report_from_dir(out, cfg.title, include=cfg.include)
     return results
@@ -178,13 +216,30 @@ def report_notes(eval_json: dict[str, Any]) -> list[str]:
     return [
         f"SFT baseline: {e.get('baseline')} ({e.get('sft_dir')}); reward {e.get('reward')!r}, safety "
         f"{e.get('safety')!r}, is_safe: {e.get('is_safe')}; constraint: {constraint}",
-        f"{e.get('n_prompts')} prompts × {e.get('n_samples')} samples (temperature 1, ≤ {e.get('max_new_tokens')} "
+        f"{e.get('n_prompts')} prompts × {e.get('n_samples')} samples ({_decoding(e)}, ≤ {e.get('max_new_tokens')} "
         f"new tokens, seed {e.get('seed')}; {sampling}); {level} bootstrap CIs over {unit} "
-        f"({e.get('n_boot')} resamples)",
+        f"({e.get('n_boot')} resamples); generator: {_generator(e)}",
         "KL(π‖π_SFT): mean sequence log-ratio on the policy's samples (k1, unbiased, may be < 0 by noise) ± s.e. "
         f"(over the {'clusters' if c.get('n_clusters') else 'prompts'}); degenerate: a word repeated ≥ 3 times in a "
         "row (share of samples, and of the KL sum they carry)",
     ]
+
+
+def _decoding(e: dict[str, Any]) -> str:
+    t, p = e.get("temperature", 1.0), e.get("top_p", 1.0)
+    if t == 0:
+        return "greedy decoding: the KL column is log π − log π_SFT of the greedy response, not a KL"
+    if t == 1 and p == 1:
+        return "temperature 1"
+    return (
+        f"temperature {t:g}, top-p {p:g}: samples follow a modified q, the KL column is E_q[log π − log π_SFT], "
+        "not KL(π‖π_SFT)"
+    )
+
+
+def _generator(e: dict[str, Any]) -> str:
+    g = e.get("generator", "local")
+    return "in-process" if g == "local" else f"OpenAI-compatible server {g.get('base_url')} (log-probs in-process)"
 
 
 def _source(d: Path) -> dict[str, Any]:
@@ -280,7 +335,9 @@ def report_from_dir(
     atomic_write_text(
         dest / "findings.json", json.dumps([f._asdict() for f in findings], indent=2, ensure_ascii=False)
     )
-    return write_report(results, dest, title=title, notes=notes, findings=findings)
+    record = load_judges(src)
+    tables = judge_tables(record) if record else []
+    return write_report(results, dest, title=title, notes=notes, findings=findings, tables=tables)
 
 
 def _configured_include(d: Path) -> list[str]:
