@@ -151,3 +151,28 @@ def test_judge_config_errors(tmp_path):
     assert JudgeConfig(kind="cost_model", dir=str(tmp_path)).criterion_name == "harmlessness"
     with pytest.raises(ConfigError, match="needs base_url"):
         GeneratorConfig(kind="openai")
+
+
+def test_foreign_hf_reward_model_fills_the_reward_columns(tiny_model, other_model, tmp_path, one_torch_thread):
+    """Any decoder HF sequence-classification directory (no reward_model.json) is a reward / cost model judge;
+    with oracle: null the first of each fills the report's reward / safety columns."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.save_pretrained(tmp_path / "hf_rm")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "hf_rm")
+    with FakeOpenAI(longer_wins) as server:
+        cfg = eval_cfg(
+            tmp_path, tiny_model, other_model, server, oracle=None,
+            judges=[{"kind": "reward_model", "name": "rm", "dir": str(tmp_path / "hf_rm")},
+                    {"kind": "cost_model", "name": "cm", "dir": str(tmp_path / "hf_rm"), "max_length": 128}],
+        )  # fmt: skip
+    results = run_eval(cfg, show_progress=False)
+    record = json.loads((tmp_path / "eval" / "judges.json").read_text())
+    rm_win, cm_win = (record["models"]["other"][k]["win"][0] for k in ("rm", "cm"))
+    assert rm_win == pytest.approx(1 - cm_win)  # the same scores read as a cost: every outcome flips
+    assert math.isfinite(results[1].helpful_win[0]) and math.isfinite(results[1].mean_safety)
+    meta = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert meta["reward"].startswith("reward:hf_rm") and meta["safety"].startswith("-cost:hf_rm")

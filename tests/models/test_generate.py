@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sacpo.models import generate
-from sacpo.models.generate import draw, left_pad, sample
+from sacpo.models.generate import draw, left_pad, next_token_probs, sample
 from sacpo.models.load import load_model, load_tokenizer
 
 
@@ -75,7 +75,9 @@ def test_next_token_frequencies_follow_the_tempered_model(model_tok):
     assert chi2(torch.softmax(z, -1)) > df + 20 * (2 * df) ** 0.5
 
 
-@pytest.mark.parametrize("kw", [{"n": 0}, {"max_new_tokens": 0}, {"temperature": 0.0}, {"batch_size": 0}])
+@pytest.mark.parametrize(
+    "kw", [{"n": 0}, {"max_new_tokens": 0}, {"temperature": -1.0}, {"batch_size": 0}, {"top_p": 0.0}, {"top_p": 1.5}]
+)
 def test_bad_arguments_are_refused(model_tok, kw):
     model, tok = model_tok
     with pytest.raises(ValueError):
@@ -102,3 +104,25 @@ def test_draw_refuses_non_finite_or_empty_rows(bad):
         draw(torch.tensor([[0.5, bad, 0.5]]))
     with pytest.raises(ValueError, match="cannot sample"):
         draw(torch.zeros(2, 3))
+
+
+def test_next_token_probs_top_p_and_greedy_by_hand():
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
+    torch.testing.assert_close(next_token_probs(z, top_p=0.6), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.3, 0.5]]))
+    torch.testing.assert_close(next_token_probs(z, top_p=0.5), torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.5]]))
+    torch.testing.assert_close(next_token_probs(z), torch.softmax(z, -1))
+    torch.testing.assert_close(next_token_probs(z, temperature=0.0), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    t = next_token_probs(z, temperature=0.5)
+    torch.testing.assert_close(t, torch.softmax(2 * z, -1))
+
+
+def test_greedy_sampling_is_the_argmax_path(model_tok):
+    model, tok = model_tok
+    a = sample(model, [[65, 66]], tok.eos_token_id, tok.pad_token_id, n=3, max_new_tokens=5, temperature=0.0)
+    assert len({s.input_ids for s in a}) == 1  # every sample is the same greedy path
+    ids = list(a[0].input_ids[:2])
+    with torch.no_grad():
+        for t in a[0].input_ids[2:]:
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            assert nxt == t
+            ids.append(nxt)
