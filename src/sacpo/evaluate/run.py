@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clusters
 from sacpo.evaluate.generate import generate_samples, read_samples, stream_seed
@@ -116,6 +117,7 @@ def evaluate_models(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     clusters: ClusterSpec = None,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> list[ModelMetrics]:
     """Generate (or reuse), score and compare every model with the SFT policy; write results.json.
 
@@ -124,7 +126,8 @@ def evaluate_models(
     mean_cm). Every model samples from its own stream, seed `stream_seed(seed, name)` (recorded in eval.json and
     samples.meta.json), and win rates use all S × S cross pairs with SFT's samples. clusters: a function
     Prompt → label or a sequence of P labels; every bootstrap CI (and the lower bound of E[g]) then resamples
-    whole clusters and standard errors are cluster-robust. The bootstrap uses `seed` too.
+    whole clusters and standard errors are cluster-robust. The bootstrap uses `seed` too. prompt_format: how
+    every model's prompts are rendered (`generate_samples`).
     Returns the metrics in evaluation order, SFT first.
     """
     from tqdm.auto import tqdm
@@ -150,7 +153,7 @@ def evaluate_models(
     generate = functools.partial(
         generate_samples, ref_dir=sft_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size, max_prompt_length=max_prompt_length, device=device, dtype=dtype,
-        ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir),
+        ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir), prompt_format=prompt_format,
     )  # fmt: skip
     shape = (len(prompts), n_samples)
     base: Scores | None = None
