@@ -97,6 +97,11 @@ def test_none_refuses_a_template_that_folds_the_system_message_into_the_user_tur
     )
     with pytest.raises(ConfigError, match="cannot be cut out"):
         render_prompt(plain_tok, Q, PromptFormat("none", folding))
+    needs_a_user_turn = (
+        "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('no user turn') }}{% endif %}" + SIMPLE
+    )
+    with pytest.raises(ConfigError, match=r"cannot be cut out.*no user turn"):
+        render_prompt(plain_tok, Q, PromptFormat("none", needs_a_user_turn))
 
 
 def test_chat_template_override_from_text_and_from_a_file(plain_tok, chat_tok, tmp_path):

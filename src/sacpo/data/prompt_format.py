@@ -146,8 +146,11 @@ def _apply(tokenizer: Any, fmt: PromptFormat, messages: list[Message], generatio
 def _without_system(tokenizer: Any, fmt: PromptFormat, messages: list[Message]) -> str:
     """The template's rendering of `messages` with no system block (module docstring: how and what is checked)."""
     sentinel = [{"role": "system", "content": SENTINEL}]
-    with_sys = _apply(tokenizer, fmt, sentinel + messages, True)
-    block = _apply(tokenizer, fmt, sentinel, False)
+    try:
+        with_sys = _apply(tokenizer, fmt, sentinel + messages, True)
+        block = _apply(tokenizer, fmt, sentinel, False)
+    except Exception as e:  # e.g. a template that raises on a conversation of only a system message
+        raise ConfigError(f"system_prompt='none': {_CANNOT_CUT} (rendering it failed: {e})") from None
     plain = _apply(tokenizer, fmt, messages, True)
     template = fmt.chat_template or tokenizer.chat_template
     bos = getattr(tokenizer, "bos_token", None) or ""
@@ -160,12 +163,14 @@ def _without_system(tokenizer: Any, fmt: PromptFormat, messages: list[Message]) 
         and plain.startswith(lead)
         and plain.endswith(text[len(lead) :])
     ):
-        raise ConfigError(
-            "system_prompt='none': this chat template does not render a system message as its own leading block, "
-            "so its default system prompt (if any) cannot be cut out; give a chat_template without one, or "
-            "system_prompt=null"
-        )
+        raise ConfigError(f"system_prompt='none': {_CANNOT_CUT}")
     return text
+
+
+_CANNOT_CUT = (
+    "this chat template does not render a system message as its own leading block, so its default system prompt "
+    "(if any) cannot be cut out; give a chat_template without one, or system_prompt=null"
+)
 
 
 def render_prompt(tokenizer: Any, prompt: Prompt, fmt: PromptFormat = DEFAULT_FORMAT) -> str:
