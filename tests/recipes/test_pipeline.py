@@ -160,3 +160,37 @@ def test_a_runtime_only_setting_does_not_make_a_finished_stage_stale(tiny_model,
     assert not same_computation(saved.replace("lr: 5.0e-06", "lr: 1.0e-05"), cfg)
     assert "lr: 5.0e-06" in saved
     assert not same_computation("not a mapping", cfg)
+
+
+def test_stages_inherit_the_prompt_format_from_defaults(tiny_model, pku_tiny, tmp_path):
+    d = str(pku_tiny)
+    stages = [
+        {"name": "helpful", "data": {"source": d}, "beta": 0.1},
+        {
+            "name": "safe",
+            "data": {"source": d},
+            "lam": [1.0, 2.0],
+            "overrides": {"system_prompt": "Be safe."},
+        },
+    ]
+    defaults = {**DEFAULTS, "system_prompt": "none"}
+    branches = plan(
+        pipeline_cfg(tiny_model, pku_tiny, tmp_path, defaults=defaults, stages=stages, merges=[]), tiny_model
+    )
+    assert branches["helpful"][0].train.system_prompt == "none"
+    assert [b.train.system_prompt for b in branches["safe"]] == ["Be safe.", "Be safe."]
+
+
+def test_a_finished_stage_is_retrained_when_its_chat_template_file_changes(tiny_model, pku_tiny, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
+    stages = [{"name": "helpful", "data": {"source": str(pku_tiny)}, "beta": 0.1}]
+    defaults = {**DEFAULTS, "max_steps": 1, "kl_prompts": 0, "chat_template": str(template)}
+    cfg = pipeline_cfg(tiny_model, pku_tiny, tmp_path / "p", defaults=defaults, stages=stages, merges=[])
+    assert run_pipeline(cfg, show_progress=False)["reference_passes"]["computed"] == 1
+    assert run_pipeline(cfg, show_progress=False)["reference_passes"]["skipped_stages"] == 1
+    template.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant> ")
+    again = run_pipeline(cfg, show_progress=False)[
+        "reference_passes"
+    ]  # same config.yaml, other template text
+    assert again == {"computed": 1, "cached": 0, "skipped_stages": 0}

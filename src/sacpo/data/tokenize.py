@@ -1,6 +1,7 @@
 """Records → token ids and response masks; batches → padded tensors.
 
-Prompt and response are tokenized separately and concatenated (no token merges across the boundary), the
+Prompts are rendered to text by `sacpo.data.prompt_format.render_prompt` (system prompt, chat template). Prompt and
+response are tokenized separately and concatenated (no token merges across the boundary), the
 response ends with EOS. Truncation policy: the prompt keeps its *end* (left-truncated to max_prompt_length), then
 the response is cut at its end to fit max_length.
 """
@@ -16,28 +17,10 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat, render_prompt
 from sacpo.data.records import BinaryExample, PairedExample, Prompt
 
 log = logging.getLogger(__name__)
-
-PLAIN_SEPARATOR = "\n"
-
-
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """A prompt as a conversation: a plain string becomes one user message."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
-
-
-def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
-    """Prompt text: the chat template with a generation prompt when the tokenizer has one, else
-    the message contents joined by newlines followed by PLAIN_SEPARATOR."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
-    if isinstance(prompt, str):
-        return prompt + PLAIN_SEPARATOR
-    return "\n".join(m["content"] for m in prompt) + PLAIN_SEPARATOR
 
 
 @dataclass(frozen=True)
@@ -53,11 +36,16 @@ class Encoded:
 
 
 def encode_prompt(
-    tokenizer: Any, prompt: Prompt, max_prompt_length: int, stats: Counter | None = None
+    tokenizer: Any,
+    prompt: Prompt,
+    max_prompt_length: int,
+    stats: Counter | None = None,
+    fmt: PromptFormat = DEFAULT_FORMAT,
 ) -> list[int]:
-    """Prompt token ids, left-truncated to max_prompt_length (keep the end, where the question usually is).
-    `stats["prompts_truncated"]` counts the prompts that were cut, when a Counter is given."""
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    """Prompt token ids of `render_prompt(tokenizer, prompt, fmt)`, left-truncated to max_prompt_length (keep the
+    end, where the question usually is). `stats["prompts_truncated"]` counts the prompts that were cut, when a
+    Counter is given."""
+    ids = tokenizer(render_prompt(tokenizer, prompt, fmt), add_special_tokens=False)["input_ids"]
     if stats is not None:
         stats["prompts"] += 1
         stats["prompts_truncated"] += len(ids) > max_prompt_length
@@ -85,11 +73,13 @@ def encode_paired(
     max_length: int,
     max_prompt_length: int,
     stats: Counter | None = None,
+    fmt: PromptFormat = DEFAULT_FORMAT,
 ) -> list[tuple[Encoded, Encoded]]:
-    """(chosen, rejected) encodings sharing the same prompt ids (truncation counted in `stats`)."""
+    """(chosen, rejected) encodings sharing the same prompt ids (prompts rendered with `fmt`, truncation counted
+    in `stats`)."""
     out = []
     for ex in examples:
-        p = encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats)
+        p = encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats, fmt)
         out.append(
             (
                 encode(tokenizer, p, ex.chosen, max_length, stats),
@@ -162,6 +152,7 @@ def encode_binary(
     max_prompt_length: int,
     stats: Counter | None = None,
     seed: int = 0,
+    fmt: PromptFormat = DEFAULT_FORMAT,
 ) -> list[tuple[Encoded, Encoded]]:
     """(completion, mismatched) encodings for KTO: the mismatched sequence is prompt i followed by the completion
     of example `mismatched_partners(...)[i]`, an example whose (encoded) prompt differs from prompt i's.
@@ -174,9 +165,10 @@ def encode_binary(
     below zero), so z_ref was biased (in the demo it clamped to 0 while the sampled KL was tens of nats). Here no
     pair shares its prompt, unless one prompt has more than half of the examples or all share one (see
     mismatched_partners). The pairing is fixed at the data level by `seed`: it does not depend on batch size or
-    the number of processes, and the reference log-probs of the pairs are cached with the encoded data.
+    the number of processes, and the reference log-probs of the pairs are cached with the encoded data. Prompts
+    are rendered with `fmt`.
     """
-    prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats) for ex in examples]
+    prompts = [encode_prompt(tokenizer, ex.prompt, max_prompt_length, stats, fmt) for ex in examples]
     partner = mismatched_partners([tuple(p) for p in prompts], seed)
     return [
         (

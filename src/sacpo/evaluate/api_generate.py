@@ -19,12 +19,14 @@ the model's weights, prompts and sampling settings) are those of `sacpo.evaluate
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.evaluate.generate import (
@@ -61,6 +63,7 @@ def generate_samples_api(
     temperature: float = 1.0,
     top_p: float = 1.0,
     show_progress: bool = True,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> Generation:
     """Sample through `api` (its `model` is the server's name of model_dir), log-probs here; cached like
     `generate_samples`."""
@@ -73,11 +76,13 @@ def generate_samples_api(
         f"{model_fp}|{server}", ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed,
         max_prompt_length, temperature, top_p,
     )  # fmt: skip
+    if not prompt_format.is_default:
+        key = hashlib.sha256(f"{key}:prompt-format:{prompt_format.fingerprint()}".encode()).hexdigest()
     hit = cached_samples(out, key, len(prompts) * n_samples)
     if hit is not None:
         return Generation(hit[0], out / SAMPLES_FILE, True, hit[1])
     t0 = time.perf_counter()
-    prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, max_prompt_length, fmt=prompt_format) for p in prompts]
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
     client = ApiClient(api, seed=sampling_seed % SEED_MOD)
     params: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
@@ -116,7 +121,7 @@ def generate_samples_api(
         "key": key, "generator": "openai", "server": api.identity(), "model_dir": str(model_dir),
         "ref_dir": str(ref_dir), "n_prompts": len(prompts), "n_samples": n_samples,
         "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "seed": seed, "stream": stream,
-        "sampling_seed": sampling_seed, "temperature": temperature, "top_p": top_p, "usage": client.usage.as_dict(),
+        "sampling_seed": sampling_seed, "temperature": temperature, "top_p": top_p, "prompt_format": prompt_format.to_json(), "usage": client.usage.as_dict(),
         "finished_fraction": sum(finished) / len(finished), "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     (out / META_FILE).unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
@@ -217,6 +218,7 @@ def generate_samples(
     stream: str | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> Generation:
     """Sample n_samples responses per prompt from `model_dir`, log-probs under it and under `ref_dir` (SFT).
 
@@ -228,6 +230,8 @@ def generate_samples(
     independent random stream per model; recorded in the meta as stream and sampling_seed) instead of `seed`.
     temperature (0 = greedy) and top_p: the decoding rule (`sacpo.models.generate.next_token_probs`); log-probs
     are always those of π and π_SFT themselves.
+    prompt_format: system prompt and chat template of the prompts (in the cache key and the meta when not the
+    default).
     """
     if n_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"n_samples and max_new_tokens must be ≥ 1, got {n_samples}, {max_new_tokens}")
@@ -242,6 +246,8 @@ def generate_samples(
         model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length,
         temperature, top_p,
     )  # fmt: skip
+    if not prompt_format.is_default:  # keys of samples made before prompt formats existed stay valid
+        key = hashlib.sha256(f"{key}:prompt-format:{prompt_format.fingerprint()}".encode()).hexdigest()
     n_rows = len(prompts) * n_samples
     hit = cached_samples(out, key, n_rows)
     if hit is not None:
@@ -256,7 +262,7 @@ def generate_samples(
     policy = ref_model if same_as_ref else load_model(model_dir, dtype=dtype).to(device)
     policy.eval()
     limit = _prompt_limit(policy, max_prompt_length, max_new_tokens)
-    prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, limit, fmt=prompt_format) for p in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     with torch_seeded(sampling_seed):
         seqs = sample(
@@ -296,6 +302,7 @@ def generate_samples(
         "sampling_seed": sampling_seed,
         "temperature": temperature,
         "top_p": top_p,
+        "prompt_format": prompt_format.to_json(),
         **_row_stats(rows, model_dir),
         "seconds": time.perf_counter() - t0,
     }

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clusters
 from sacpo.evaluate.api_generate import generate_samples_api
@@ -125,6 +126,7 @@ def evaluate_models(
     top_p: float = 1.0,
     api: ApiConfig | None = None,
     served_names: dict[str, str] | None = None,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> list[ModelMetrics]:
     """Generate (or reuse), score and compare every model with the SFT policy; write results.json.
 
@@ -138,6 +140,7 @@ def evaluate_models(
     pair by pair (`sacpo.evaluate.judging`: judges.json, samples/<model>/judgments.jsonl). temperature (0 =
     greedy) / top_p: the decoding rule. api: generate through an OpenAI-compatible server
     (`sacpo.evaluate.api_generate`), each model under its `served_names` entry (default: its directory).
+    prompt_format: how every model's prompts are rendered (`generate_samples`).
     Returns the metrics in evaluation order, SFT first.
     """
     from tqdm.auto import tqdm
@@ -164,6 +167,7 @@ def evaluate_models(
         generate_samples, ref_dir=sft_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size, max_prompt_length=max_prompt_length, device=device, dtype=dtype,
         ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir), temperature=temperature, top_p=top_p,
+        prompt_format=prompt_format,
     )  # fmt: skip
     served_names = dict(served_names or {})
     shape = (len(prompts), n_samples)
@@ -178,7 +182,7 @@ def evaluate_models(
             rows = generate_samples_api(
                 dataclasses.replace(api, model=served_names.get(name, str(spec.dir))), spec.dir, prompts, where,
                 sft_dir, n_samples, max_new_tokens, seed, batch_size, max_prompt_length, device, stream=name,
-                temperature=temperature, top_p=top_p, show_progress=show_progress,
+                temperature=temperature, top_p=top_p, show_progress=show_progress, prompt_format=prompt_format,
             ).rows  # fmt: skip
         elif spec.dir is not None:
             rows = generate(spec.dir, prompts, where, stream=name).rows

@@ -1,8 +1,9 @@
 """The on-disk candidate cache of best-of-n: candidates.jsonl (+ candidates.meta.json) in the output directory.
 
 One record per prompt: all M responses, their base log-probs, token counts, scores and the selections. The meta
-file's `key` (sha256 of the model and tokenizer fingerprints, the prompts and the sampling settings) lets a later
-run with other scorers / targets reuse the candidates without loading the model (`read_cached_pool`).
+file's `key` (sha256 of the model and tokenizer fingerprints, the prompts, the prompt format and the sampling
+settings) lets a later run with other scorers / targets reuse the candidates without loading the model
+(`read_cached_pool`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.infer.pool import CandidatePool, Scores
 
@@ -41,8 +43,10 @@ def candidates_key(
     max_new_tokens: int,
     max_prompt_length: int,
     seed: int,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> str:
-    """sha256 hex of everything the candidates depend on (not the scorers, targets or n's used on them)."""
+    """sha256 hex of everything the candidates depend on (not the scorers, targets or n's used on them); the prompt
+    format only when it is not the default (keys from before it existed stay valid)."""
     h = hashlib.sha256(KEY_VERSION.encode())
     for part in (model_fp, tok_fp, json.dumps([prompt_json(p) for p in prompts], ensure_ascii=False)):
         h.update(part.encode())
@@ -55,6 +59,8 @@ def candidates_key(
         "temperature": 1.0,
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
+    if not prompt_format.is_default:
+        h.update(f"prompt-format:{prompt_format.fingerprint()}".encode())
     return h.hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from sacpo.config import ConfigError, Device, PositiveInt, Seed, config_dataclass, help_field
+from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat
 from sacpo.math.bon_select import CONSTRAINTS
 from sacpo.scoring import oracle_names
 from sacpo.scoring.reward_model import AGGREGATES
@@ -73,6 +74,8 @@ class BonConfig:
     seed: Seed = help_field(0, help="sampling seed; also the tie-break keys and the calibration split")
     max_new_tokens: PositiveInt = help_field(64, help="response length limit (tokens)")
     max_prompt_length: PositiveInt = help_field(256, help="prompts are left-truncated to this many tokens")
+    system_prompt: str | None = help_field(None, help=SYSTEM_PROMPT_HELP)
+    chat_template: str | None = help_field(None, help=CHAT_TEMPLATE_HELP)
     batch_size: PositiveInt = help_field(
         4, help="prompts per generate call (each call draws batch_size·n_samples·(max(ns)+1) sequences)"
     )
@@ -100,6 +103,11 @@ class BonConfig:
                 raise ConfigError(f"a probability target must be in [0, 1], got {self.target}")
         if self.oracle is not None and self.oracle not in oracle_names():
             raise ConfigError(f"unknown oracle {self.oracle!r}; valid: {', '.join(oracle_names())}")
+        self.prompt_format()  # a chat_template that is neither a template nor a file fails here
+
+    def prompt_format(self) -> PromptFormat:
+        """The run's `PromptFormat` (a chat_template file is read here)."""
+        return PromptFormat.from_fields(self.system_prompt, self.chat_template)
 
     @property
     def constrained(self) -> bool:

@@ -13,6 +13,7 @@ from sacpo.config import (
     config_dataclass,
     help_field,
 )
+from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat
 from sacpo.math.decoding import COMBINERS
 from sacpo.scoring import oracle_names
 
@@ -48,6 +49,8 @@ class CDConfig:
     n_samples: PositiveInt = help_field(4, help="responses per prompt")
     max_new_tokens: PositiveInt = help_field(40, help="max response tokens")
     max_prompt_length: PositiveInt = help_field(128, help="prompts are left-truncated to this many tokens")
+    system_prompt: str | None = help_field(None, help=SYSTEM_PROMPT_HELP)
+    chat_template: str | None = help_field(None, help=CHAT_TEMPLATE_HELP)
     batch_size: PositiveInt = help_field(
         32, help="sequences decoded together (blockwise: prefixes per sampling call)"
     )
@@ -65,3 +68,8 @@ class CDConfig:
             raise ConfigError(f"lam={self.lam} > 0 needs a safety_scorer")
         if self.oracle is not None and self.oracle not in oracle_names():
             raise ConfigError(f"unknown oracle {self.oracle!r}; valid: {', '.join(oracle_names())} or null")
+        self.prompt_format()  # a chat_template that is neither a template nor a file fails here
+
+    def prompt_format(self) -> PromptFormat:
+        """The run's `PromptFormat` (a chat_template file is read here)."""
+        return PromptFormat.from_fields(self.system_prompt, self.chat_template)

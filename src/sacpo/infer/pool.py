@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
 from sacpo.models.generate import sample
@@ -95,12 +96,14 @@ def sample_candidates(
     max_prompt_length: int = 256,
     logp_batch_size: int = 64,
     show_progress: bool = False,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> CandidatePool:
     """Draw M = n_draws·(group_size + 1) responses per prompt — one `sample` call (n = M) per
     batch of `batch_size` prompts — and their base log-probs (one more forward pass per log-prob batch).
 
     The draws use the global RNG seeded with `seed` inside `torch.random.fork_rng` (`sacpo.models.generate.sample`
-    draws from the global RNG only), so the caller's RNG state is left as it was."""
+    draws from the global RNG only), so the caller's RNG state is left as it was. Prompts are rendered with
+    `prompt_format`."""
     if not prompts:
         raise ValueError("no prompts")
     context = getattr(model.config, "n_positions", None) or getattr(
@@ -109,7 +112,7 @@ def sample_candidates(
     limit = max_prompt_length if context is None else min(max_prompt_length, context - max_new_tokens)
     if limit < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in context {context}")
-    prompt_ids = [encode_prompt(tokenizer, p, limit) for p in prompts]
+    prompt_ids = [encode_prompt(tokenizer, p, limit, fmt=prompt_format) for p in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     m = n_draws * (group_size + 1)
     seqs: list[Encoded] = []

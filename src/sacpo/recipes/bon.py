@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.config import ConfigError
+from sacpo.data.prompt_format import log_first_prompt
 from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.infer.bon_cache import CANDIDATES_FILE, candidates_key, read_cached_pool
@@ -120,6 +121,7 @@ def run_bon(
         getattr(safety, "name", None) if safety is not None else None,
     )
     summary = bon_summary(cfg, pool, scores, ns, sets, sel, cached, names)
+    summary["prompt_format"] = cfg.prompt_format().to_json()
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()} | {
         "total": round(time.time() - started, 3)
     }
@@ -185,9 +187,11 @@ def _candidates(
     call per prompt batch + base log-probs)."""
     out, s_draws = Path(cfg.output_dir), cfg.n_samples
     tokenizer = load_tokenizer(cfg.model)
+    fmt = cfg.prompt_format()
+    log_first_prompt(log, tokenizer, prompts[0], fmt)
     key = candidates_key(
         fingerprint_model(cfg.model), fingerprint_tokenizer(tokenizer), prompts, s_draws, n_max,
-        cfg.max_new_tokens, cfg.max_prompt_length, cfg.seed,
+        cfg.max_new_tokens, cfg.max_prompt_length, cfg.seed, fmt,
     )  # fmt: skip
     pool = read_cached_pool(out, key, prompts, s_draws, n_max)
     if pool is not None:
@@ -197,7 +201,7 @@ def _candidates(
     pool = sample_candidates(
         model, tokenizer, prompts, s_draws, n_max, max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size, seed=cfg.seed, max_prompt_length=cfg.max_prompt_length,
-        logp_batch_size=cfg.logp_batch_size, show_progress=show_progress,
+        logp_batch_size=cfg.logp_batch_size, show_progress=show_progress, prompt_format=fmt,
     )  # fmt: skip
     return key, pool, False
 

@@ -21,6 +21,7 @@ cd_report.cd_results`). Gold scores are rounded to float32, as CD has always rep
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from sacpo.config import ConfigError, to_yaml
+from sacpo.data.prompt_format import log_first_prompt
 from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import encode_prompt
@@ -51,6 +53,8 @@ from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response
 from sacpo.recipes.cd_report import cd_results, cd_summary, mean_se, write_cd_outputs
 from sacpo.rng import torch_seeded
 from sacpo.scoring import get_oracle, run_scorer
+
+log = logging.getLogger("sacpo.cd")
 
 
 def _decode_token(cfg: CDConfig, base: Any, scorers: list[PrefixScorer], prompts, eos, pad, show_progress):
@@ -92,7 +96,14 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     base = load_model(cfg.model).to(device).eval()
     scorers = [PrefixScorer.load(d, device) for d in scorer_dirs]
-    prompt_ids = [encode_prompt(tokenizer, p, prompt_limit(base, cfg)) for p in prompts]
+    fmt = cfg.prompt_format()
+    log_first_prompt(log, tokenizer, prompts[0], fmt)
+    for s in scorers:
+        if _format_id(s.meta.get("prompt_format")) != _format_id(fmt.to_json()):
+            log.warning(
+                "%s was trained on prompts in another prompt format (%s)", s.name, s.meta.get("prompt_format")
+            )
+    prompt_ids = [encode_prompt(tokenizer, p, prompt_limit(base, cfg), fmt=fmt) for p in prompts]
     row_prompts = [ids for ids in prompt_ids for _ in range(cfg.n_samples)]  # prompt-major
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     t0 = time.perf_counter()
@@ -103,6 +114,7 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     rows = cd_rows(cfg, out, scorers, tokenizer, prompts)
     summary = cd_summary(cfg, out, rows, [str(d) for d in scorer_dirs], len(prompts), decode_seconds)
     summary["seconds"] = round(time.time() - started, 3)
+    summary["prompt_format"] = fmt.to_json()
     results, baseline = None, []
     if cfg.oracle is not None:
         summary["gold_reward"] = mean_se([r["gold_reward"] for r in rows])
@@ -119,6 +131,12 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
             }
     write_cd_outputs(Path(cfg.output_dir), rows, summary, to_yaml(cfg), baseline, results)
     return summary
+
+
+def _format_id(recorded: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """(system_prompt, template sha256) of a recorded `PromptFormat.to_json()`; a scorer without one: default."""
+    recorded = recorded or {}
+    return recorded.get("system_prompt"), (recorded.get("chat_template") or {}).get("sha256")
 
 
 def check_scorer_dir(path: str, base_tokenizer_fp: str | None = None) -> None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from sacpo.config import ConfigError, config_dataclass, help_field, to_yaml
+from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat, log_first_prompt
 from sacpo.data.prompts import load_prompts
 from sacpo.evaluate.findings import check_findings
 from sacpo.evaluate.judge_config import GeneratorConfig, JudgeConfig
@@ -28,6 +30,7 @@ from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.report import write_report
 from sacpo.evaluate.run import RESULTS_FILE, ModelSpec, evaluate_models, load_results, specs_from_pipeline
 from sacpo.fsutil import atomic_write_text
+from sacpo.models.load import load_tokenizer
 from sacpo.scoring import get_clustering, get_oracle
 
 # Families of the stage / merge names used by configs/pipeline_tiny.yaml and `sacpo demo`.
@@ -107,6 +110,8 @@ class EvalConfig:
     )
     batch_size: int = help_field(16, help="prompts per generation batch / sequences per log-prob batch")
     max_prompt_length: int = help_field(256, help="prompts are left-truncated to this many tokens")
+    system_prompt: str | None = help_field(None, help=SYSTEM_PROMPT_HELP)
+    chat_template: str | None = help_field(None, help=CHAT_TEMPLATE_HELP)
     n_boot: int = help_field(1000, help="bootstrap resamples of the prompts (or clusters)")
     alpha: float = help_field(
         0.05, help="CIs are (1 − alpha) two-sided; the safety bound is the one-sided (1 − alpha) lower bound"
@@ -166,6 +171,8 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
         reward = next((j.scorer for j in judges if j.kind == "reward_model"), None)
         safety = next((j.scorer for j in judges if j.kind == "cost_model"), None)
         is_safe = None
+    fmt = PromptFormat.from_fields(cfg.system_prompt, cfg.chat_template)
+    log_first_prompt(logging.getLogger("sacpo.evaluate"), load_tokenizer(sft), prompts[0], fmt)
     results = evaluate_models(
         specs,
         sft,
@@ -190,6 +197,7 @@ def run_eval(cfg: EvalConfig, show_progress: bool = True) -> list[ModelMetrics]:
         top_p=cfg.top_p,
         api=cfg.generator.api(),
         served_names=cfg.generator.served_names,
+        prompt_format=fmt,
     )
     report_from_dir(out, cfg.title, include=cfg.include)
     return results

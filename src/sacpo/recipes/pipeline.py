@@ -7,6 +7,9 @@ coefficient is β_parent/λ (SACPO step 2, Wachi et al. 2024, Alg. 1). Order hel
 order of the list. A finished stage (intact DONE marker, same resolved config, finished after its parent) is
 skipped, so an interrupted pipeline can be rerun; any other stage is (re)trained from scratch.
 
+The prompt format (`system_prompt`, `chat_template`) is a TrainConfig field like any other: set it in `defaults` for
+every stage (on-policy pairs are sampled with it too), or in a stage's `overrides`.
+
 Stage configs are `CommandTrainConfig`s (sacpo.recipes.train): glibc's malloc thresholds are on unless `defaults`
 or a stage's `overrides` set `malloc_tuning: false`.
 """
@@ -28,6 +31,7 @@ from sacpo.config import (
     help_field,
     to_yaml,
 )
+from sacpo.data.prompt_format import DEFAULT_FORMAT
 from sacpo.fsutil import atomic_write_json, atomic_write_text
 from sacpo.merge.linear import merge_dirs
 from sacpo.models.load import ModelLoadError
@@ -205,6 +209,7 @@ def _make_onpolicy_data(br: Branch, parent: Branch, out: Path) -> None:
         stage.on_policy,
         onpolicy_dir(out, stage.name, parent.name),
         max_prompt_length=br.train.max_prompt_length,
+        prompt_format=br.train.prompt_format(),
     )
 
 
@@ -232,6 +237,9 @@ def _stale(br: Branch, parent: Branch) -> str | None:
     config = run_dir / "config.yaml"
     if not config.is_file() or not same_computation(config.read_text(), br.train):
         return "its config changed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("prompt_format", DEFAULT_FORMAT.to_json()) != br.train.prompt_format().to_json():
+        return "its chat_template file changed"
     on_policy = br.stage_cfg.on_policy if br.stage_cfg is not None else None
     if on_policy is not None:
         data = Path(br.train.data.source)

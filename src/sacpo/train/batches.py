@@ -17,6 +17,7 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.data.formats import DataError, get_format
+from sacpo.data.prompt_format import log_first_prompt
 from sacpo.data.tokenize import Encoded, encode_binary, encode_paired
 from sacpo.math.preference import get_loss
 from sacpo.train.config import TrainConfig
@@ -36,7 +37,8 @@ class Split:
 def prepare_data(
     cfg: TrainConfig, tokenizer: Any
 ) -> tuple[list[tuple[Encoded, Encoded]], torch.Tensor | None]:
-    """Load records and encode them: (pairs, desirable flags (N,) or None)."""
+    """Load records and encode them with the config's prompt format: (pairs, desirable flags (N,) or None). The
+    first prompt's rendered text is logged (INFO)."""
     spec = get_format(cfg.data.format)
     loss_kind = get_loss(cfg.loss).kind
     if spec.kind != loss_kind:
@@ -44,14 +46,17 @@ def prepare_data(
             f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {spec.kind}"
         )
     examples = cfg.data.load()
+    fmt = cfg.prompt_format()
+    if examples:
+        log_first_prompt(log, tokenizer, examples[0].prompt, fmt)
     stats: Counter = Counter()
     if loss_kind == "paired":
-        pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats)
+        pairs = encode_paired(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats, fmt)
         _log_truncation(cfg, stats)
         _check_pairs_differ(cfg, pairs)
         return pairs, None
     desirable = torch.tensor([ex.desirable for ex in examples], dtype=torch.bool)  # (N,)
-    encoded = encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats)
+    encoded = encode_binary(tokenizer, examples, cfg.max_length, cfg.max_prompt_length, stats, fmt=fmt)
     _log_truncation(cfg, stats)
     return encoded, desirable
 

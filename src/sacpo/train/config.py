@@ -19,6 +19,7 @@ from sacpo.config import (
     help_field,
     to_yaml,
 )
+from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat
 
 # the names of the registries sacpo.data.formats.FORMATS, sacpo.math.preference.LOSSES and sacpo.math.kl.KL_ESTIMATORS
 # (a test keeps them equal;
@@ -87,6 +88,8 @@ class TrainConfig:
     max_prompt_length: PositiveInt = help_field(
         128, help="max prompt tokens (prompt is truncated from the left)"
     )
+    system_prompt: str | None = help_field(None, help=SYSTEM_PROMPT_HELP)
+    chat_template: str | None = help_field(None, help=CHAT_TEMPLATE_HELP)
     batch_size: PositiveInt = help_field(8, help="examples per optimizer micro-step, over all processes")
     grad_accum: PositiveInt = help_field(1, help="gradient accumulation steps")
     epochs: float = help_field(1.0, help="passes over the data (ignored if max_steps > 0)")
@@ -151,6 +154,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate_train_config(self)
 
+    def prompt_format(self) -> PromptFormat:
+        """The run's `PromptFormat` (a chat_template file is read here)."""
+        return PromptFormat.from_fields(self.system_prompt, self.chat_template)
+
     @property
     def resolved_average_logprobs(self) -> bool:
         """average_logprobs with None resolved by `resolve_average_logprobs` — what training uses."""
@@ -173,7 +180,9 @@ def resolve_average_logprobs(loss: str, average_logprobs: bool | None) -> bool:
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """The checks across fields (each field's own bounds and choices are declared on it): a length to train for,
-    room for a response, the held-out KL estimate a budget needs, and data of the kind the loss consumes."""
+    room for a response, the held-out KL estimate a budget needs, data of the kind the loss consumes, and a
+    chat_template that is a template or a readable file."""
+    cfg.prompt_format()
     if not (cfg.epochs > 0 or cfg.max_steps > 0):
         raise ConfigError("set epochs > 0 or max_steps > 0")
     if cfg.max_prompt_length >= cfg.max_length:
@@ -203,7 +212,12 @@ RUNTIME_ONLY_FIELDS = frozenset({"malloc_tuning"})
 
 # fields added after runs were first written, with the value that reproduces the behaviour from before they
 # existed: a saved config without the field describes the same computation as one with this value
-ADDED_FIELDS: dict[str, object] = {"kl_budget": None, "kl_estimator": "k1"}
+ADDED_FIELDS: dict[str, object] = {
+    "kl_budget": None,
+    "kl_estimator": "k1",
+    "system_prompt": None,
+    "chat_template": None,
+}
 ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields
 
 

@@ -179,6 +179,7 @@ def _inputs(
             model=model,
             share_prompt=cfg.share_prompt,
             supports_packed=probe,
+            prompt_format=cfg.prompt_format(),
         )
 
     if acc.is_main_process:
@@ -277,6 +278,7 @@ def _finish(loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, seconds
         "fused_head": path.fused,
         "fused_head_reason": path.reason,
         "average_logprobs": cfg.resolved_average_logprobs,
+        "prompt_format": cfg.prompt_format().to_json(),
         "stopped_early": end.stopped_early,
         "final": end.last,
     }

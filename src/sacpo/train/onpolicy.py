@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 
 from sacpo.config import ConfigError, PositiveFloat, PositiveInt, Seed, config_dataclass, help_field
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.rng import torch_seeded
 
@@ -128,11 +129,13 @@ def generate_preferences(
     max_prompt_length: int = 128,
     batch_size: int = 32,
     device: str | None = None,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> Path:
     """Sample, judge and label pairs from policy_dir (module docstring); write out_dir/preferences.jsonl.
 
-    Reused without loading a model when out_dir holds data made from the same policy weights, prompts, format
-    and settings (onpolicy.json records the key and the counts). Returns the data file.
+    Prompts are rendered with `prompt_format` (the stage's). Reused without loading a model when out_dir holds
+    data made from the same policy weights, prompts, data format, prompt format and settings (onpolicy.json
+    records the key and the counts). Returns the data file.
     """
     from sacpo.data.tokenize import encode_prompt
     from sacpo.fsutil import atomic_write_text
@@ -147,6 +150,8 @@ def generate_preferences(
     h = hashlib.sha256(fingerprint_model(policy_dir).encode())
     h.update(json.dumps([fmt, asdict(cfg), max_prompt_length], sort_keys=True).encode())
     h.update(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode())
+    if not prompt_format.is_default:  # keys of data made before prompt formats existed stay valid
+        h.update(prompt_format.fingerprint().encode())
     key = h.hexdigest()
     meta_path, data_path = out / META_FILE, out / DATA_FILE
     if meta_path.is_file() and data_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
@@ -156,7 +161,7 @@ def generate_preferences(
     device = device or default_device()
     tok = load_tokenizer(policy_dir)
     model = load_model(policy_dir).to(device).eval()
-    pids = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
+    pids = [encode_prompt(tok, p, max_prompt_length, fmt=prompt_format) for p in prompts]
     pair_prompts, pairs = [], []
     # sampling draws from the global RNG: seeded here, the caller's state restored after (CUDA's too on a GPU)
     with torch_seeded(cfg.seed):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt, pad_sequences
 from sacpo.models.prefix_value import decode_response
@@ -98,9 +99,10 @@ def sample_rollouts(
     seed: int,
     batch_size: int = 64,
     top_k: int = 0,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> tuple[list[Rollout], list[Prompt]]:
-    """n base-model samples (prompts cycled in a seeded order) scored by `reward`; with top_k > 0 also the base
-    top-k at every non-terminal prefix (CD-Q). Returns (rollouts, their prompts)."""
+    """n base-model samples (prompts cycled in a seeded order, rendered with `prompt_format`) scored by `reward`;
+    with top_k > 0 also the base top-k at every non-terminal prefix (CD-Q). Returns (rollouts, their prompts)."""
     from sacpo.models.generate import sample
 
     order = list(range(len(prompts)))
@@ -111,7 +113,7 @@ def sample_rollouts(
     for p in chosen:
         key = json.dumps(p if isinstance(p, str) else list(p), sort_keys=True)
         if key not in cache:
-            cache[key] = encode_prompt(tokenizer, p, max_prompt_length)
+            cache[key] = encode_prompt(tokenizer, p, max_prompt_length, fmt=prompt_format)
         prompt_ids.append(cache[key])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     with seeded(seed):  # generate draws from the global RNG; the caller's state is restored

@@ -48,6 +48,7 @@ from sacpo.config import (
     help_field,
     to_yaml,
 )
+from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat, log_first_prompt
 from sacpo.data.prompts import load_prompts
 from sacpo.math.decoding import bellman_targets
 from sacpo.models.load import (
@@ -119,6 +120,8 @@ class TrainScorerConfig:
     )
     max_new_tokens: PositiveInt = help_field(40, help="max tokens per rollout")
     max_prompt_length: PositiveInt = help_field(128, help="prompts are left-truncated to this many tokens")
+    system_prompt: str | None = help_field(None, help=SYSTEM_PROMPT_HELP)
+    chat_template: str | None = help_field(None, help=CHAT_TEMPLATE_HELP)
     steps: PositiveInt = help_field(300, help="optimizer steps")
     batch_size: PositiveInt = help_field(
         32, help="rollouts per step (every response prefix of each is a target)"
@@ -240,6 +243,7 @@ def train_prefix_scorer(cfg: TrainScorerConfig, show_progress: bool = True) -> T
             "max_prompt_length": cfg.max_prompt_length,
             "max_new_tokens": cfg.max_new_tokens,
             "top_k": cfg.top_k if cfg.method == "q" else None,
+            "prompt_format": PromptFormat.from_fields(cfg.system_prompt, cfg.chat_template).to_json(),
         }
     )
     out = scorer.to("cpu").save(
@@ -262,6 +266,8 @@ def _rollouts(
 ) -> list[Rollout]:
     """cfg.n_rollouts base-model samples scored by cfg.reward (+ the base top-k when k > 0); the base model and
     the reward are released before training."""
+    fmt = PromptFormat.from_fields(cfg.system_prompt, cfg.chat_template)
+    log_first_prompt(log, tokenizer, prompts[0], fmt)
     base = load_model(cfg.model).to(device).eval()
     reward = resolve_scorer(cfg.reward, device=device, view="auto")  # a cost model's view is its cost
     log.info("sampling %d rollouts from %s", cfg.n_rollouts, cfg.model)
@@ -276,6 +282,7 @@ def _rollouts(
         cfg.seed,
         cfg.generation_batch_size,
         top_k=k,
+        prompt_format=fmt,
     )
     del base, reward
     with contextlib.suppress(Exception):

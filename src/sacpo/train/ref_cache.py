@@ -1,7 +1,8 @@
 """Reference log-probabilities are data, not a model: computed once, cached on disk by content hash.
 
 The key hashes (reference weights + config, the tokenizer, the encoded token ids — which already depend on data,
-tokenizer, max_length and the truncation policy —, max_length, and whether log-probs are length-averaged).
+tokenizer, prompt format, max_length and the truncation policy —, max_length, whether log-probs are length-averaged
+and, when it is not the default, the prompt format (system prompt, chat template) itself).
 Every stage and every β/λ of a sweep that shares (reference, data) reads the same file; the reference model is
 never loaded when the file exists.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
 from sacpo.fsutil import atomic_save_file
 from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model
@@ -42,13 +44,17 @@ def cache_key(
     pairs: list[tuple[Encoded, Encoded]],
     max_length: int,
     average: bool,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> str:
-    """sha256 of everything the reference log-probs depend on."""
+    """sha256 of everything the reference log-probs depend on. The prompt format enters only when it is not the
+    default, so that caches written before it existed stay valid (its effect is in the token ids either way)."""
     h = hashlib.sha256()
     h.update(b"sacpo-ref-v1")
     h.update(fingerprint_model(reference).encode())
     h.update(fingerprint_tokenizer(tokenizer).encode())
     h.update(json.dumps({"max_length": max_length, "average": average}).encode())
+    if not prompt_format.is_default:
+        h.update(f"prompt-format:{prompt_format.fingerprint()}".encode())
     for a, b in pairs:
         for e in (a, b):
             h.update(json.dumps([e.prompt_len, e.input_ids]).encode())
@@ -145,14 +151,16 @@ def reference_logps(
     model: Any | None = None,
     share_prompt: bool = True,
     supports_packed: Callable[[Any], bool] = supports_packed_pairs,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> RefLogps:
     """Reference log-probs from the cache, or computed once and cached.
 
     model: an already-built model with the reference's weights (the policy before its first update, when the
     reference is the policy) to compute them with; by default the reference is loaded for the pass and freed.
     supports_packed: the shared-prompt probe (`compute_ref_logps`); the trainer passes its cached one.
+    prompt_format: the format the pairs' prompts were rendered with (part of the cache key).
     """
-    key = cache_key(reference, tokenizer, pairs, max_length, average)
+    key = cache_key(reference, tokenizer, pairs, max_length, average, prompt_format)
     path = Path(cache_dir) / f"ref-{key[:24]}.safetensors"
     cached = _read(path, key, len(pairs))
     if cached is not None:
