@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scoring"))
-from fake_openai import FakeOpenAI, Reply  # noqa: E402
+from fake_openai import FakeOpenAI, Reply
 
-from sacpo.config import ConfigError, from_dict  # noqa: E402
-from sacpo.evaluate.judge_config import GeneratorConfig, JudgeConfig  # noqa: E402
-from sacpo.math.judges import judged_win_rate, pair_outcome  # noqa: E402
-from sacpo.recipes.eval import EvalConfig, run_eval  # noqa: E402
+from sacpo.config import ConfigError, from_dict
+from sacpo.evaluate.judge_config import GeneratorConfig, JudgeConfig
+from sacpo.math.judges import judged_win_rate, pair_outcome
+from sacpo.recipes.eval import EvalConfig, run_eval
 
 
 def _responses(body):
@@ -72,7 +72,9 @@ def test_eval_with_llm_and_oracle_judges(tiny_model, other_model, tmp_path, one_
     out = tmp_path / "eval"
     record = json.loads((out / "judges.json").read_text())
     assert [j["label"] for j in record["judges"]] == ["longer", "toyworld.reward", "toyworld.safety"]
-    pairs = [json.loads(line) for line in (out / "samples" / "other" / "judgments.jsonl").read_text().splitlines()]
+    pairs = [
+        json.loads(line) for line in (out / "samples" / "other" / "judgments.jsonl").read_text().splitlines()
+    ]
     assert len(pairs) == 12  # 6 prompts × 2 samples, sample s against SFT's sample s
     # the judge's verdicts are the content rule's in both orders (malformed answers were re-asked)
     outcomes = []
@@ -153,7 +155,9 @@ def test_judge_config_errors(tmp_path):
         GeneratorConfig(kind="openai")
 
 
-def test_foreign_hf_reward_model_fills_the_reward_columns(tiny_model, other_model, tmp_path, one_torch_thread):
+def test_foreign_hf_reward_model_fills_the_reward_columns(
+    tiny_model, other_model, tmp_path, one_torch_thread
+):
     """Any decoder HF sequence-classification directory (no reward_model.json) is a reward / cost model judge;
     with oracle: null the first of each fills the report's reward / safety columns."""
     import torch

@@ -62,7 +62,7 @@ def test_win_rate_by_hand():
 
 def test_win_rate_with_clusters_drops_empty_prompts():
     o = np.array([[1.0], [NAN], [0.0], [1.0]])
-    rate, lo, hi = judged_win_rate(o, n_boot=100, clusters=["a", "a", "b", "b"])
+    rate, _, _ = judged_win_rate(o, n_boot=100, clusters=["a", "a", "b", "b"])
     assert rate == pytest.approx(2 / 3)
 
 

@@ -76,7 +76,15 @@ def test_next_token_frequencies_follow_the_tempered_model(model_tok):
 
 
 @pytest.mark.parametrize(
-    "kw", [{"n": 0}, {"max_new_tokens": 0}, {"temperature": -1.0}, {"batch_size": 0}, {"top_p": 0.0}, {"top_p": 1.5}]
+    "kw",
+    [
+        {"n": 0},
+        {"max_new_tokens": 0},
+        {"temperature": -1.0},
+        {"batch_size": 0},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+    ],
 )
 def test_bad_arguments_are_refused(model_tok, kw):
     model, tok = model_tok
@@ -108,8 +116,12 @@ def test_draw_refuses_non_finite_or_empty_rows(bad):
 
 def test_next_token_probs_top_p_and_greedy_by_hand():
     z = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
-    torch.testing.assert_close(next_token_probs(z, top_p=0.6), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.3, 0.5]]))
-    torch.testing.assert_close(next_token_probs(z, top_p=0.5), torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.5]]))
+    torch.testing.assert_close(
+        next_token_probs(z, top_p=0.6), torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.3, 0.5]])
+    )
+    torch.testing.assert_close(
+        next_token_probs(z, top_p=0.5), torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    )
     torch.testing.assert_close(next_token_probs(z), torch.softmax(z, -1))
     torch.testing.assert_close(next_token_probs(z, temperature=0.0), torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
     t = next_token_probs(z, temperature=0.5)

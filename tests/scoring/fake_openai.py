@@ -41,7 +41,9 @@ class FakeOpenAI:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+            ) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -56,7 +58,9 @@ class FakeOpenAI:
 
             def do_GET(self) -> None:
                 if self.path.endswith("/models"):
-                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
+                    self._send(
+                        200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]}
+                    )
                 else:
                     self._send(404, {"error": {"message": "no route"}})
 
@@ -85,7 +89,13 @@ class FakeOpenAI:
                 else:
                     choice = {"index": 0, "text": reply.text, "finish_reason": "stop", "logprobs": None}
                     obj = "text_completion"
-                payload = {"id": f"r{n}", "object": obj, "created": 0, "model": body["model"], "choices": [choice]}
+                payload = {
+                    "id": f"r{n}",
+                    "object": obj,
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [choice],
+                }
                 self._send(200, {**payload, "usage": usage})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)

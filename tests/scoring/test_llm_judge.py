@@ -73,7 +73,9 @@ def test_retries_429_5xx_and_timeouts_then_succeeds():
     assert texts == ["ok"]
     assert usage.requests == 5 and usage.retries == 4
     assert usage.failures == {"rate_limit": 1, "http_500": 1, "http_503": 1, "timeout": 1}
-    assert usage.prompt_tokens == 10 and usage.completion_tokens == 2  # only the answered request reports tokens
+    assert (
+        usage.prompt_tokens == 10 and usage.completion_tokens == 2
+    )  # only the answered request reports tokens
 
 
 def test_retries_are_bounded():
@@ -85,14 +87,14 @@ def test_retries_are_bounded():
 
 def test_auth_failure_is_immediate_and_stops_the_batch():
     with FakeOpenAI(lambda n, body: Reply(status=401, error="bad key")) as server:
-        with pytest.raises(ApiError, match="authentication failed.*bad key"):
+        with pytest.raises(ApiError, match=r"authentication failed.*bad key"):
             chat_text(api(server, concurrency=1), n=20)
         assert server.n_requests == 1  # no retry, and the 19 queued requests were never sent
 
 
 def test_unknown_model_lists_the_servers_models():
     with FakeOpenAI(lambda n, body: Reply(), models=("judge", "other")) as server:
-        with pytest.raises(ApiError, match="model 'gpt-9' not found.*lists: judge, other"):
+        with pytest.raises(ApiError, match=r"model 'gpt-9' not found.*lists: judge, other"):
             chat_text(ApiConfig(base_url=server.url, model="gpt-9"))
 
 

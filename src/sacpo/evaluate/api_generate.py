@@ -35,8 +35,8 @@ from sacpo.evaluate.generate import (
     Generation,
     SampleRow,
     cached_samples,
-    shared_tokenizer,
     samples_key,
+    shared_tokenizer,
     stream_seed,
 )
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
@@ -111,17 +111,24 @@ def generate_samples_api(
         del model
     rows = [
         SampleRow(
-            prompt=prompts[i // n_samples], response=responses[i], sample=i % n_samples,
-            logp_policy=float(logps[0][i]), logp_ref=float(logps[1][i]), prompt_index=i // n_samples,
-            response_tokens=len(seqs[i].input_ids) - seqs[i].prompt_len, finished=finished[i], roundtrip=True,
-        )  # fmt: skip
+            prompt=prompts[i // n_samples],
+            response=responses[i],
+            sample=i % n_samples,
+            logp_policy=float(logps[0][i]),
+            logp_ref=float(logps[1][i]),
+            prompt_index=i // n_samples,
+            response_tokens=len(seqs[i].input_ids) - seqs[i].prompt_len,
+            finished=finished[i],
+            roundtrip=True,
+        )
         for i in range(len(seqs))
     ]
     meta = {
         "key": key, "generator": "openai", "server": api.identity(), "model_dir": str(model_dir),
         "ref_dir": str(ref_dir), "n_prompts": len(prompts), "n_samples": n_samples,
         "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "seed": seed, "stream": stream,
-        "sampling_seed": sampling_seed, "temperature": temperature, "top_p": top_p, "prompt_format": prompt_format.to_json(), "usage": client.usage.as_dict(),
+        "sampling_seed": sampling_seed, "temperature": temperature, "top_p": top_p,
+        "prompt_format": prompt_format.to_json(), "usage": client.usage.as_dict(),
         "finished_fraction": sum(finished) / len(finished), "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     (out / META_FILE).unlink(missing_ok=True)

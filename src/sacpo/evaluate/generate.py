@@ -1,9 +1,10 @@
 """Sample responses from a model on evaluation prompts and record their log-probs under the policy and the SFT model.
 
-For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (by default temperature 1 and no
-top-p, so samples follow π exactly; `temperature` / `top_p` / greedy (temperature 0) are the decoding rules a
-protocol may ask for, whose samples follow a modified q instead; `sacpo.models.generate.sample`), seeded; then score the *sampled token ids* (prompt ids
-+ response ids, the EOS included when one was generated) with one forward pass each under π and π_SFT:
+For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (`sacpo.models.generate.sample`;
+by default temperature 1 and no top-p, so samples follow π exactly — `temperature` / `top_p` / greedy (temperature
+0) are decoding rules a protocol may ask for, whose samples follow a modified q instead), seeded; then score the
+*sampled token ids* (prompt ids + response ids, the EOS included when one was generated) with one forward pass
+each under π and π_SFT:
 
     logp_policy = log π(y|x) = Σ_t log π(y_t | x, y_<t),    logp_ref = log π_SFT(y|x)
 

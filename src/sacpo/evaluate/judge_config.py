@@ -57,7 +57,9 @@ class JudgeConfig:
     name: str = help_field(
         "", help="the judge's label in the report ('' = derived); kind oracle: the registered oracle's name"
     )
-    base_url: str = help_field("", help="llm: the server's OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1")
+    base_url: str = help_field(
+        "", help="llm: the server's OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1"
+    )
     model: str = help_field("", help="llm: the model name the server knows")
     api_key_env: str = help_field(
         "OPENAI_API_KEY", help="llm: environment variable with the API key (unset + localhost: none sent)"
@@ -71,9 +73,13 @@ class JudgeConfig:
         2, help="llm: re-asks of an answer without a parsable verdict before it counts as invalid"
     )
     retry_temperature: NonNegativeFloat = help_field(0.7, help="llm: temperature of the re-asks")
-    seed: int | None = help_field(None, help="llm: the request's seed (servers that support it); None = not sent")
+    seed: int | None = help_field(
+        None, help="llm: the request's seed (servers that support it); None = not sent"
+    )
     concurrency: PositiveInt = help_field(8, help="llm: requests in flight at once")
-    max_retries: NonNegativeInt = help_field(5, help="llm: retries on 429 / 5xx / timeouts (exponential backoff)")
+    max_retries: NonNegativeInt = help_field(
+        5, help="llm: retries on 429 / 5xx / timeouts (exponential backoff)"
+    )
     timeout: PositiveFloat = help_field(120.0, help="llm: seconds per request before it is retried")
     dir: str | list[str] = help_field(
         "", help="reward_model / cost_model: a model directory, or a list of them (an ensemble)"
@@ -82,7 +88,8 @@ class JudgeConfig:
         "mean", help="reward_model / cost_model: how ensemble members combine"
     )
     max_length: PositiveInt | None = help_field(
-        None, help="reward_model / cost_model: sequence limit (default: the model's reward_model.json, else 1024)"
+        None,
+        help="reward_model / cost_model: sequence limit (default: the model's reward_model.json, else 1024)",
     )
     max_prompt_length: PositiveInt | None = help_field(
         None, help="reward_model / cost_model: prompt limit (default: its reward_model.json, else 512)"
@@ -132,7 +139,9 @@ class GeneratorConfig:
     kind: Literal["local", "openai"] = help_field(
         "local", help="local = sample in this process (default); openai = through an OpenAI-compatible server"
     )
-    base_url: str = help_field("", help="openai: the server's root, e.g. http://127.0.0.1:8000/v1 (vllm serve)")
+    base_url: str = help_field(
+        "", help="openai: the server's root, e.g. http://127.0.0.1:8000/v1 (vllm serve)"
+    )
     api_key_env: str = help_field("OPENAI_API_KEY", help="openai: environment variable with the API key")
     served_names: dict[str, str] = help_field(
         {}, help="openai: model name → the server's name for it (default: the model's directory as given)"

@@ -62,7 +62,9 @@ def judge_tables(record: dict[str, Any]) -> list[Table]:
                 body.append([j["label"], m, num(r.get("consistency")), str(r.get("ties_by_disagreement", "–")),
                              str(r.get("invalid", "–"))])  # fmt: skip
         usage = "; ".join(_usage(j) for j in llm)
-        tables.append(Table("LLM judges: position consistency and validity", h, body, f"{HEALTH_NOTE} {usage}"))
+        tables.append(
+            Table("LLM judges: position consistency and validity", h, body, f"{HEALTH_NOTE} {usage}")
+        )
     agree = record.get("agreement", [])
     if agree:
         h = ["judge A", "judge B", "criterion", "agreement", "decisive agreement", "pairs (decisive)"]

@@ -147,7 +147,10 @@ def judge_models(
                 resp = [r.response for r in rows[m]]
                 scores = run_scorer(j.scorer, [r.prompt for r in rows[m]], resp).numpy().reshape(shape)
                 outcomes[j.label][m] = score_outcome(scores, base_scores)
-                results[m][j.label] = {"mean_score": float(scores.mean()), "sft_mean_score": float(base_scores.mean())}
+                results[m][j.label] = {
+                    "mean_score": float(scores.mean()),
+                    "sft_mean_score": float(base_scores.mean()),
+                }
             continue
         for m in models:
             pairs = j.llm.compare(
@@ -177,7 +180,8 @@ def judge_models(
         "baseline": base_name,
         "pairs": "each model's sample s against SFT's sample s of the same prompt",
         "judges": [
-            {"label": j.label, "kind": j.kind, "criterion": j.criterion, "spec": j.spec, **({"usage": j.extra} if j.extra else {})}
+            {"label": j.label, "kind": j.kind, "criterion": j.criterion, "spec": j.spec}
+            | ({"usage": j.extra} if j.extra else {})
             for j in judges
         ],
         "models": results,
@@ -185,7 +189,8 @@ def judge_models(
     }
     atomic_write_json(out / JUDGES_FILE, _json_safe(record), ensure_ascii=False)
     for m in models:
-        atomic_write_jsonl(out / "samples" / dirs[m] / "judgments.jsonl", _pair_rows(judges, rows[m], base, outcomes, verdicts, m))
+        pairs = _pair_rows(judges, rows[m], base, outcomes, verdicts, m)
+        atomic_write_jsonl(out / "samples" / dirs[m] / "judgments.jsonl", pairs)
     return record
 
 

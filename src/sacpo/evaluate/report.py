@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sacpo.evaluate.findings import OPTIMUM, check_findings
-from sacpo.evaluate.judge_report import Table
 from sacpo.evaluate.format import fmt_ci, num, plus_minus, sort_results
+from sacpo.evaluate.judge_report import Table
 from sacpo.evaluate.metrics import ModelMetrics
 from sacpo.evaluate.plots import KL_KINDS, kl_kind, make_plots
 from sacpo.fsutil import atomic_write_text
@@ -132,7 +132,9 @@ def _markdown(title, notes, header, rows, plots, findings, warnings, optimum_not
         lines += ["### Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     for t in tables:
         lines += [f"## {t.title}", "", "| " + " | ".join(_md_cell(h) for h in t.header) + " |"]
-        lines += ["|" + "---|" * len(t.header)] + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
+        lines += ["|" + "---|" * len(t.header)] + [
+            "| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows
+        ]
         lines += ["", t.note, ""]
     lines += ["## Figures", ""] + [f"![{name}]({name})" for name in plots] + [""]
     lines += ["## Findings", ""]
@@ -169,7 +171,9 @@ def _html(title, notes, header, rows, plots, findings, warnings, optimum_note=""
     if warnings:
         parts.append("<h3>Warnings</h3><ul>" + "".join(f"<li>{e(w)}</li>" for w in warnings) + "</ul>")
     for t in tables:
-        parts.append(f"<h2>{e(t.title)}</h2><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header))
+        parts.append(
+            f"<h2>{e(t.title)}</h2><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.header)
+        )
         parts.append("</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in t.rows]
         parts.append(f"</tbody></table><p>{e(t.note)}</p>")

@@ -39,8 +39,8 @@ import torch
 
 from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.records import Prompt
-from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clusters
 from sacpo.evaluate.api_generate import generate_samples_api
+from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clusters
 from sacpo.evaluate.generate import SampleRow, generate_samples, read_samples, stream_seed
 from sacpo.evaluate.judging import Judge, judge_models
 from sacpo.evaluate.metrics import ModelMetrics

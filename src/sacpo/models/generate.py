@@ -148,7 +148,9 @@ def sample(
     out: list[Encoded] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        for j, toks in enumerate(sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature, top_p)):
+        for j, toks in enumerate(
+            sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature, top_p)
+        ):
             prompt = chunk[j // n]
             out.append(Encoded(tuple(prompt) + tuple(toks), len(prompt)))
     return out

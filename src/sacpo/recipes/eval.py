@@ -82,7 +82,8 @@ class EvalConfig:
         "", help="directory of the LLM judges' answer cache ('' = <output_dir>/judge_cache)"
     )
     generator: GeneratorConfig = help_field(
-        GeneratorConfig(), help="where samples come from: {kind: local} or {kind: openai, base_url, served_names}"
+        GeneratorConfig(),
+        help="where samples come from: {kind: local} or {kind: openai, base_url, served_names}",
     )
     temperature: float = help_field(
         1.0,
@@ -91,7 +92,9 @@ class EvalConfig:
         ge=0,
         allow_inf_nan=False,
     )
-    top_p: float = help_field(1.0, help="nucleus sampling: keep the most likely tokens up to this mass", gt=0, le=1)
+    top_p: float = help_field(
+        1.0, help="nucleus sampling: keep the most likely tokens up to this mass", gt=0, le=1
+    )
     b: float = help_field(0.0, help="safety threshold of the constraint E[g] ≥ b")
     prompts_split: str = help_field("test", help="key of the prompt list when the .json file maps splits")
     max_prompts: int | None = help_field(None, help="evaluate the first N prompts only")
@@ -128,7 +131,9 @@ class EvalConfig:
         if not self.sft and not self.pipeline:
             raise ConfigError("give sft (the SFT model directory) or a pipeline to take it from")
         if self.temperature == 0 and self.n_samples != 1:
-            raise ConfigError(f"temperature 0 is greedy decoding: every sample is the same, set n_samples=1 (got {self.n_samples})")
+            raise ConfigError(
+                f"temperature 0 is greedy decoding: every sample is the same, set n_samples=1 (got {self.n_samples})"
+            )
 
 
 def model_specs(cfg: EvalConfig) -> tuple[Path, dict[str, ModelSpec]]:
@@ -247,7 +252,11 @@ def _decoding(e: dict[str, Any]) -> str:
 
 def _generator(e: dict[str, Any]) -> str:
     g = e.get("generator", "local")
-    return "in-process" if g == "local" else f"OpenAI-compatible server {g.get('base_url')} (log-probs in-process)"
+    return (
+        "in-process"
+        if g == "local"
+        else f"OpenAI-compatible server {g.get('base_url')} (log-probs in-process)"
+    )
 
 
 def _source(d: Path) -> dict[str, Any]:

@@ -53,8 +53,12 @@ class ApiConfig:
         f"{NO_KEY!r}",
     )
     concurrency: PositiveInt = help_field(8, help="requests in flight at once")
-    max_retries: int = help_field(5, help="retries of a request on 429 / 5xx / timeout / dropped connection", ge=0)
-    timeout: PositiveFloat = help_field(120.0, help="seconds before one request times out (then it is retried)")
+    max_retries: int = help_field(
+        5, help="retries of a request on 429 / 5xx / timeout / dropped connection", ge=0
+    )
+    timeout: PositiveFloat = help_field(
+        120.0, help="seconds before one request times out (then it is retried)"
+    )
     backoff: float = help_field(1.0, help="first retry delay in seconds (doubling per retry)", ge=0)
     max_backoff: float = help_field(30.0, help="longest retry delay in seconds", ge=0)
 
@@ -152,7 +156,9 @@ class ApiClient:
 
     async def complete(self, prompt: str, **params: Any) -> Any:
         """A legacy text completion of a raw prompt (`response.choices[i].text`)."""
-        return await self._request(lambda c: c.completions.create(model=self.cfg.model, prompt=prompt, **params))
+        return await self._request(
+            lambda c: c.completions.create(model=self.cfg.model, prompt=prompt, **params)
+        )
 
     async def _request(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
         import openai

@@ -89,7 +89,7 @@ def load_template(criterion: str) -> JudgeTemplate:
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B", "tie" or None (invalid) from a judge's answer — the rules in the module docstring."""
+    """ "A", "B", "tie" or None (invalid) from a judge's answer — the rules in the module docstring."""
     if not text:
         return None
     tags = {_VERDICT[t.upper()] for t in _TAG.findall(text)}

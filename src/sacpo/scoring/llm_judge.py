@@ -116,7 +116,9 @@ class LLMJudge:
                 }
                 if self.seed is not None:
                     params["seed"] = self.seed + attempt
-                task = asyncio.ensure_future(self._ask(key, self.template.messages(prompt, first, second), params))
+                task = asyncio.ensure_future(
+                    self._ask(key, self.template.messages(prompt, first, second), params)
+                )
                 self._pending[key] = task
                 try:
                     record = await task
