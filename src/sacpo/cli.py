@@ -291,20 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the user's input: printed as one line, exit code 2 (no traceback)."""
+    """Errors caused by the user's input (or a server it names): printed as one line, exit code 2 (no traceback)."""
     from sacpo.data.formats import DataError
     from sacpo.math.merging import MergeError
     from sacpo.models.load import ModelLoadError
+    from sacpo.scoring.api_client import ApiError
     from sacpo.train.checkpoint import NonFiniteError
 
-    return (ConfigError, DataError, MergeError, ModelLoadError, NonFiniteError)
+    return (ConfigError, DataError, MergeError, ModelLoadError, NonFiniteError, ApiError)
 
 
 def _quiet_libraries() -> None:
-    """sacpo shows its own progress; silence per-file progress bars of transformers/datasets when loaded."""
+    """sacpo shows its own progress; silence per-file progress bars of transformers/datasets when loaded, and the
+    HTTP clients' per-request lines."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for name in ("httpx", "httpx2", "openai"):  # one INFO line per HTTP request otherwise (judges, generator)
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,3 +180,19 @@ def test_foreign_hf_reward_model_fills_the_reward_columns(
     assert math.isfinite(results[1].helpful_win[0]) and math.isfinite(results[1].mean_safety)
     meta = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert meta["reward"].startswith("reward:hf_rm") and meta["safety"].startswith("-cost:hf_rm")
+
+
+def test_cli_reports_a_dead_server_in_one_line(tiny_model, other_model, tmp_path, capsys, one_torch_thread):
+    import yaml
+
+    from sacpo.cli import main
+    from sacpo.config import to_dict
+
+    with FakeOpenAI(lambda n, body: Reply(status=401, error="invalid key")) as server:
+        cfg = eval_cfg(tmp_path, tiny_model, other_model, server, n_samples=1)
+        path = tmp_path / "eval.yaml"
+        path.write_text(yaml.safe_dump(to_dict(cfg)))
+        assert main(["eval", str(path)]) == 2
+        assert server.n_requests <= 8  # the requests already in flight (concurrency 8); none starts after
+    err = capsys.readouterr().err
+    assert "sacpo eval: error:" in err and "authentication failed (401): invalid key" in err

@@ -161,45 +161,53 @@ class ApiClient:
         )
 
     async def _request(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        import openai
-
         client = self._open()
         assert self._sem is not None
         async with self._sem:
             if self._stop:
                 raise _Skipped
-            for attempt in range(self.cfg.max_retries + 1):
-                self.usage.requests += 1
-                try:
-                    response = await call(client)
-                except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                    self.usage.failures["auth"] += 1
-                    raise ApiError(
-                        f"{self.cfg.base_url}: authentication failed ({e.status_code}): {_message(e)}; check "
-                        f"${self.cfg.api_key_env}"
-                    ) from None
-                except openai.NotFoundError as e:
-                    self.usage.failures["not_found"] += 1
-                    raise ApiError(await self._not_found(e)) from None
-                except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
-                    self.usage.failures["rejected"] += 1
-                    raise ApiError(
-                        f"{self.cfg.base_url}: request rejected ({e.status_code}) for model {self.cfg.model!r}: "
-                        f"{_message(e)}"
-                    ) from None
-                except (openai.RateLimitError, openai.InternalServerError, openai.APIStatusError) as e:
-                    kind = "rate_limit" if e.status_code == 429 else f"http_{e.status_code}"
-                    if e.status_code < 500 and e.status_code != 429:
-                        self.usage.failures[kind] += 1
-                        raise ApiError(f"{self.cfg.base_url}: HTTP {e.status_code}: {_message(e)}") from None
-                    await self._backoff(kind, attempt, _retry_after(e), e)
-                except openai.APITimeoutError as e:
-                    await self._backoff("timeout", attempt, None, e)
-                except openai.APIConnectionError as e:
-                    await self._backoff("connection", attempt, None, e)
-                else:
-                    self.usage.add_tokens(getattr(response, "usage", None))
-                    return response
+            try:
+                return await self._attempts(call, client)
+            except ApiError:
+                self._stop = True  # before the slot is released: no queued request starts after a failure
+                raise
+
+    async def _attempts(self, call: Callable[[Any], Awaitable[Any]], client: Any) -> Any:
+        """One request with its retries (the module docstring's rules)."""
+        import openai
+
+        for attempt in range(self.cfg.max_retries + 1):
+            self.usage.requests += 1
+            try:
+                response = await call(client)
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                self.usage.failures["auth"] += 1
+                raise ApiError(
+                    f"{self.cfg.base_url}: authentication failed ({e.status_code}): {_message(e)}; check "
+                    f"${self.cfg.api_key_env}"
+                ) from None
+            except openai.NotFoundError as e:
+                self.usage.failures["not_found"] += 1
+                raise ApiError(await self._not_found(e)) from None
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                self.usage.failures["rejected"] += 1
+                raise ApiError(
+                    f"{self.cfg.base_url}: request rejected ({e.status_code}) for model {self.cfg.model!r}: "
+                    f"{_message(e)}"
+                ) from None
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIStatusError) as e:
+                kind = "rate_limit" if e.status_code == 429 else f"http_{e.status_code}"
+                if e.status_code < 500 and e.status_code != 429:
+                    self.usage.failures[kind] += 1
+                    raise ApiError(f"{self.cfg.base_url}: HTTP {e.status_code}: {_message(e)}") from None
+                await self._backoff(kind, attempt, _retry_after(e), e)
+            except openai.APITimeoutError as e:
+                await self._backoff("timeout", attempt, None, e)
+            except openai.APIConnectionError as e:
+                await self._backoff("connection", attempt, None, e)
+            else:
+                self.usage.add_tokens(getattr(response, "usage", None))
+                return response
         raise AssertionError("unreachable")
 
     async def _backoff(self, kind: str, attempt: int, retry_after: float | None, err: Exception) -> None:
