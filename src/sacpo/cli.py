@@ -6,6 +6,7 @@
     sacpo reward CONFIG [key=value ...]
     sacpo eval CONFIG [key=value ...]
     sacpo report DIR [--include DIR ...] [--out DIR]
+    sacpo label CONFIG [key=value ...]        sample pairs from a policy, label them with judges (PKU schema)
     sacpo bon CONFIG [key=value ...]          best-of-n, optionally constrained (λ calibrated)
     sacpo cd-scorer CONFIG [key=value ...]    train a prefix value model (CD-FUDGE / CD-Q)
     sacpo cd CONFIG [key=value ...]           controlled decoding: token-wise or blockwise
@@ -43,6 +44,7 @@ CONFIG_CLASSES = {
     "merge": "sacpo.recipes.merge:MergeConfig",
     "reward": "sacpo.train.reward_model:RewardConfig",
     "eval": "sacpo.recipes.eval:EvalConfig",
+    "label": "sacpo.recipes.label:LabelConfig",
     "bon": "sacpo.infer.bon_config:BonConfig",
     "cd": "sacpo.infer.cd_config:CDConfig",
     "cd-scorer": "sacpo.train.prefix_scorer:TrainScorerConfig",
@@ -141,6 +143,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _config_command(args)
     run_eval(cfg, show_progress=not args.quiet)
     print(f"report: {Path(cfg.output_dir) / 'report.md'}")
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from sacpo.recipes.label import run_label
+
+    cfg = _config_command(args)
+    path = run_label(cfg, show_progress=not args.quiet)
+    print(f"preferences: {path}\nreport: {path.with_name('labels.md')}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -246,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_parser("eval", "evaluate models: win rates vs SFT, gold/learned scores, KL, report").set_defaults(
         func=cmd_eval
+    )
+    config_parser("label", "sample response pairs from a policy and label them with judges").set_defaults(
+        func=cmd_label
     )
     p = sub.add_parser(
         "report", help="rebuild report.md/.html and plots from an eval directory's results.json"

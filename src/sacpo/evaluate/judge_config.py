@@ -6,12 +6,13 @@
       - {kind: reward_model, dir: runs/rm}            # helpfulness: a Bradley–Terry model, an ensemble, or any
       - {kind: cost_model, dir: [runs/cm0, runs/cm1]} # HF sequence-classification directory (num_labels = 1)
       - {kind: oracle, name: toyworld}                # a registered gold oracle: its reward and its safety
+      - {kind: scorer, name: refusal, criterion: harmlessness}   # any registered scorer
 
 Each judge compares a model's response with the SFT policy's response to the same prompt and sample index; an
 LLM judge asks in both orders (`sacpo.scoring.llm_judge`), a pointwise judge compares the two scores
 (`sacpo.math.judges.score_outcome`; a cost model's lower cost wins). Criterion: llm → its template's
 (helpfulness, harmlessness, or the template file's stem); reward_model → helpfulness; cost_model → harmlessness;
-oracle → both (two judges, <name>.reward and <name>.safety).
+oracle → both (two judges, <name>.reward and <name>.safety); scorer → its `criterion`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ from sacpo.config import (
 )
 from sacpo.scoring.api_client import ApiConfig
 
-KINDS = ("llm", "reward_model", "cost_model", "oracle")
+KINDS = ("llm", "reward_model", "cost_model", "oracle", "scorer")
 LLM_FIELDS = (
     "base_url",
     "model",
     "api_key_env",
-    "criterion",
     "temperature",
     "max_tokens",
     "verdict_retries",
@@ -46,16 +46,25 @@ LLM_FIELDS = (
     "timeout",
 )
 MODEL_FIELDS = ("dir", "aggregate", "max_length", "max_prompt_length")
-OWN_FIELDS = {"llm": LLM_FIELDS, "reward_model": MODEL_FIELDS, "cost_model": MODEL_FIELDS, "oracle": ()}
+SHARED_FIELDS = ("criterion",)  # llm and scorer
+OWN_FIELDS = {
+    "llm": (*LLM_FIELDS, "criterion"),
+    "reward_model": MODEL_FIELDS,
+    "cost_model": MODEL_FIELDS,
+    "oracle": (),
+    "scorer": ("criterion",),
+}
 
 
 @config_dataclass
 class JudgeConfig:
-    kind: Literal["llm", "reward_model", "cost_model", "oracle"] = help_field(
-        help="llm (pairwise, OpenAI-compatible API) | reward_model | cost_model (directories) | oracle (by name)"
+    kind: Literal["llm", "reward_model", "cost_model", "oracle", "scorer"] = help_field(
+        help="llm (pairwise, OpenAI-compatible API) | reward_model | cost_model (directories) | oracle (by name) | "
+        "scorer (a registered scorer by name, e.g. a rule-based detector; higher = better on its criterion)"
     )
     name: str = help_field(
-        "", help="the judge's label in the report ('' = derived); kind oracle: the registered oracle's name"
+        "",
+        help="the judge's label in the report ('' = derived); kind oracle / scorer: the registered name",
     )
     base_url: str = help_field(
         "", help="llm: the server's OpenAI-compatible root, e.g. http://127.0.0.1:8000/v1"
@@ -65,7 +74,8 @@ class JudgeConfig:
         "OPENAI_API_KEY", help="llm: environment variable with the API key (unset + localhost: none sent)"
     )
     criterion: str = help_field(
-        "helpfulness", help="llm: helpfulness | harmlessness (shipped templates) | a template YAML file"
+        "helpfulness",
+        help="llm: helpfulness | harmlessness (shipped templates) | a template YAML file; scorer: what it measures",
     )
     temperature: NonNegativeFloat = help_field(0.0, help="llm: sampling temperature of the first ask")
     max_tokens: PositiveInt = help_field(512, help="llm: longest answer (reasoning + verdict), tokens")
@@ -97,9 +107,15 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         fields = JudgeConfig.__dataclass_fields__
-        for f in (*LLM_FIELDS, *MODEL_FIELDS):
+        for f in (*LLM_FIELDS, *MODEL_FIELDS, *SHARED_FIELDS):
             if f not in OWN_FIELDS[self.kind] and getattr(self, f) != fields[f].default:
-                owner = "llm" if f in LLM_FIELDS else "reward_model / cost_model"
+                owner = (
+                    "llm / scorer"
+                    if f in SHARED_FIELDS
+                    else "llm"
+                    if f in LLM_FIELDS
+                    else "reward_model / cost_model"
+                )
                 raise ConfigError(f"judge {self.label!r}: {f} is a field of kind {owner}, not {self.kind}")
         if self.kind == "llm" and not (self.base_url and self.model):
             raise ConfigError(f"judge {self.label!r}: kind llm needs base_url and model")
@@ -110,8 +126,8 @@ class JudgeConfig:
             missing = [d for d in dirs if not Path(d).is_dir()]
             if missing:
                 raise ConfigError(f"judge {self.label!r}: no model directory {missing[0]}")
-        if self.kind == "oracle" and not self.name:
-            raise ConfigError("judge of kind oracle: give the oracle's registered name as name")
+        if self.kind in ("oracle", "scorer") and not self.name:
+            raise ConfigError(f"judge of kind {self.kind}: give its registered name as name")
 
     @property
     def label(self) -> str:

@@ -53,7 +53,7 @@ def build_judges(
 ) -> list[Judge]:
     """The judges of a config (models load here; an oracle expands to its reward and safety judges)."""
     from sacpo.config import to_dict
-    from sacpo.scoring import get_oracle
+    from sacpo.scoring import get_oracle, resolve_scorer
     from sacpo.scoring.api_client import ApiConfig
     from sacpo.scoring.llm_judge import LLMJudge
 
@@ -70,6 +70,8 @@ def build_judges(
                 c.retry_temperature, c.seed,
             )  # fmt: skip
             out.append(Judge(c.label, c.kind, c.criterion_name, spec, llm=llm))
+        elif c.kind == "scorer":
+            out.append(Judge(c.label, c.kind, c.criterion_name, spec, scorer=resolve_scorer(c.name)))
         elif c.kind == "oracle":
             oracle = get_oracle(c.name)
             out.append(Judge(f"{c.name}.reward", "oracle", "helpfulness", spec, scorer=oracle.reward))
