@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("config", nargs="?", help="YAML config file (optional: overrides may give every field)")
+        p.add_argument(
+            "config", nargs="?", help="YAML config file (optional: overrides may give every field)"
+        )
         p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values)")
         p.add_argument("--help-config", action="store_true", help="list every config field and exit")
         return p
@@ -306,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import", help="a GGUF file or an HF model directory → an HF safetensors directory (with tokenizer)"
     )
-    p.add_argument("src", help="a .gguf file (de-quantised) or an HF model directory with safetensors weights")
+    p.add_argument(
+        "src", help="a .gguf file (de-quantised) or an HF model directory with safetensors weights"
+    )
     p.add_argument("out", help="output model directory (written atomically)")
     p.add_argument(
         "--dtype",

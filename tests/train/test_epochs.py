@@ -48,7 +48,10 @@ def optimizer_steps():
 @pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant"])
 def test_step_one_trains_and_logs_the_applied_lr(tiny_model, pku_tiny, tmp_path, optimizer_steps, scheduler):
     out = tmp_path / scheduler
-    train(_cfg(tiny_model, pku_tiny, out, max_steps=2, warmup_steps=10, scheduler=scheduler), show_progress=False)
+    train(
+        _cfg(tiny_model, pku_tiny, out, max_steps=2, warmup_steps=10, scheduler=scheduler),
+        show_progress=False,
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert [s["lr"] for s in optimizer_steps] == pytest.approx([5e-5, 1e-4])  # lr·(s+1)/10

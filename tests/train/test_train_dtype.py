@@ -34,6 +34,10 @@ def _train(policy, data, out, **kw):
     return train(from_dict(TrainConfig, fields), show_progress=False)
 
 
+def _size(model_dir):
+    return (model_dir / "model.safetensors").stat().st_size
+
+
 def _weights(model_dir):
     return load_file(model_dir / "model.safetensors")
 
@@ -46,8 +50,7 @@ def test_auto_keeps_a_bf16_policy_bf16_at_half_the_size(tiny_model, tiny_bf16, p
     assert json.loads((r.output_dir / "summary.json").read_text())["dtype"] == "bfloat16"
     fp32 = _train(tiny_model, pku_tiny, tmp_path / "fp32")  # the float32 tiny model: auto = float32
     assert checkpoint_dtype(fp32.model_dir) == torch.float32
-    ratio = (r.model_dir / "model.safetensors").stat().st_size / (fp32.model_dir / "model.safetensors").stat().st_size
-    assert ratio == pytest.approx(0.5, abs=0.02)
+    assert _size(r.model_dir) / _size(fp32.model_dir) == pytest.approx(0.5, abs=0.02)
     start = _weights(tiny_bf16)
     assert any(not torch.equal(weights[k], start[k]) for k in start)  # trained, then cast
 
@@ -83,7 +86,5 @@ def test_bf16_output_from_a_fp32_policy_loads_and_matches(tiny_model, pku_tiny, 
 
 def test_unknown_dtype_is_rejected(tiny_model, pku_tiny, tmp_path):
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'; valid dtypes: auto, bf16, fp16, fp32"):
-        from_dict(
-            TrainConfig,
-            {"policy": str(tiny_model), "output_dir": str(tmp_path), "data": {"source": str(pku_tiny)}, "dtype": "fp8"},
-        )
+        fields = {"policy": str(tiny_model), "output_dir": str(tmp_path), "data": {"source": str(pku_tiny)}}
+        from_dict(TrainConfig, {**fields, "dtype": "fp8"})

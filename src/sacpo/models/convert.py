@@ -48,7 +48,10 @@ def gguf_dtype(path: str | Path) -> torch.dtype:
     _require_gguf()
     from gguf import GGUFReader
 
-    types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    try:
+        types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    except Exception as e:  # not a GGUF file, an unsupported version, a truncated file
+        raise ModelLoadError(f"{path}: cannot import: {type(e).__name__}: {_one_line(e)}") from e
     if not types <= set(_GGUF_FLOATS):
         return torch.float32
     for name in ("BF16", "F16"):
@@ -141,7 +144,9 @@ def _load_gguf(src: Path, dtype: torch.dtype) -> Any:
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise ModelLoadError(f"{src}: GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ModelLoadError(
+            f"{src}: GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     if tied:
         model.tie_weights()
     model.generation_config = model.generation_config.__class__.from_model_config(config)

@@ -70,7 +70,8 @@ def warmup_cosine(warmup: int, total: int) -> Schedule:
 
     def f(step: int) -> float:
         w = _warmup(step, warmup)
-        return w if w is not None else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        progress = (step - warmup) / max(1, total - warmup)
+        return w if w is not None else 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
