@@ -11,11 +11,13 @@
     sacpo cd-scorer CONFIG [key=value ...]    train a prefix value model (CD-FUDGE / CD-Q)
     sacpo cd CONFIG [key=value ...]           controlled decoding: token-wise or blockwise
     sacpo theory [--out DIR]                  exact checks on finite spaces (SACPO = constrained optimum, BoN)
+    sacpo import SRC OUT [--dtype auto|bf16|fp16|fp32]   a GGUF file or HF model dir → HF safetensors dir
     sacpo tiny-model OUT_DIR [--seed N]
     sacpo demo [--out DIR] [--quick]
 
 Every CONFIG is YAML for a frozen dataclass; `key=value` overrides (YAML values, dotted keys) apply on top, and
-`--help-config` lists every field with its help text.
+`--help-config` lists every field with its help text. CONFIG is optional: overrides alone may give every field
+(`sacpo train policy=DIR data.source=FILE output_dir=DIR`).
 """
 
 from __future__ import annotations
@@ -58,14 +60,29 @@ def config_class(command: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def split_config_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """(CONFIG path or None, overrides): the first positional is a key=value override, not a file name, when it
+    has a '=' and no such file exists (`sacpo train policy=… data.source=… output_dir=…` needs no YAML)."""
+    if config is not None and "=" in config and not Path(config).is_file():
+        return None, [config, *overrides]
+    return config, list(overrides)
+
+
 def _config_command(args: argparse.Namespace):
     cls = config_class(args.command)
     if args.help_config:
         print(f"{cls.__name__} fields:\n{describe(cls)}")
         raise SystemExit(0)
-    if args.config is None:
-        raise ConfigError("a CONFIG file is required (or --help-config)")
-    return load_config(cls, args.config, args.overrides)
+    path, overrides = split_config_args(args.config, args.overrides)
+    try:
+        return load_config(cls, path, overrides)
+    except ConfigError as e:
+        if path is not None or "missing required key" not in str(e):
+            raise
+        raise ConfigError(
+            f"{e}\n(no CONFIG file given: set the missing fields as key=value overrides, or give a YAML config; "
+            f"`sacpo {args.command} --help-config` lists every field)"
+        ) from None
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -120,6 +137,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     for r in run_merge(_config_command(args)):
         print(f"q={r['q']:g}: {r['model']}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from sacpo.models.convert import import_model
+    from sacpo.models.dtypes import checkpoint_dtype, dtype_name
+
+    out = import_model(args.src, args.out, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{out} ({dtype_name(checkpoint_dtype(out))}, {size / 1e6:.1f} MB of safetensors)")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
@@ -239,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("config", nargs="?", help="YAML config file")
+        p.add_argument(
+            "config", nargs="?", help="YAML config file (optional: overrides may give every field)"
+        )
         p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys, YAML values)")
         p.add_argument("--help-config", action="store_true", help="list every config field and exit")
         return p
@@ -290,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/theory", help="output directory (theory.md + PNG figures)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_theory)
+    p = sub.add_parser(
+        "import", help="a GGUF file or an HF model directory → an HF safetensors directory (with tokenizer)"
+    )
+    p.add_argument(
+        "src", help="a .gguf file (de-quantised) or an HF model directory with safetensors weights"
+    )
+    p.add_argument("out", help="output model directory (written atomically)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="dtype of the saved weights; auto = the source's own (float32 for a quantised GGUF)",
+    )
+    p.set_defaults(func=cmd_import)
     p = sub.add_parser("tiny-model", help="build a tiny GPT-2 + byte tokenizer locally (no hub)")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)

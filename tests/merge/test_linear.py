@@ -100,3 +100,46 @@ def test_merges_are_deterministic_and_not_redone(two_models, tmp_path):
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     merge_dirs(a, b, 0.25, first)
     assert digest(first) != digest(second)
+
+
+@pytest.fixture(scope="module")
+def two_bf16(two_models, tmp_path_factory):
+    from sacpo.models.convert import import_model
+
+    root = tmp_path_factory.mktemp("bf16")
+    return tuple(import_model(m, root / m.name, dtype="bf16") for m in two_models)
+
+
+def test_merge_keeps_the_dtype_and_can_change_it(two_bf16, tmp_path):
+    """bf16 inputs: auto → bf16 output (lerp in float32, one rounding); dtype=float32 → float32 with the
+    unrounded interpolation, config.json saying so."""
+    import json
+
+    from sacpo.models.dtypes import checkpoint_dtype
+
+    a, b = two_bf16
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    kept = merge_dirs(a, b, 0.3, tmp_path / "auto")
+    wide = merge_dirs(a, b, 0.3, tmp_path / "fp32", dtype=torch.float32)
+    tk, tw = load_file(kept / "model.safetensors"), load_file(wide / "model.safetensors")
+    for k in ta:
+        exact = torch.lerp(ta[k].float(), tb[k].float(), 0.3)
+        assert tk[k].dtype == torch.bfloat16 and torch.equal(tk[k], exact.to(torch.bfloat16))
+        assert tw[k].dtype == torch.float32 and torch.equal(tw[k], exact)
+    assert (kept / "config.json").read_bytes() == (a / "config.json").read_bytes()
+    assert json.loads((wide / "config.json").read_text())["dtype"] == "float32"
+    assert checkpoint_dtype(kept) == torch.bfloat16 and checkpoint_dtype(wide) == torch.float32
+    assert json.loads((wide / "merge.json").read_text())["dtype"] == "float32"
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(kept, dtype="auto").dtype == torch.bfloat16
+
+
+def test_the_merge_command_takes_a_dtype(two_bf16, tmp_path):
+    from sacpo.cli import main
+
+    a, b = two_bf16
+    args = [f"a={a}", f"b={b}", f"output_dir={tmp_path / 'out'}", "qs=[0.5]", "dtype=fp16"]
+    assert main(["-q", "merge", *args]) == 0  # no config file: the overrides give every field
+    merged = load_file(tmp_path / "out" / "q0.5" / "model.safetensors")
+    assert {t.dtype for t in merged.values() if t.is_floating_point()} == {torch.float16}

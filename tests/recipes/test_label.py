@@ -42,7 +42,10 @@ def test_oracle_labels_follow_the_bradley_terry_rule(tiny_model, tmp_path, one_t
     report = json.loads(path.with_name("labels.json").read_text())
     assert report["pairs"] == 8 and len(rows) == report["rows"] == 8 - report["dropped_identical_or_empty"]
     oracle = get_oracle("toyworld")
-    samples = [json.loads(line) for line in (tmp_path / "labels" / "samples" / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line)
+        for line in (tmp_path / "labels" / "samples" / "samples.jsonl").read_text().splitlines()
+    ]
     index = {(s["prompt"], s["response"].strip()): (s["prompt_index"], s["sample"] // 2) for s in samples}
     for r in rows:
         i, j = index[(r["prompt"], r["response_0"])]

@@ -194,3 +194,45 @@ def test_a_finished_stage_is_retrained_when_its_chat_template_file_changes(tiny_
         "reference_passes"
     ]  # same config.yaml, other template text
     assert again == {"computed": 1, "cached": 0, "skipped_stages": 0}
+
+
+def test_pipeline_stages_and_merges_keep_a_bf16_policy_bf16(tiny_model, pku_tiny, tmp_path):
+    """dtype auto through a pipeline: the bf16 SFT policy gives bf16 stages (trained on float32 weights) and
+    bf16 merges; `defaults: {dtype: fp32}` is another computation (the stages are retrained) and saves float32."""
+    from sacpo.models.convert import import_model
+    from sacpo.models.dtypes import checkpoint_dtype
+
+    sft = import_model(tiny_model, tmp_path / "sft-bf16", dtype="bf16")
+    d = str(pku_tiny)
+    fields = {
+        "stages": [
+            {"name": "helpful", "data": {"source": d, "format": "pku_helpful"}, "beta": 0.1},
+            {"name": "safe", "data": {"source": d, "format": "pku_safe"}, "lam": 2.0},
+        ],
+        "merges": [{"name": "psacpo", "a": "helpful", "b": "safe", "qs": [0.5]}],
+    }
+    out = tmp_path / "p"
+    defaults = {**DEFAULTS, "max_steps": 2, "kl_prompts": 0}
+    run_pipeline(pipeline_cfg(sft, pku_tiny, out, defaults=defaults, **fields), show_progress=False)
+    models = [out / "stages" / "helpful" / "model", out / "stages" / "safe" / "model"]
+    models.append(out / "merges" / "psacpo-q0.5" / "model")
+    assert [checkpoint_dtype(m) for m in models] == [torch.bfloat16] * 3
+    wide = {**defaults, "dtype": "fp32"}
+    again = run_pipeline(pipeline_cfg(sft, pku_tiny, out, defaults=wide, **fields), show_progress=False)
+    assert again["reference_passes"]["skipped_stages"] == 0
+    assert [checkpoint_dtype(m) for m in models] == [torch.float32] * 3
+
+
+def test_a_config_saved_before_dtype_existed_means_auto(tiny_model, pku_tiny, tmp_path):
+    from sacpo.config import to_yaml
+    from sacpo.train.config import TrainConfig, same_computation
+
+    fields = {"policy": str(tiny_model), "output_dir": str(tmp_path), "data": {"source": str(pku_tiny)}}
+    cfg = from_dict(TrainConfig, fields)
+    saved = to_yaml(cfg)
+    older = "".join(
+        line for line in saved.splitlines(True) if not line.startswith(("dtype:", "warmup_steps:"))
+    )
+    assert older != saved and same_computation(older, cfg)
+    assert not same_computation(saved, from_dict(TrainConfig, {**fields, "dtype": "bf16"}))
+    assert not same_computation(saved, from_dict(TrainConfig, {**fields, "warmup_steps": 3}))

@@ -249,3 +249,21 @@ def test_ensemble_aggregation_equals_manual_aggregation_of_members(cost_ensemble
     n = len(held)
     agg = members.mean(0)
     assert pairwise_accuracy(agg[:n], agg[n:]) == result.metrics["heldout_accuracy"]
+
+
+def test_dtype_saves_the_reward_model_in_it_and_it_still_scores(tiny_model, pku_tiny, tmp_path):
+    """dtype=bf16: every floating tensor (backbone and the float32-trained score head) is saved as bfloat16;
+    the scorer reads it back and scores as the float32 upcast of those weights."""
+    from sacpo.models.dtypes import checkpoint_dtype
+
+    out = tmp_path / "rm16"
+    train_reward_model(make_cfg(tiny_model, pku_tiny, out, max_steps=2, dtype="bf16"), show_progress=False)
+    weights = load_file(out / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert "score.weight" in weights and checkpoint_dtype(out) == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    scores = RewardModelScorer(out, device="cpu")(["Hi"], ["Sure, here it is."])
+    assert torch.isfinite(scores).all()
+    # auto on the float32 tiny model: float32, as before
+    train_reward_model(make_cfg(tiny_model, pku_tiny, tmp_path / "rm32", max_steps=2), show_progress=False)
+    assert checkpoint_dtype(tmp_path / "rm32") == torch.float32

@@ -32,7 +32,8 @@ ones. Every error names its field by its dotted path (`lora.r`, `stages[1].lam`)
 Shared field types (declare a repeated field's constraint once, per-class default and help stay on the field):
 `PositiveInt` (≥ 1: batch sizes, lengths, counts), `NonNegativeInt` (≥ 0: "every N steps, 0 = never"), `Seed`,
 `PositiveFloat` and `NonNegativeFloat` (finite), `LearningRate`, `Fraction` ([0, 1): warmup_ratio, eval_fraction,
-dropout), `Probability` ([0, 1]: merge weights, noise rates), `Device` (auto | cpu | mps | cuda[:N] | xpu[:N]).
+dropout), `Probability` ([0, 1]: merge weights, noise rates), `Device` (auto | cpu | mps | cuda[:N] | xpu[:N]),
+`ModelDtype` (auto | bf16 | fp16 | fp32: the dtype a model is stored in; resolved by `sacpo.models.dtypes`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
@@ -100,6 +101,7 @@ LearningRate = PositiveFloat
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 Device = Annotated[str, AfterValidator(_check_device)]
+ModelDtype = Literal["auto", "bf16", "fp16", "fp32"]  # auto: the source checkpoint's own dtype
 
 
 # ---------------------------------------------------------------------------------------------- YAML and dicts
@@ -256,6 +258,7 @@ __all__ = [
     "Device",
     "Fraction",
     "LearningRate",
+    "ModelDtype",
     "NonNegativeFloat",
     "NonNegativeInt",
     "PositiveFloat",

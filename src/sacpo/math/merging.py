@@ -39,9 +39,13 @@ def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
 
 
 def linear_merge(
-    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], q: float
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    q: float,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """θ = (1−q)·θ_a + q·θ_b for every floating tensor, computed in at least float32 and cast back.
+    """θ = (1−q)·θ_a + q·θ_b for every floating tensor, computed in at least float32 and cast once to `dtype`
+    (None: a's dtype).
 
     Non-floating tensors (integer buffers such as position ids) must be equal in a and b and are copied.
     """
@@ -53,7 +57,7 @@ def linear_merge(
         if ta.is_floating_point():
             work = torch.promote_types(ta.dtype, torch.float32)  # fp16/bf16 → fp32, fp64 stays fp64
             merged = torch.lerp(ta.to(work), tb.to(work), q)  # (1−q)·a + q·b
-            out[key] = merged.to(ta.dtype)
+            out[key] = merged.to(dtype or ta.dtype)
         else:
             if not torch.equal(ta, tb):
                 raise MergeError(

@@ -1,7 +1,9 @@
 """Merge two HF model directories: θ = (1−q)·θ_a + q·θ_b (P-SACPO and the naive-merge baseline).
 
 Works on the safetensors files directly (no model instantiation); refuses different architectures, configs,
-tensor keys/shapes or tokenizers. The merged directory gets a's config and tokenizer.
+tensor keys/shapes or tokenizers. The merged directory gets a's config and tokenizer. The weights are read in the
+dtype they are stored in, interpolated in float32 (float64 stays float64) and saved in `dtype` (default: a's
+`checkpoint_dtype`); config.json's `dtype` is rewritten only when it does not already say so.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from sacpo.fsutil import atomic_dir, atomic_save_file, atomic_write_bytes, atomic_write_json
 from sacpo.math.merging import MergeError, _check_q, linear_merge
+from sacpo.models.dtypes import checkpoint_dtype, config_dtype, dtype_name
 from sacpo.models.load import check_model_dir, fingerprint_model, hash_files
 
 TOKENIZER_FILES = (
@@ -60,9 +63,11 @@ def check_mergeable(a: str | Path, b: str | Path) -> None:
 MERGE_FILE = "merge.json"
 
 
-def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
-    """Write the merged model to `out` (atomically: `sacpo.fsutil.atomic_dir`), with `merge.json` naming
-    a, b, q and the content fingerprints of a and b.
+def merge_dirs(
+    a: str | Path, b: str | Path, q: float, out: str | Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the merged model to `out` in `dtype` (None: a's; atomically: `sacpo.fsutil.atomic_dir`), with
+    `merge.json` naming a, b, q, the dtype and the content fingerprints of a and b.
 
     The output is byte-for-byte deterministic (the safetensors header carries only {"format": "pt"}: a second
     metadata key would be serialised in hash-map order, so equal merges would hash differently and invalidate
@@ -71,10 +76,12 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
     """
     _check_q(q)
     check_mergeable(a, b)
+    dtype = dtype or checkpoint_dtype(a)
     record = {
         "a": str(a),
         "b": str(b),
         "q": q,
+        "dtype": dtype_name(dtype),
         "a_fingerprint": fingerprint_model(a),
         "b_fingerprint": fingerprint_model(b),
     }
@@ -84,7 +91,7 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
             return out
     except (OSError, ValueError):
         pass
-    merged = linear_merge(read_state_dict(a), read_state_dict(b), q)
+    merged = linear_merge(read_state_dict(a), read_state_dict(b), q, dtype)
     with atomic_dir(out) as tmp:
         atomic_save_file(
             {k: v.contiguous() for k, v in merged.items()},
@@ -94,5 +101,10 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path) -> Path:
         for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
             if (Path(a) / name).is_file():
                 atomic_write_bytes(tmp / name, (Path(a) / name).read_bytes())
+        config = json.loads((tmp / "config.json").read_text())
+        if config_dtype(config) != dtype or "torch_dtype" in config:
+            config.pop("torch_dtype", None)
+            config["dtype"] = dtype_name(dtype)
+            atomic_write_json(tmp / "config.json", config, indent=2, sort_keys=True)
         atomic_write_json(tmp / MERGE_FILE, record)
     return out

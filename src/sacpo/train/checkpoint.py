@@ -10,7 +10,7 @@
         rng-<rank>.{safetensors,json} torch CPU/CUDA RNG states | Python and NumPy RNG states, per process
         metrics-pending-<rank>.json   metric values logged since the last metrics.jsonl record
         step.json                     the step and the run's settings, written last
-    model/            final policy, HF format (safetensors), with its tokenizer
+    model/            final policy, HF format (safetensors, in the config's `dtype`), with its tokenizer
     adapter/          LoRA adapter (LoRA runs only)
     summary.json      steps, reference pass, seconds, final metrics
     DONE              written last (atomically): a directory without it is unfinished and is redone by the
@@ -38,6 +38,7 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
+from sacpo.models.dtypes import save_pretrained_as
 from sacpo.train.state import (
     load_model_state,
     load_tensors,
@@ -252,8 +253,11 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> Path:
-    """Write the policy in HF format to model/ (LoRA merged into dense weights; adapter also saved to adapter/)."""
+def save_final(
+    acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write the policy in HF format to model/ with its weights in `dtype` (LoRA merged into dense weights first;
+    the adapter is also saved to adapter/, as trained). The live model keeps its float32 weights."""
     model_dir = out / "model"
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -268,7 +272,7 @@ def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> P
         use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True  # saved for inference
         tmp = _atomic_dir(model_dir)
         try:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            save_pretrained_as(unwrapped, tmp, dtype)
         finally:  # the live model (a sweep workspace trains it again) keeps its training setting
             unwrapped.config.use_cache = use_cache
         tokenizer.save_pretrained(tmp)

@@ -10,6 +10,7 @@ from sacpo.config import (
     ConfigError,
     Fraction,
     LearningRate,
+    ModelDtype,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
@@ -117,12 +118,25 @@ class TrainConfig:
         "in the Python API; the sacpo commands (train, pipeline, demo) build their TrainConfigs as "
         "sacpo.recipes.train.CommandTrainConfig, where it defaults to true: set it false there to opt out",
     )
-    warmup_ratio: Fraction = help_field(0.1, help="fraction of steps with linear warmup")
+    warmup_ratio: Fraction = help_field(
+        0.1, help="fraction of steps with linear warmup: w = ceil(warmup_ratio·total steps)"
+    )
+    warmup_steps: NonNegativeInt | None = help_field(
+        None,
+        help="linear warmup steps w (overrides warmup_ratio; may exceed the total). Step s = 0, 1, … runs at "
+        "lr·(s+1)/w while s < w, so the first step trains too (sacpo.train.engine); None = from warmup_ratio",
+    )
     scheduler: Scheduler = help_field("linear", help="learning-rate schedule after the warmup")
     max_grad_norm: float = help_field(1.0, help="gradient clipping norm; 0 disables", ge=0)
     lora: LoraSettings = help_field(LoraSettings(), help="LoRA settings")
     gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
     mixed_precision: MixedPrecision = help_field("auto", help="autocast dtype (auto: bf16 on CUDA, else no)")
+    dtype: ModelDtype = help_field(
+        "auto",
+        help="dtype of the saved model/ (auto | bf16 | fp16 | fp32; auto = the policy checkpoint's own, from its "
+        "safetensors). Training always keeps float32 weights (mixed_precision sets the autocast) and the "
+        "reference log-probs are computed from float32 weights as the policy's are; the cast is made on save",
+    )
     seed: Seed = help_field(0, help="seed for init, data order and sampling")
     log_every: PositiveInt = help_field(10, help="log metrics every N optimizer steps")
     kl_every: NonNegativeInt = help_field(0, help="estimate KL(π‖π_ref) every N steps (0: only at the end)")
@@ -210,6 +224,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
 # these (or before they existed) is still current
 RUNTIME_ONLY_FIELDS = frozenset({"malloc_tuning"})
 
+# settings that change only how the final model is stored, not the trajectory (a resumed run may change them)
+STORAGE_ONLY_FIELDS = frozenset({"dtype"})
+
 # fields added after runs were first written, with the value that reproduces the behaviour from before they
 # existed: a saved config without the field describes the same computation as one with this value
 ADDED_FIELDS: dict[str, object] = {
@@ -217,6 +234,8 @@ ADDED_FIELDS: dict[str, object] = {
     "kl_estimator": "k1",
     "system_prompt": None,
     "chat_template": None,
+    "warmup_steps": None,
+    "dtype": "auto",  # exact for float32 policies (the old runs saved float32); see same_computation
 }
 ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields
 
@@ -246,7 +265,9 @@ def same_computation(saved_yaml: str, cfg: TrainConfig) -> bool:
     (runtime-only settings ignored, average_logprobs resolved, fields added since at their old-behaviour value).
 
     A config saved before average_logprobs became auto holds an explicit false: still current for dpo and kto,
-    stale for ipo (which now length-averages by default)."""
+    stale for ipo (which now length-averages by default). One saved before `dtype` existed counts as dtype auto:
+    the same output for a float32 policy (the old runs always saved float32), a float32 model where a bf16/fp16
+    policy would now give its own dtype."""
     saved, current = yaml.safe_load(saved_yaml), yaml.safe_load(to_yaml(cfg))
     if not isinstance(saved, dict):
         return False

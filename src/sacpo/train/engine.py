@@ -11,11 +11,16 @@ loss history. The trainer supplies only `loss_fn(step) -> (loss, metrics)`: pick
     run.history    # [{"step": 10, "lr": ..., "loss": mean over the window, ...}, ...] (metrics.json)
     run.values     # every step's metrics
 
-Schedules are multipliers of the base LR, lr(s) = lr · f(s) at optimizer step s = 0, 1, … (`LambdaLR`):
+Schedules are multipliers of the base LR, lr(s) = lr · f(s) at optimizer step s = 0, 1, … (`LambdaLR`), with w
+warmup steps (w = 0: none) and n steps in all; the warmup is the same in all three, (s + 1) / w, so the first step
+(s = 0) runs at lr / w, never at 0 (transformers' schedules start at s / w = 0, an update that does nothing):
 
-    warmup_linear_decay(w, n):  f(s) = s / w for s < w, then (n − s) / (n − w) (≥ 0)   (transformers' linear)
-    warmup_constant(w):         f(s) = min(1, (s + 1) / w)
+    warmup_linear_decay(w, n):  f(s) = (s + 1) / w for s < w, then (n − s) / (n − w)    (> 0 for s < n)
+    warmup_constant(w):         f(s) = (s + 1) / w for s < w, then 1
     warmup_cosine(w, n):        f(s) = (s + 1) / w for s < w, then ½ (1 + cos(π (s − w) / (n − w)))
+
+The training loops log the LR each update actually used (read from the optimizer's param group just before
+`optimizer.step()`), not the one the scheduler set for the next update.
 """
 
 from __future__ import annotations
@@ -35,31 +40,47 @@ LossFn = Callable[[int], tuple[torch.Tensor, dict[str, float] | None]]  # step -
 
 
 # --------------------------------------------------------------------------------------------------- schedules
+def _warmup(step: int, warmup: int) -> float | None:
+    """(step + 1) / warmup during the warmup (step < warmup), else None."""
+    return (step + 1) / warmup if step < warmup else None
+
+
 def warmup_linear_decay(warmup: int, total: int) -> Schedule:
-    """Linear warmup from 0 over `warmup` steps, then linear decay to 0 at `total` (transformers' formula)."""
+    """Linear warmup reaching the full LR at step warmup − 1, then linear decay towards 0 at `total`."""
 
     def f(step: int) -> float:
-        if step < warmup:
-            return float(step) / float(max(1, warmup))
-        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+        w = _warmup(step, warmup)
+        return w if w is not None else max(0.0, float(total - step) / float(max(1, total - warmup)))
 
     return f
 
 
 def warmup_constant(warmup: int) -> Schedule:
     """Linear warmup reaching the full LR at step warmup − 1, constant after."""
-    return lambda step: min(1.0, (step + 1) / warmup)
+
+    def f(step: int) -> float:
+        w = _warmup(step, warmup)
+        return w if w is not None else 1.0
+
+    return f
 
 
 def warmup_cosine(warmup: int, total: int) -> Schedule:
     """Linear warmup reaching the full LR at step warmup − 1, then cosine decay to 0 at `total`."""
 
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        w = _warmup(step, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return w if w is not None else 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+    "linear": warmup_linear_decay,
+    "cosine": warmup_cosine,
+    "constant": lambda warmup, total: warmup_constant(warmup),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- stepper
@@ -86,6 +107,8 @@ class Stepper:
         self.max_grad_norm = max_grad_norm
         self.name, self.hint = name, hint
 
+        self.applied_lr: float | None = None  # the LR the last update used (None before the first)
+
     @property
     def lr(self) -> float:
         """The LR of the next step (after `step`: the one the schedule set for the following update)."""
@@ -97,6 +120,7 @@ class Stepper:
         loss.backward()
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.applied_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,7 +147,7 @@ def fit(
 
     `metrics` (python floats; None means {"loss": loss.item()}) are averaged over each window of `log_every`
     steps (and the final, possibly shorter one) into `history` records {"step", ["lr",] **means}, `lr` being
-    the LR after the window's last update; the progress bar shows the last record.
+    the LR the window's last update used; the progress bar shows the last record.
     """
     run = FitResult()
     window: list[dict[str, float]] = []
@@ -137,7 +161,7 @@ def fit(
         bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             means = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-            run.history.append({"step": step + 1, **({"lr": stepper.lr} if log_lr else {}), **means})
+            run.history.append({"step": step + 1, **({"lr": stepper.applied_lr} if log_lr else {}), **means})
             window.clear()
             bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
     bar.close()

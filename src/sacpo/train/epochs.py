@@ -3,6 +3,8 @@ the KL budget and periodic checkpoints.
 
 Per optimizer step: `grad_accum` micro-batches of `batch_size` examples (global, split evenly over processes); the
 batches of epoch e are `batch_order(n, batch_size, seed, e)`, so a resumed run continues with the same data.
+A metrics record's `lr` is the learning rate its step's AdamW update used (the schedule's warmup gives step 1 a
+non-zero one: `sacpo.train.engine`).
 """
 
 from __future__ import annotations
@@ -69,14 +71,14 @@ def run_steps(loop: StepLoop, restored: checkpoint.Restored, show_progress: bool
     for key, values in restored.pending.items():  # metrics of steps after the last record, before the crash
         sums[key] = [torch.tensor(v, dtype=torch.float32) for v in values]
     while step < loop.total_steps:
-        _optimizer_step(loop, step, sums)
+        lr = _optimizer_step(loop, step, sums)
         step += 1
         bar.update(1)
         is_last = step == loop.total_steps
         kl_due = cfg.kl_every > 0 and step % cfg.kl_every == 0
         # a KL step writes a record even off the log cadence (its estimate, and the budget check, are not skipped)
         if step % cfg.log_every == 0 or is_last or kl_due:
-            last, stopped_early = _record(loop, step, sums, evaluate=is_last or kl_due, is_last=is_last)
+            last, stopped_early = _record(loop, step, lr, sums, evaluate=is_last or kl_due, is_last=is_last)
             _write_record(loop, last, bar)
         if stopped_early is not None:
             log.info(
@@ -96,9 +98,11 @@ def run_steps(loop: StepLoop, restored: checkpoint.Restored, show_progress: bool
     return LoopEnd(step, last, stopped_early)
 
 
-def _optimizer_step(loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor]]) -> None:
+def _optimizer_step(loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor]]) -> float:
     """One optimizer step (the `step`-th, 0-based): its micro-batches' backward passes, the finiteness checks of
-    the losses and the gradient norm, clipping, the AdamW and scheduler steps. Metrics are appended to `sums`."""
+    the losses and the gradient norm, clipping, the AdamW and scheduler steps. Metrics are appended to `sums`.
+    Returns the learning rate the AdamW update used (the scheduler's value for this step, read from the param
+    group just before `optimizer.step()`)."""
     cfg, acc = loop.cfg, loop.acc
     epoch, within = divmod(step, loop.steps_per_epoch)
     micro = batch_order(len(loop.stepper.data.pairs), cfg.batch_size, cfg.seed, epoch)
@@ -123,18 +127,20 @@ def _optimizer_step(loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor
         checkpoint.check_finite(grad_norm, step, loop.out, what="gradient norm")
         if cfg.max_grad_norm > 0:
             sums["grad_norm"].append(grad_norm.detach().reshape(()))
+    lr = float(loop.optimizer.param_groups[0]["lr"])
     loop.optimizer.step()
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
+    return lr
 
 
 def _record(
-    loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor]], evaluate: bool, is_last: bool
+    loop: StepLoop, step: int, lr: float, sums: dict[str, list[torch.Tensor]], evaluate: bool, is_last: bool
 ) -> tuple[dict[str, float], dict[str, float] | None]:
-    """The metrics record of `step` (sums reduced, then cleared) and, on an evaluation step, the held-out loss, the
-    KL estimate and the budget decision: (record, stopped_early or None)."""
+    """The metrics record of `step` (sums reduced, then cleared; `lr`: the one step `step` applied) and, on an
+    evaluation step, the held-out loss, the KL estimate and the budget decision: (record, stopped_early or None)."""
     cfg, acc = loop.cfg, loop.acc
-    record = {"step": step, "epoch": step / loop.steps_per_epoch, "lr": loop.scheduler.get_last_lr()[0]}
+    record = {"step": step, "epoch": step / loop.steps_per_epoch, "lr": lr}
     record.update(reduce_metrics(acc, sums))
     sums.clear()
     stopped_early = None

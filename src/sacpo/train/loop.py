@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sacpo.config import ConfigError, to_dict, to_yaml
 from sacpo.fsutil import atomic_write_text
+from sacpo.models.dtypes import dtype_name, resolve_dtype
 from sacpo.models.load import check_model_dir, load_tokenizer
 from sacpo.models.logprobs import HeadPath, head_path
 from sacpo.models.swiglu import fuse_swiglu
@@ -26,7 +29,7 @@ from sacpo.rng import seeded
 from sacpo.train import checkpoint
 from sacpo.train.allocator import tune_malloc
 from sacpo.train.batches import Split, prepare_data, split_indices, subset
-from sacpo.train.config import RUNTIME_ONLY_FIELDS, TrainConfig, comparable
+from sacpo.train.config import RUNTIME_ONLY_FIELDS, STORAGE_ONLY_FIELDS, TrainConfig, comparable
 from sacpo.train.epochs import LoopEnd, StepLoop, run_steps
 from sacpo.train.policy import build_policy, make_accelerator, make_optimizer, make_scheduler
 from sacpo.train.ref_cache import RefLogps, reference_logps
@@ -65,6 +68,7 @@ RESUME_FREE = frozenset(
     {"output_dir", "cache_dir", "save_every", "log_every", "kl_every", "kl_prompts", "kl_samples"}
     | {"kl_max_new_tokens", "logprob_chunk"}
     | RUNTIME_ONLY_FIELDS  # malloc_tuning: on for `sacpo train`, off from Python; either may resume the other
+    | STORAGE_ONLY_FIELDS  # dtype: applied when model/ is saved, after the last step
 )
 
 
@@ -91,6 +95,7 @@ def train(
     check_model_dir(cfg.policy)  # before anything is written or loaded: a clear error for a bad path
     if cfg.reference:
         check_model_dir(cfg.reference)
+    save_dtype = resolve_dtype(cfg.dtype, cfg.policy)  # auto: the policy checkpoint's own dtype
     acc = make_accelerator(cfg)
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by {acc.num_processes} processes")
@@ -121,7 +126,7 @@ def train(
         _log_start(cfg, inputs, loop, path)
         end = run_steps(loop, restored, show_progress)
         undo.close()  # the fused SwiGLU forward comes off before the model is saved (and kept by a workspace)
-        result = _finish(loop, inputs.ref, end, path, time.time() - started)
+        result = _finish(loop, inputs.ref, end, path, save_dtype, time.time() - started)
         if workspace is not None:
             workspace.keep(acc.unwrap_model(loop.model, keep_fp32_wrapper=False), raw_optimizer)
         return result
@@ -263,11 +268,13 @@ def _log_start(cfg: TrainConfig, inputs: Inputs, loop: StepLoop, path: HeadPath)
     log.info("log-probs: %s (%s)", "fused LM head" if path.fused else "full logits", path.reason)
 
 
-def _finish(loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, seconds: float) -> TrainResult:
-    """Check and save the final weights (model/), then summary.json and DONE (main process)."""
+def _finish(
+    loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, dtype: torch.dtype, seconds: float
+) -> TrainResult:
+    """Check and save the final weights (model/, in `dtype`), then summary.json and DONE (main process)."""
     cfg, acc, out = loop.cfg, loop.acc, loop.out
     checkpoint.check_weights_finite(acc, loop.params, end.step, out)
-    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, cfg.lora.enabled)
+    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, cfg.lora.enabled, dtype)
     summary = {
         "steps": end.step,
         "reference_pass": "computed" if ref.computed else "cached",
@@ -279,6 +286,7 @@ def _finish(loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, seconds
         "fused_head_reason": path.reason,
         "average_logprobs": cfg.resolved_average_logprobs,
         "prompt_format": cfg.prompt_format().to_json(),
+        "dtype": dtype_name(dtype),
         "stopped_early": end.stopped_early,
         "final": end.last,
     }

@@ -11,7 +11,7 @@ import torch
 from sacpo.models.load import load_model
 from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.train.config import TrainConfig
-from sacpo.train.engine import resolve_precision
+from sacpo.train.engine import SCHEDULES, resolve_precision
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -57,16 +57,13 @@ def make_optimizer(cfg: TrainConfig, model: Any) -> tuple[torch.optim.AdamW, lis
     return optimizer, params
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
-    """Linear warmup over ceil(warmup_ratio·total_steps) steps, then linear / cosine decay or constant."""
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """w = cfg.warmup_steps when set, else ceil(warmup_ratio · total_steps)."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total_steps)
 
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    if cfg.scheduler == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    fn = get_linear_schedule_with_warmup if cfg.scheduler == "linear" else get_cosine_schedule_with_warmup
-    return fn(optimizer, warmup, total_steps)
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    """`LambdaLR` of `sacpo.train.engine.SCHEDULES[cfg.scheduler]`: step s = 0, 1, … runs at lr·(s+1)/w during
+    the w warmup steps (`warmup_steps`), then linear / cosine decay or constant."""
+    schedule = SCHEDULES[cfg.scheduler](warmup_steps(cfg, total_steps), total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -50,6 +50,7 @@ from sacpo.config import (
     Device,
     Fraction,
     LearningRate,
+    ModelDtype,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
@@ -62,6 +63,7 @@ from sacpo.data.formats import get_format
 from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
 from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
+from sacpo.models.dtypes import resolve_dtype, save_pretrained_as
 from sacpo.models.load import check_model_dir, load_tokenizer
 from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.models.reward import META_FILE, build_reward_model, score_encoded, sequence_scores
@@ -114,6 +116,11 @@ class RewardConfig:
         "auto", help="auto | no | bf16 (auto: bf16 on CUDA when supported)"
     )
     gradient_checkpointing: bool = help_field(False, help="trade compute for activation memory")
+    dtype: ModelDtype = help_field(
+        "auto",
+        help="dtype of the saved reward model(s) (auto | bf16 | fp16 | fp32; auto = the backbone checkpoint's "
+        "own). Training keeps float32 weights (mixed_precision sets the autocast); the cast is made on save",
+    )
     trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
 
     def __post_init__(self) -> None:  # cross-field checks; types, bounds and choices are declared above
@@ -241,11 +248,16 @@ def _train_member(
 
 
 def _save_member(
-    model: Any, tokenizer: Any, path: Path, meta: dict[str, Any], metrics: dict[str, Any]
+    model: Any,
+    tokenizer: Any,
+    path: Path,
+    meta: dict[str, Any],
+    metrics: dict[str, Any],
+    dtype: torch.dtype,
 ) -> None:
     path.mkdir(exist_ok=True)
     model.config.use_cache = True
-    model.save_pretrained(path, safe_serialization=True)
+    save_pretrained_as(model, path, dtype)
     tokenizer.save_pretrained(path)
     atomic_write_json(path / META_FILE, meta)
     atomic_write_json(path / "metrics.json", metrics)
@@ -284,6 +296,7 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
     out = Path(cfg.output_dir)
     started = time.time()
     check_model_dir(cfg.model)
+    dtype = resolve_dtype(cfg.dtype, cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_pairs, eval_pairs = _split_pairs(cfg, tokenizer)
     log.info(
@@ -307,7 +320,7 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
             seed = cfg.seed + i
             desc = f"{kind} model" + (f" {i + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "")
             model, run = _train_member(cfg, tokenizer, train_pairs, eval_pairs, seed, desc, show_progress)
-            _save_member(model.cpu(), tokenizer, tmp / name, {**meta, "seed": seed}, run.metrics)
+            _save_member(model.cpu(), tokenizer, tmp / name, {**meta, "seed": seed}, run.metrics, dtype)
             del model
             runs.append(run)
         if cfg.ensemble > 1:

