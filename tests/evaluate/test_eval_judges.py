@@ -15,6 +15,7 @@ from fake_openai import FakeOpenAI, Reply
 
 from sacpo.config import ConfigError, from_dict
 from sacpo.evaluate.judge_config import GeneratorConfig, JudgeConfig
+from sacpo.evaluate.judging import build_judges
 from sacpo.math.judges import judged_win_rate, pair_outcome
 from sacpo.recipes.eval import EvalConfig, run_eval
 
@@ -142,8 +143,8 @@ def test_judge_config_errors(tmp_path):
         JudgeConfig(kind="llm", model="m")
     with pytest.raises(ConfigError, match="needs dir"):
         JudgeConfig(kind="cost_model")
-    with pytest.raises(ConfigError, match="no model directory"):
-        JudgeConfig(kind="reward_model", dir=str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match="no model directory"):  # checked when the judge is built
+        build_judges([JudgeConfig(kind="reward_model", dir=str(tmp_path / "none"))], tmp_path)
     with pytest.raises(ConfigError, match="dir is a field of kind reward_model"):
         JudgeConfig(kind="llm", base_url="http://127.0.0.1:1/v1", model="m", dir="x")
     with pytest.raises(ConfigError, match="registered name"):

@@ -123,9 +123,6 @@ class JudgeConfig:
             dirs = [self.dir] if isinstance(self.dir, str) else list(self.dir)
             if not dirs or not all(dirs):
                 raise ConfigError(f"judge {self.label!r}: kind {self.kind} needs dir")
-            missing = [d for d in dirs if not Path(d).is_dir()]
-            if missing:
-                raise ConfigError(f"judge {self.label!r}: no model directory {missing[0]}")
         if self.kind in ("oracle", "scorer") and not self.name:
             raise ConfigError(f"judge of kind {self.kind}: give its registered name as name")
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sacpo.config import ConfigError
 from sacpo.data.records import Prompt
 from sacpo.evaluate.judge_config import JudgeConfig
 from sacpo.fsutil import atomic_write_json, atomic_write_jsonl
@@ -92,6 +93,9 @@ def _model_scorer(c: JudgeConfig, device: str | None, dtype: Any) -> Scorer:
     from sacpo.scoring.reward_model import RewardModelScorer
 
     dirs = [c.dir] if isinstance(c.dir, str) else list(c.dir)
+    missing = [d for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise ConfigError(f"judge {c.label!r}: no model directory {missing[0]}")
     known = all(read_meta(d).get("max_length") for d in dirs)
     lengths = (c.max_length, c.max_prompt_length)
     if not known:  # a foreign HF sequence-classification model: no reward_model.json with its lengths
