@@ -28,6 +28,7 @@ import numpy as np
 from sacpo.config import ConfigError
 from sacpo.data.records import Prompt
 from sacpo.evaluate.judge_config import JudgeConfig
+from sacpo.evaluate.metrics import json_safe
 from sacpo.fsutil import atomic_write_json, atomic_write_jsonl
 from sacpo.math.judges import agreement, consistency_rate, judged_win_rate, score_outcome
 from sacpo.scoring.base import Scorer, run_scorer
@@ -193,7 +194,7 @@ def judge_models(
         "models": results,
         "agreement": _agreements(judges, outcomes, models),
     }
-    atomic_write_json(out / JUDGES_FILE, _json_safe(record), ensure_ascii=False)
+    atomic_write_json(out / JUDGES_FILE, json_safe(record), ensure_ascii=False)
     for m in models:
         pairs = _pair_rows(judges, rows[m], base, outcomes, verdicts, m)
         atomic_write_jsonl(out / "samples" / dirs[m] / "judgments.jsonl", pairs)
@@ -228,16 +229,6 @@ def _pair_rows(judges, rows, base, outcomes, verdicts, m) -> list[dict[str, Any]
                 d[f"{j.label}/verdicts"] = list(verdicts[j.label][m][i])
         out.append(d)
     return out
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float):
-        return None if not np.isfinite(x) else x
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def load_judges(out_dir: str | Path) -> dict[str, Any] | None:

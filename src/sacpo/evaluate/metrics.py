@@ -28,6 +28,7 @@ __all__ = [
     "constraint_holds",
     "degenerate_kl_share",
     "is_degenerate",
+    "json_safe",
     "kl_estimate",
     "mean_and_stderr",
     "win_rate",
@@ -147,7 +148,7 @@ class ModelMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, strict-JSON-safe dict: NaN → None, intervals → lists."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelMetrics:
@@ -187,11 +188,12 @@ def _float(v: Any) -> float:
     return NAN if v is None else float(v)
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """NaN / ±inf floats → None (strict JSON has neither), recursively through dicts (keys as strings) and lists."""
     if isinstance(x, float):
         return None if math.isnan(x) or math.isinf(x) else x
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sacpo.config import to_yaml
-from sacpo.evaluate.metrics import NAN, ModelMetrics, constraint_holds, mean_and_stderr, win_rate
+from sacpo.evaluate.metrics import NAN, ModelMetrics, constraint_holds, json_safe, mean_and_stderr, win_rate
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.infer.bon_cache import CANDIDATES_FILE, CANDIDATES_META, candidate_records, candidates_meta
 from sacpo.infer.bon_config import BonConfig
@@ -226,17 +226,6 @@ def write_bon_outputs(
         results_text = json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False)
         atomic_write_text(tmp / RESULTS_FILE, results_text)
         atomic_write_text(tmp / "config.yaml", to_yaml(cfg))
-
-
-def json_safe(x: Any) -> Any:
-    """NaN / ±inf floats → None (JSON has neither), recursively; dict keys as strings."""
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x
 
 
 def _f(x: Any, digits: int = 3) -> str:
