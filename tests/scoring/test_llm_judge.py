@@ -205,3 +205,16 @@ def test_cache_resumes_a_crashed_run_without_repeating_a_request(tmp_path):
             prompts[:1], model[:1], sft[:1], show_progress=False
         )
         assert server.n_requests == 2
+
+
+def test_run_works_inside_a_running_event_loop():
+    """A notebook has an event loop running: `run` must not call asyncio.run on it."""
+    import asyncio
+
+    with FakeOpenAI(lambda n, body: Reply(text="ok")) as server:
+
+        async def main():
+            return chat_text(api(server))
+
+        texts, usage = asyncio.run(main())
+    assert texts == ["ok"] and usage.requests == 1

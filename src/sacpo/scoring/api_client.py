@@ -240,7 +240,16 @@ class ApiClient:
         on_done(i, result) runs as each finishes (e.g. to write a cache entry). When a job fails, the requests in
         flight run to completion (their results still reach on_done), queued ones are not sent, and the first
         error is raised afterwards."""
-        return asyncio.run(self._run(jobs, on_done, desc, show_progress))
+        coro = self._run(jobs, on_done, desc, show_progress)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no event loop in this thread
+            return asyncio.run(coro)
+        # called from inside a running loop (a notebook, an async app): run the batch on a thread of its own
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            return pool.submit(asyncio.run, coro).result()
 
     async def _run(
         self,
