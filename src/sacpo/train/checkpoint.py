@@ -10,8 +10,9 @@
         rng-<rank>.{safetensors,json} torch CPU/CUDA RNG states | Python and NumPy RNG states, per process
         metrics-pending-<rank>.json   metric values logged since the last metrics.jsonl record
         step.json                     the step and the run's settings, written last
-    model/            final policy, HF format (safetensors), with its tokenizer
-    adapter/          LoRA adapter (LoRA runs only)
+    model/            final policy, HF format (safetensors), with its tokenizer; with LoRA and lora.save=adapter
+                      (the default) only the adapter (peft format + sacpo_adapter.json, sacpo.models.adapters)
+    adapter/          LoRA adapter (lora.save=both only)
     summary.json      steps, reference pass, seconds, final metrics
     DONE              written last (atomically): a directory without it is unfinished and is redone by the
                       pipeline
@@ -27,6 +28,7 @@ each process writes its own RNG state and pending metrics. FSDP / DeepSpeed shar
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -38,6 +40,7 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
+from sacpo.models.adapters import ADAPTER_WEIGHTS, chain_below, is_adapter_dir, write_chain
 from sacpo.train.state import (
     load_model_state,
     load_tensors,
@@ -252,29 +255,54 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def save_final(acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool) -> Path:
-    """Write the policy in HF format to model/ (LoRA merged into dense weights; adapter also saved to adapter/)."""
+def save_final(
+    acc: Any, model: Any, tokenizer: Any, out: Path, lora_save: str | None = None, policy: str | Path = ""
+) -> Path:
+    """Write the trained policy to model/ and return that directory.
+
+    lora_save (a LoRA run's `lora.save`; None for full fine-tuning): "adapter" writes only the adapter to model/ (peft
+    format, the tokenizer, and `sacpo_adapter.json` naming the base and the adapters below it — those of `policy`,
+    the stage's starting model, when that is itself an adapter; `sacpo.models.adapters`); "merged" writes the dense
+    model with the adapter merged in; "both" writes the dense model to model/ and the adapter to adapter/."""
     model_dir = out / "model"
     acc.wait_for_everyone()
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        if lora:
-            tmp = _atomic_dir(out / "adapter")
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            replace_dir(tmp, out / "adapter")
-            import copy
-
-            unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True  # saved for inference
-        tmp = _atomic_dir(model_dir)
-        try:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-        finally:  # the live model (a sweep workspace trains it again) keeps its training setting
-            unwrapped.config.use_cache = use_cache
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, model_dir)
+        if lora_save in ("adapter", "both"):
+            _save_adapter(
+                unwrapped, tokenizer, model_dir if lora_save == "adapter" else out / "adapter", policy
+            )
+        if lora_save != "adapter":
+            dense = copy.deepcopy(unwrapped).merge_and_unload() if lora_save else unwrapped
+            _save_dense(dense, tokenizer, model_dir)
     acc.wait_for_everyone()
     return model_dir
+
+
+def _save_adapter(peft_model: Any, tokenizer: Any, final: Path, policy: str | Path) -> None:
+    """The adapter, stacked on `policy`'s chain (its base, and its adapters if it is an adapter directory)."""
+    base, parents = chain_below(policy)
+    tmp = _atomic_dir(final)
+    config = peft_model.peft_config["default"]
+    named, config.base_model_name_or_path = config.base_model_name_or_path, str(base.resolve())
+    try:  # peft looks for the base's config.json there (a hub lookup if it is no local directory)
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        config.base_model_name_or_path = named
+    tokenizer.save_pretrained(tmp)
+    write_chain(tmp, final, base, parents)
+    replace_dir(tmp, final)
+
+
+def _save_dense(model: Any, tokenizer: Any, final: Path) -> None:
+    use_cache, model.config.use_cache = model.config.use_cache, True  # saved for inference
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:  # the live model (a sweep workspace trains it again) keeps its training setting
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, final)
 
 
 def finish(out: Path, summary: dict) -> None:
@@ -284,7 +312,8 @@ def finish(out: Path, summary: dict) -> None:
 
 
 def is_finished(out: Path) -> bool:
-    """DONE holds its text, summary.json parses, and model/ has a config and safetensors weights."""
+    """DONE holds its text, summary.json parses, and model/ has a config and safetensors weights (a full model) or
+    an adapter config and safetensors adapter weights (an adapter-only output)."""
     try:
         if (out / DONE).read_text() != DONE_TEXT:
             return False
@@ -292,4 +321,6 @@ def is_finished(out: Path) -> bool:
     except (OSError, ValueError):
         return False
     model = out / "model"
+    if is_adapter_dir(model):
+        return (model / ADAPTER_WEIGHTS).is_file()
     return (model / "config.json").is_file() and any(model.glob("*.safetensors"))

@@ -72,6 +72,7 @@ def _run_identity(cfg: TrainConfig, ref_cache: Path) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the trajectory's settings and the reference cache (which is
     keyed on the reference weights, tokenizer, encoded data and max_length)."""
     fields = comparable({k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE})
+    fields["lora"].pop("save", None)  # the output format, written after the last step
     return json.loads(json.dumps({**fields, "reference_cache": ref_cache.name}))
 
 
@@ -266,7 +267,8 @@ def _finish(loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, seconds
     """Check and save the final weights (model/), then summary.json and DONE (main process)."""
     cfg, acc, out = loop.cfg, loop.acc, loop.out
     checkpoint.check_weights_finite(acc, loop.params, end.step, out)
-    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, cfg.lora.enabled)
+    lora_save = cfg.lora.save if cfg.lora.enabled else None
+    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, lora_save, cfg.policy)
     summary = {
         "steps": end.step,
         "reference_pass": "computed" if ref.computed else "cached",
@@ -277,6 +279,7 @@ def _finish(loop: StepLoop, ref: RefLogps, end: LoopEnd, path: HeadPath, seconds
         "fused_head": path.fused,
         "fused_head_reason": path.reason,
         "average_logprobs": cfg.resolved_average_logprobs,
+        "model_format": "adapter" if lora_save == "adapter" else "dense",
         "stopped_early": end.stopped_early,
         "final": end.last,
     }
