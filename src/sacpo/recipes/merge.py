@@ -1,18 +1,22 @@
 """`sacpo merge CONFIG`: P-SACPO merges θ = (1−q)·θ_a + q·θ_b of two model directories for several q.
 
 cfg = load_config(MergeConfig, "configs/merge.yaml", ["qs=[0.5]"])
-records = run_merge(cfg)           # <output_dir>/q<q>/ (HF model dirs), config.yaml, metrics.jsonl
+records = run_merge(cfg)           # <output_dir>/q<q>/ (model or adapter dirs), config.yaml, metrics.jsonl
+
+a and b may be full models or LoRA adapter directories; two adapters on one base merge into an adapter
+(`sacpo.merge.linear`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from sacpo.config import Probability, config_dataclass, help_field, to_yaml
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
-from sacpo.merge.linear import merge_dirs
+from sacpo.merge.linear import MERGE_FILE, MergeOutput, merge_dirs
 
 
 @config_dataclass
@@ -23,6 +27,11 @@ class MergeConfig:
     qs: list[Probability] = help_field(
         [0.25, 0.5, 0.75], help="merge weights: θ = (1−q)·θ_a + q·θ_b", min_length=1
     )
+    output: MergeOutput = help_field(
+        "auto",
+        help="adapter: write each merge as a LoRA adapter on the shared base (a and b adapter directories on one "
+        "base; exact up to float rounding); dense: a full model; auto: adapter when a and b allow it, else dense",
+    )
 
 
 def run_merge(cfg: MergeConfig) -> list[dict[str, Any]]:
@@ -32,9 +41,17 @@ def run_merge(cfg: MergeConfig) -> list[dict[str, Any]]:
     records = []
     for q in cfg.qs:
         started = time.perf_counter()
-        path = merge_dirs(cfg.a, cfg.b, q, out / f"q{q:g}")
+        path = merge_dirs(cfg.a, cfg.b, q, out / f"q{q:g}", cfg.output)
+        kind = json.loads((path / MERGE_FILE).read_text())["output"]
         records.append(
-            {"q": q, "a": cfg.a, "b": cfg.b, "model": str(path), "seconds": time.perf_counter() - started}
+            {
+                "q": q,
+                "a": cfg.a,
+                "b": cfg.b,
+                "model": str(path),
+                "output": kind,
+                "seconds": time.perf_counter() - started,
+            }
         )
     atomic_write_jsonl(out / "metrics.jsonl", records, ensure_ascii=True)
     return records
