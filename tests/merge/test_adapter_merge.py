@@ -134,5 +134,5 @@ def test_non_plain_lora_is_refused(stages, tmp_path):
     shutil.copytree(stages["naive"] / "adapter", bad)
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(MergeError, match="only plain LoRA.*use_dora"):
+    with pytest.raises(MergeError, match=r"only plain LoRA.*use_dora"):
         merge_dirs(stages["helpful"] / "adapter", bad, 0.5, tmp_path / "x")
