@@ -27,7 +27,13 @@ from sacpo.math.merging import MergeError, _check_q, linear_merge
 from sacpo.merge.adapter_merge import why_not_adapter, write_merged_adapter
 from sacpo.merge.sources import Source, TensorReader, check_targets, read_source
 from sacpo.models.adapters import ADAPTER_WEIGHTS
-from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, hash_files, load_tokenizer
+from sacpo.models.load import (
+    ModelLoadError,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    hash_files,
+    load_tokenizer,
+)
 
 MergeOutput = Literal["auto", "adapter", "dense"]
 TOKENIZER_FILES = (
@@ -62,9 +68,14 @@ def _same_tokenizer(da: Path, db: Path) -> bool:
     """The same tokenizer files, or tokenizers equal in content (vocabulary, special tokens, chat template) with
     the same model_max_length: an SFT model's tokenizer and the one a training run re-saved (with its pad token)."""
     ta, tb = _tokenizer_files(da), _tokenizer_files(db)
-    if [p.name for p in ta] == [p.name for p in tb] and hash_files(ta) == hash_files(tb):
+    if [p.name for p in ta] != [p.name for p in tb]:
+        return False
+    if hash_files(ta) == hash_files(tb):
         return True
-    tok_a, tok_b = load_tokenizer(da), load_tokenizer(db)
+    try:
+        tok_a, tok_b = load_tokenizer(da), load_tokenizer(db)
+    except ModelLoadError:
+        return False
     same_length = tok_a.model_max_length == tok_b.model_max_length
     return same_length and fingerprint_tokenizer(tok_a) == fingerprint_tokenizer(tok_b)
 
@@ -93,18 +104,22 @@ def resolve_output(a: Source, b: Source, output: MergeOutput) -> str:
 
 
 def _check_same_tensors(ra: TensorReader, rb: TensorReader, a: Source, b: Source) -> None:
+    """The same tensor keys, shapes and dtypes on both sides (read from the safetensors headers only)."""
     ka, kb = ra.keys(), rb.keys()
     if ka != kb:
         only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
         raise MergeError(
-            f"{a.path} and {b.path} have different tensors: only in a: {only_a[:5]}; only in b: {only_b[:5]}"
+            f"{a.path} and {b.path} have different keys: only in a: {only_a[:5]}; only in b: {only_b[:5]}"
         )
     for key in ka:
-        if ra.shape_dtype(key) != rb.shape_dtype(key):
+        (sha, dta), (shb, dtb) = ra.shape_dtype(key), rb.shape_dtype(key)
+        if sha != shb:
             raise MergeError(
-                f"tensor {key!r} is {ra.shape_dtype(key)} in {a.path} but {rb.shape_dtype(key)} in {b.path} "
+                f"tensor {key!r} has shape {sha} in {a.path} but {shb} in {b.path} "
                 "(different architecture or vocabulary size?)"
             )
+        if dta != dtb:
+            raise MergeError(f"tensor {key!r} has dtype {dta} in {a.path} but {dtb} in {b.path}")
 
 
 def dense_merge(a: Source, b: Source, q: float) -> dict[str, torch.Tensor]:

@@ -176,6 +176,24 @@ def write_chain(tmp_dir: Path, final_dir: Path, base: Path, parents: tuple[Path,
     atomic_write_json(tmp_dir / ADAPTER_CONFIG, cfg)
 
 
+def save_adapter(
+    peft_model: Any, tokenizer: Any, directory: Path, final_dir: Path, below: str | Path
+) -> None:
+    """Write a peft model's adapter into `directory` (which becomes `final_dir`, for the chain's relative paths):
+    adapter_config.json + adapter_model.safetensors, the tokenizer, and CHAIN_FILE stacking it on `below` (the model
+    it was trained from: its base and, for an adapter directory, its adapters). peft's template README is dropped."""
+    base, parents = chain_below(below)
+    config = peft_model.peft_config["default"]
+    named, config.base_model_name_or_path = config.base_model_name_or_path, str(base.resolve())
+    try:  # peft reads the base's config.json there (and would look a non-directory up on the hub)
+        peft_model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        config.base_model_name_or_path = named
+    (directory / "README.md").unlink(missing_ok=True)
+    tokenizer.save_pretrained(directory)
+    write_chain(directory, final_dir, base, parents)
+
+
 def chain_files(chain: AdapterChain) -> list[Path]:
     """Every file the chain's weights depend on: the base's config and safetensors, each adapter's files."""
     files = [chain.base / "config.json", *sorted(chain.base.glob("*.safetensors"))]

@@ -40,7 +40,7 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
-from sacpo.models.adapters import ADAPTER_WEIGHTS, chain_below, is_adapter_dir, write_chain
+from sacpo.models.adapters import ADAPTER_WEIGHTS, is_adapter_dir, save_adapter
 from sacpo.train.state import (
     load_model_state,
     load_tensors,
@@ -281,16 +281,9 @@ def save_final(
 
 def _save_adapter(peft_model: Any, tokenizer: Any, final: Path, policy: str | Path) -> None:
     """The adapter, stacked on `policy`'s chain (its base, and its adapters if it is an adapter directory)."""
-    base, parents = chain_below(policy)
     tmp = _atomic_dir(final)
-    config = peft_model.peft_config["default"]
-    named, config.base_model_name_or_path = config.base_model_name_or_path, str(base.resolve())
-    try:  # peft looks for the base's config.json there (a hub lookup if it is no local directory)
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        config.base_model_name_or_path = named
-    tokenizer.save_pretrained(tmp)
-    write_chain(tmp, final, base, parents)
+    tmp.mkdir(parents=True)
+    save_adapter(peft_model, tokenizer, tmp, final, policy)
     replace_dir(tmp, final)
 
 
