@@ -213,3 +213,36 @@ def test_lora_save_is_an_output_setting_old_lora_runs_meant_both(tiny_model, pku
     old_full = yaml.safe_load(to_yaml(full))
     del old_full["lora"]["save"]
     assert same_computation(yaml.safe_dump(old_full), full)  # without LoRA the field means nothing
+
+
+def test_reference_cache_keys_an_adapter_chain_by_content(runs, pku_tiny, tmp_path):
+    """A stage whose reference is an adapter (SACPO step 2 on a LoRA step 1) reads the cache when the chain's
+    content is the same — also from another directory — and recomputes when an adapter's weights change."""
+    from safetensors.torch import save_file
+
+    from sacpo.data.loaders import load_examples
+    from sacpo.data.tokenize import encode_paired
+    from sacpo.train.ref_cache import reference_logps
+
+    s2 = runs["s2-adapter"].model_dir
+    tok = load_tokenizer(s2)
+    pairs = encode_paired(tok, load_examples(str(pku_tiny), "pku_safe"), 80, 40)
+    cache = tmp_path / "cache"
+    first = reference_logps(s2, tok, pairs, cache, 80, show_progress=False)
+    dense = reference_logps(runs["s2-merged"].model_dir, tok, pairs, tmp_path / "c2", 80, show_progress=False)
+    torch.testing.assert_close(first.logps, dense.logps, rtol=0, atol=1e-4)  # the same model, up to rounding
+    root = tmp_path / "copy"
+    for name in ("s1-adapter", "s2-adapter"):
+        shutil.copytree(runs["root"] / name / "model", root / name / "model")
+    copy = root / "s2-adapter" / "model"
+    record = json.loads((copy / CHAIN_FILE).read_text())
+    record["parents"][0]["path"] = str(root / "s1-adapter" / "model")
+    (copy / CHAIN_FILE).write_text(json.dumps(record))
+    hit = reference_logps(copy, tok, pairs, cache, 80, show_progress=False)
+    assert not hit.computed and hit.path == first.path
+    weights = copy / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1.5 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    changed = reference_logps(copy, tok, pairs, cache, 80, show_progress=False)
+    assert changed.computed and changed.path != first.path
+    assert (changed.logps - first.logps).abs().max() > 1e-4
