@@ -246,3 +246,20 @@ def test_reference_cache_keys_an_adapter_chain_by_content(runs, pku_tiny, tmp_pa
     changed = reference_logps(copy, tok, pairs, cache, 80, show_progress=False)
     assert changed.computed and changed.path != first.path
     assert (changed.logps - first.logps).abs().max() > 1e-4
+
+
+def test_tokenizer_files_equal_to_the_base_are_not_copied(tiny_model, pku_tiny, tmp_path):
+    """A base whose tokenizer files are what training re-saves (SmolLM2's are): the adapter keeps only its own files
+    and its tokenizer is read from the base."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    load_tokenizer(tiny_model).save_pretrained(base)  # with the pad token load_tokenizer sets
+    out = train(cfg(base, pku_tiny, tmp_path / "run", max_steps=1), show_progress=False).model_dir
+    assert sorted(f.name for f in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        CHAIN_FILE,
+    ]
+    assert load_tokenizer(out).get_vocab() == load_tokenizer(base).get_vocab()
+    assert logits(out, IDS).shape == (1, IDS.shape[1], len(load_tokenizer(base)))
+    assert read_chain(out).base == base.resolve()

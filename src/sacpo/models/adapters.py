@@ -25,6 +25,7 @@ stacked adapter loaded by those tools alone lacks its parents.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -181,7 +182,9 @@ def save_adapter(
 ) -> None:
     """Write a peft model's adapter into `directory` (which becomes `final_dir`, for the chain's relative paths):
     adapter_config.json + adapter_model.safetensors, the tokenizer, and CHAIN_FILE stacking it on `below` (the model
-    it was trained from: its base and, for an adapter directory, its adapters). peft's template README is dropped."""
+    it was trained from: its base and, for an adapter directory, its adapters). Tokenizer files byte-identical to
+    the base's are not kept (3.5 MB for SmolLM2; `load_tokenizer` reads the base's); peft's template README is
+    dropped."""
     base, parents = chain_below(below)
     config = peft_model.peft_config["default"]
     named, config.base_model_name_or_path = config.base_model_name_or_path, str(base.resolve())
@@ -190,7 +193,10 @@ def save_adapter(
     finally:
         config.base_model_name_or_path = named
     (directory / "README.md").unlink(missing_ok=True)
-    tokenizer.save_pretrained(directory)
+    saved = [Path(f) for f in tokenizer.save_pretrained(directory) if Path(f).is_file()]
+    if all((base / f.name).is_file() and filecmp.cmp(f, base / f.name, shallow=False) for f in saved):
+        for f in saved:  # the base's own tokenizer files: `load_tokenizer` reads them there
+            f.unlink()
     write_chain(directory, final_dir, base, parents)
 
 
