@@ -34,7 +34,12 @@ def _one_thread(one_torch_thread):
 
 
 def _train(policy, data, out, fmt, **kw):
-    fields = {**FAST, "policy": str(policy), "output_dir": str(out), "data": {"source": str(data), "format": fmt}}
+    fields = {
+        **FAST,
+        "policy": str(policy),
+        "output_dir": str(out),
+        "data": {"source": str(data), "format": fmt},
+    }
     return train(from_dict(TrainConfig, {**fields, "lora": LORA, **kw}), show_progress=False).output_dir
 
 
@@ -124,7 +129,9 @@ def test_an_adapter_merge_is_not_rewritten_when_current(stages, tmp_path):
     merge_dirs(s1 / "adapter", s2 / "adapter", 0.5, tmp_path / "m")
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == before
     again = merge_dirs(s1 / "adapter", s2 / "adapter", 0.5, tmp_path / "m2")
-    assert (again / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    assert (again / "adapter_model.safetensors").read_bytes() == (
+        out / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_non_plain_lora_is_refused(stages, tmp_path):

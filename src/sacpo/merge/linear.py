@@ -16,6 +16,7 @@ Refuses different architectures, configs, tensor keys/shapes or tokenizers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -124,14 +125,18 @@ def _check_same_tensors(ra: TensorReader, rb: TensorReader, a: Source, b: Source
 
 def dense_merge(a: Source, b: Source, q: float) -> dict[str, torch.Tensor]:
     """θ = (1−q)·θ_a + q·θ_b for every tensor of the base(s), each side's adapters applied first (`Source.weight`),
-    read one tensor at a time: the peak is the output plus one tensor per side."""
-    with TensorReader(a.base) as ra, TensorReader(b.base) as rb:
+    read one tensor at a time from the memory-mapped safetensors (a base shared by a and b is opened and read once):
+    no full copy of either side is held, only the output."""
+    same_base = a.base.resolve() == b.base.resolve()
+    with TensorReader(a.base) as ra, contextlib.nullcontext(ra) if same_base else TensorReader(b.base) as rb:
         _check_same_tensors(ra, rb, a, b)
         check_targets(a, ra)
         check_targets(b, rb)
         out = {}
         for key in ra.keys():
-            ta, tb = a.weight(key, ra.get(key)), b.weight(key, rb.get(key))
+            base_a = ra.get(key)
+            base_b = base_a if same_base else rb.get(key)
+            ta, tb = a.weight(key, base_a), b.weight(key, base_b)
             out[key] = linear_merge({key: ta}, {key: tb}, q)[key].contiguous()
     return out
 
@@ -174,7 +179,8 @@ def merge_dirs(a: str | Path, b: str | Path, q: float, out: str | Path, output: 
                     atomic_write_bytes(tmp / name, (sa.base / name).read_bytes())
         else:
             write_merged_adapter(sa, sb, q, tmp, out)
-        for f in _tokenizer_files(tokenizer_dir):
-            atomic_write_bytes(tmp / f.name, f.read_bytes())
+        if merged is not None or tokenizer_dir != sa.base:  # an adapter reads its base's tokenizer otherwise
+            for f in _tokenizer_files(tokenizer_dir):
+                atomic_write_bytes(tmp / f.name, f.read_bytes())
         atomic_write_json(tmp / MERGE_FILE, record)
     return out

@@ -12,6 +12,7 @@ or alpha patterns, no full module copies (modules_to_save) — anything else is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,32 +128,67 @@ def read_source(path: str | Path) -> Source:
     return Source(p, chain.base, fingerprint_model(chain.base), tuple(read_lora(a) for a in chain.adapters))
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class TensorReader:
-    """The tensors of a full model directory's safetensors file(s), opened lazily and read one at a time."""
+    """The tensors of a full model directory's safetensors file(s), read one at a time with plain reads.
+
+    The safetensors layout: 8 bytes (little-endian u64) header size N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets into the data after the header), then the data. Plain reads instead of a
+    memory map: a mapped file's pages stay in the process's resident set once touched (two 540 MB models read
+    through mmap add 1.1 GB to the peak RSS of a merge), read pages only go to the page cache."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        from safetensors import safe_open
-
-        self._files = [
-            safe_open(str(f), framework="pt") for f in sorted(Path(model_dir).glob("*.safetensors"))
-        ]
-        self._where = {k: f for f in self._files for k in f.keys()}
+        self._handles: list[Any] = []
+        self._where: dict[str, tuple[Any, int, dict[str, Any]]] = {}
+        for path in sorted(Path(model_dir).glob("*.safetensors")):
+            f = open(path, "rb")  # closed in __exit__
+            self._handles.append(f)
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (f, 8 + size, info)
 
     def keys(self) -> list[str]:
         return sorted(self._where)
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
-        s = self._where[key].get_slice(key)
-        return tuple(s.get_shape()), s.get_dtype()
+        info = self._where[key][2]
+        return tuple(info["shape"]), info["dtype"]
+
+    def get(self, key: str) -> torch.Tensor:
+        f, start, info = self._where[key]
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise MergeError(f"tensor {key!r} has dtype {info['dtype']}, which the merge does not read")
+        buf = bytearray(end - begin)
+        f.seek(start + begin)
+        if f.readinto(buf) != len(buf):
+            raise MergeError(f"tensor {key!r}: the safetensors file is truncated")
+        if not buf:
+            return torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._files, self._where = [], {}
+        for f in self._handles:
+            f.close()
+        self._handles, self._where = [], {}
 
 
 def check_targets(src: Source, reader: TensorReader) -> None:
