@@ -237,7 +237,9 @@ def test_lora_delta_fan_in_fan_out_is_the_transpose_and_matches_peft_conv1d():
             super().__init__()
             self.proj = Conv1D(4, 5)  # nf=out, nx=in: weight (5, 4)
 
-    model = get_peft_model(One(), LoraConfig(r=3, lora_alpha=1.5, target_modules=["proj"], fan_in_fan_out=True))
+    model = get_peft_model(
+        One(), LoraConfig(r=3, lora_alpha=1.5, target_modules=["proj"], fan_in_fan_out=True)
+    )
     layer = model.base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(lora_a)

@@ -17,10 +17,11 @@ lists the full base model directory and the adapters applied before this one (th
 SACPO step-2 adapter trained on a LoRA step-1 adapter has the step-1 adapter as its one parent. Paths are absolute,
 with a relative fallback (from this directory) for a run directory that was moved; a parent found either way must
 still have the fingerprint recorded when this adapter was trained on it, so a retrained parent is refused instead of
-silently giving another model. Without the file (an adapter written by another tool) the chain is peft's own: base
-= adapter_config.json's `base_model_name_or_path` (a local directory; hub names are not loaded), no parents. sacpo
-writes `base_model_name_or_path` = the base too, so peft and transformers load a one-adapter chain the same way; a
-stacked adapter loaded by those tools alone lacks its parents.
+silently giving another model (the base is not re-hashed at load, it is large: `fingerprint_model`, and so every
+cache key, still covers its content). Without the file (an adapter written by another tool) the chain is peft's
+own: base = adapter_config.json's `base_model_name_or_path` (a local directory; hub names are not loaded), no
+parents. sacpo writes `base_model_name_or_path` = the base too, so peft and transformers load a one-adapter chain
+the same way; a stacked adapter loaded by those tools alone lacks its parents.
 """
 
 from __future__ import annotations
