@@ -124,7 +124,11 @@ def _print_pipeline(result: dict) -> None:
             f"{final.get('eval/kl', float('nan')):>8.3f} ± {final.get('eval/kl_stderr', float('nan')):<6.3f}"
         )
     for m in result["merges"]:
-        print(f"merge {m['name']}: (1−{m['q']:g})·{m['a']} + {m['q']:g}·{m['b']} → {m['model']}")
+        kind = " (adapter)" if m.get("format") == "adapter" else ""
+        print(f"merge {m['name']}: (1−{m['q']:g})·{m['a']} + {m['q']:g}·{m['b']} → {m['model']}{kind}")
+    outputs = result.get("outputs") or {}
+    if outputs.get("adapter_only"):
+        print(f"every stage and merge wrote only a LoRA adapter, on {outputs['shared_base']}")
     c = result["reference_passes"]
     print(
         f"reference passes: {c['computed']} computed, {c['cached']} from cache, "
@@ -136,7 +140,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from sacpo.recipes.merge import run_merge
 
     for r in run_merge(_config_command(args)):
-        print(f"q={r['q']:g}: {r['model']}")
+        print(f"q={r['q']:g}: {r['model']}" + (" (adapter)" if r.get("output") == "adapter" else ""))
 
 
 def cmd_import(args: argparse.Namespace) -> None:

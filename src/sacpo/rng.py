@@ -4,6 +4,8 @@
         model = GPT2LMHeadModel(config)
     with seeded(0):                # python, numpy and torch (accelerate's set_seed), all restored on exit
         train_stage()
+    with torch_untouched():        # torch's global RNG as it was on exit (draws inside are undone)
+        model = PeftModel.from_pretrained(model, adapter_dir)
 
 For upstream code that can only draw from the global RNG (HF module init, `sacpo.models.generate.sample`); our
 own draws take an explicit `torch.Generator` instead. Inside the block the numbers are exactly those of seeding
@@ -34,6 +36,14 @@ def torch_seeded(seed: int) -> Iterator[None]:
     """`torch.manual_seed(seed)` for the block only (CPU and all CUDA devices forked and restored)."""
     with torch.random.fork_rng(devices=_cuda_devices()):
         torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def torch_untouched() -> Iterator[None]:
+    """The block's draws from torch's global RNG (CPU and the CUDA device in use) are undone on exit: for upstream
+    code that draws only to initialise what it then overwrites (peft initialises an adapter before loading it)."""
+    with torch.random.fork_rng(devices=_cuda_devices()):
         yield
 
 

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from sacpo.math.merging import MergeError, check_compatible, linear_merge, lora_delta, merge_lora_deltas
+from sacpo.math.merging import (
+    MergeError,
+    add_deltas,
+    check_compatible,
+    concat_lora,
+    linear_merge,
+    lora_delta,
+    lora_scaling,
+    merge_lora_deltas,
+)
 
 
 def state_dicts(dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -212,3 +221,59 @@ def test_merge_lora_deltas_mismatched_modules_raise():
         merge_lora_deltas({"q_proj": d}, {"k_proj": d}, 0.5)
     with pytest.raises(MergeError, match=r"\(4, 5\).*\(4, 6\)"):
         merge_lora_deltas({"q_proj": d}, {"q_proj": torch.zeros(4, 6)}, 0.5)
+
+
+def test_lora_delta_fan_in_fan_out_is_the_transpose_and_matches_peft_conv1d():
+    """GPT-2's Conv1D stores W as (in, out): peft's merged update is (B·A)ᵀ·s, which lora_delta gives bit for bit."""
+    lora_a, lora_b = lora_factors(r=3, d_in=5, d_out=4)
+    delta = lora_delta(lora_a, lora_b, scaling=0.5, fan_in_fan_out=True)
+    assert delta.shape == (5, 4)
+    assert torch.equal(delta, lora_delta(lora_a, lora_b, scaling=0.5).T)
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Conv1D(4, 5)  # nf=out, nx=in: weight (5, 4)
+
+    model = get_peft_model(
+        One(), LoraConfig(r=3, lora_alpha=1.5, target_modules=["proj"], fan_in_fan_out=True)
+    )
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+    assert torch.equal(layer.get_delta_weight("default"), delta)
+
+
+def test_add_deltas_applies_updates_in_order_and_keeps_the_dtype():
+    w = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
+    d1, d2 = torch.tensor([[0.5, -1.0]]), torch.tensor([[0.25, 0.25]])
+    out = add_deltas(w, [d1, d2])
+    assert out.dtype == torch.bfloat16
+    assert out.float().tolist() == [[1.75, 1.25]]
+    with pytest.raises(MergeError, match="shape"):
+        add_deltas(w, [torch.zeros(2, 1)])
+
+
+def test_concat_lora_is_the_weighted_sum_of_updates():
+    """B·A of the block factors = Σ c_i·B_i·A_i (ranks 3 and 2 → 5): by hand for one entry, and in full."""
+    a1, b1 = lora_factors(r=3, seed=1)
+    a2, b2 = lora_factors(r=2, seed=2)
+    a, b = concat_lora([(0.7, a1, b1), (0.3, a2, b2)])
+    assert a.shape == (5, 5) and b.shape == (4, 5)
+    torch.testing.assert_close(b @ a, 0.7 * b1 @ a1 + 0.3 * b2 @ a2)
+    by_hand = sum(0.7 * b1[1, k].item() * a1[k, 2].item() for k in range(3)) + sum(
+        0.3 * b2[1, k].item() * a2[k, 2].item() for k in range(2)
+    )
+    assert (b @ a)[1, 2].item() == pytest.approx(by_hand, rel=1e-5)
+    with pytest.raises(MergeError, match="no LoRA"):
+        concat_lora([])
+
+
+def test_lora_scaling_alpha_over_r_or_sqrt_r():
+    assert lora_scaling(16, 4) == 4.0
+    assert lora_scaling(16, 4, rslora=True) == 8.0
+    with pytest.raises(MergeError, match="rank"):
+        lora_scaling(16, 0)

@@ -236,3 +236,51 @@ def test_a_config_saved_before_dtype_existed_means_auto(tiny_model, pku_tiny, tm
     assert older != saved and same_computation(older, cfg)
     assert not same_computation(saved, from_dict(TrainConfig, {**fields, "dtype": "bf16"}))
     assert not same_computation(saved, from_dict(TrainConfig, {**fields, "warmup_steps": 3}))
+
+
+def test_a_lora_pipeline_writes_only_adapters_on_the_shared_base(tiny_model, pku_tiny, tmp_path):
+    """lora.save=adapter (the default): every stage and merge is an adapter on the SFT model; step 2 stacks on the
+    step-1 adapter; the λ sweep shares one reference pass (the step-1 adapter chain fingerprinted by content);
+    P-SACPO merges are adapters equal to the dense merge; evaluation reads the pipeline unchanged."""
+    from sacpo.evaluate.run import evaluate_models, specs_from_pipeline
+    from sacpo.models.adapters import is_adapter_dir, read_chain
+    from sacpo.models.load import load_model
+    from sacpo.scoring.base import FunctionScorer
+
+    out = tmp_path / "lora"
+    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
+    cfg = pipeline_cfg(tiny_model, pku_tiny, out, defaults={**DEFAULTS, "lora": lora, "kl_prompts": 0})
+    result = run_pipeline(cfg, show_progress=False)
+    assert result["reference_passes"] == {"computed": 3, "cached": 2, "skipped_stages": 0}
+    sft = tiny_model.resolve()
+    assert result["outputs"] == {"adapter_only": True, "shared_base": str(sft)}
+    assert all(r["format"] == "adapter" for r in result["stages"] + result["merges"])
+    helpful = out / "stages" / "helpful" / "model"
+    step2 = out / "stages" / "safe-lam2" / "model"
+    assert read_chain(step2).adapters == (helpful.resolve(), step2)
+    assert read_chain(out / "stages" / "safe_from_sft" / "model").parents == ()
+    for model_dir in [*out.glob("stages/*/model"), *out.glob("merges/*/model")]:
+        assert is_adapter_dir(model_dir) and not list(model_dir.glob("model.safetensors")), model_dir
+    psacpo = out / "merges" / "psacpo-q0.25" / "model"
+    assert read_chain(psacpo).parents == (helpful.resolve(),)  # θ_1 + q·Δ_2
+    a, b, m = (load_model(d).state_dict() for d in (helpful, step2, psacpo))
+    for k in a:
+        torch.testing.assert_close(m[k], 0.75 * a[k] + 0.25 * b[k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert read_chain(out / "merges" / "naive-q0.5" / "model").parents == ()
+    assert json.loads((out / "pipeline.json").read_text())["outputs"]["adapter_only"] is True
+
+    again = run_pipeline(cfg, show_progress=False)  # adapter-only stages count as finished
+    assert again["reference_passes"] == {"computed": 0, "cached": 0, "skipped_stages": 5}
+
+    sft_dir, specs = specs_from_pipeline(out)
+    chosen = {k: specs[k] for k in ("safe-lam2", "psacpo-q0.5")}
+    length = FunctionScorer("length", lambda p, y: float(len(y)))
+    short = FunctionScorer("short", lambda p, y: 6.0 - len(y))
+    kw = dict(n_samples=1, max_new_tokens=4, show_progress=False, n_boot=50)
+    rows = evaluate_models(
+        chosen, sft_dir, ["Hello", "How do I bake bread?"], length, short, 0.0, tmp_path / "e", **kw
+    )
+    assert [r.name for r in rows] == ["sft", "safe-lam2", "psacpo-q0.5"] and all(
+        r.kl == r.kl for r in rows[1:]
+    )

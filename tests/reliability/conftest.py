@@ -24,7 +24,7 @@ def no_model_loads(monkeypatch):
         "sacpo.train.ref_cache.load_model",
         "sacpo.train.loop.load_tokenizer",
         "sacpo.models.tiny.build_tiny_gpt2",
-        "sacpo.merge.linear.read_state_dict",
+        "sacpo.merge.linear.read_source",
     ):
         monkeypatch.setattr(target, boom)
     return calls

@@ -72,7 +72,9 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """The tensors of a model directory: its full weights, or an adapter-only output's adapter weights."""
+    adapter = path / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else path / "model.safetensors"))
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -149,7 +149,7 @@ def test_lora_with_gradient_checkpointing_saves_dense_model_and_adapter(tiny_mod
         max_steps=3,
         log_every=3,
         gradient_checkpointing=True,
-        lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+        lora={"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"], "save": "both"},
     )
     train(cfg, show_progress=False)
     assert (out / "adapter" / "adapter_config.json").is_file()

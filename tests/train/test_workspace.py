@@ -65,7 +65,8 @@ def _count_builds(monkeypatch) -> list[str]:
 def test_sweep_reusing_one_policy_trains_the_same_weights_as_fresh_builds(
     tiny_model, pku_tiny, tmp_path, monkeypatch, lora
 ):
-    extra = {"lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}} if lora else {}
+    lora_fields = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"], "save": "both"}
+    extra = {"lora": lora_fields} if lora else {}
     built = _count_builds(monkeypatch)
     fresh = run_pipeline(
         sweep_cfg(tiny_model, pku_tiny, tmp_path / "fresh", False, **extra), show_progress=False

@@ -11,7 +11,15 @@ from sacpo.math.bon import (
 from sacpo.math.kl import KL_ESTIMATORS, get_kl_estimator, kl_health, kl_k1, kl_k2, kl_k3, sequence_kl
 from sacpo.math.lagrange import calibrate_lambda, constrained_optimum, dual_objective
 from sacpo.math.logprobs import masked_mean, masked_sum, token_logprobs
-from sacpo.math.merging import MergeError, linear_merge, lora_delta, merge_lora_deltas
+from sacpo.math.merging import (
+    MergeError,
+    add_deltas,
+    concat_lora,
+    linear_merge,
+    lora_delta,
+    lora_scaling,
+    merge_lora_deltas,
+)
 from sacpo.math.preference import (
     LOSSES,
     PreferenceLossOutput,
@@ -28,6 +36,7 @@ __all__ = [
     "LOSSES",
     "MergeError",
     "PreferenceLossOutput",
+    "add_deltas",
     "bon_kl_bound",
     "bon_kl_estimate",
     "bon_kl_exact",
@@ -35,6 +44,7 @@ __all__ = [
     "bon_win_rate_bound",
     "bon_win_rate_exact",
     "calibrate_lambda",
+    "concat_lora",
     "constrained_optimum",
     "dpo_loss",
     "dpo_optimum_tabular",
@@ -52,6 +62,7 @@ __all__ = [
     "kto_reference_point",
     "linear_merge",
     "lora_delta",
+    "lora_scaling",
     "masked_mean",
     "masked_sum",
     "merge_lora_deltas",

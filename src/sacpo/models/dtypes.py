@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sacpo.fsutil import atomic_write_json
+from sacpo.models.adapters import is_adapter_dir, read_chain
 from sacpo.models.load import check_model_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,9 +47,12 @@ def config_dtype(config: Mapping[str, Any]) -> torch.dtype | None:
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
-    """The dtype a model directory's weights are stored in (see the module docstring for the rule)."""
+    """The dtype a model directory's weights are stored in (see the module docstring for the rule); for a LoRA
+    adapter directory, its base model's."""
     from safetensors import safe_open
 
+    if is_adapter_dir(path):
+        path = read_chain(path).base
     p = check_model_dir(path)
     counts: Counter[torch.dtype] = Counter()
     for f in sorted(p.glob("*.safetensors")):

@@ -1,4 +1,8 @@
-"""Load models and tokenizers from HF directories (safetensors only) and fingerprint them for caches."""
+"""Load models and tokenizers from HF directories (safetensors only) and fingerprint them for caches.
+
+A model directory is a full HF directory or a LoRA adapter directory (`sacpo.models.adapters`: a base plus a chain of
+adapters): `load_model`, `load_tokenizer`, `model_files` and `fingerprint_model` take either, so every consumer
+(training, evaluation, best-of-n, decoding) works unchanged on an adapter-only output."""
 
 from __future__ import annotations
 
@@ -9,9 +13,28 @@ from typing import Any
 
 import torch
 
+from sacpo.models.adapters import (
+    apply_chain,
+    chain_files,
+    chain_fingerprint,
+    is_adapter_dir,
+    read_chain,
+    task_types,
+)
+from sacpo.models.model_dir import ModelLoadError, check_dense_model_dir, hash_files, one_line
 
-class ModelLoadError(ValueError):
-    """A model directory cannot be loaded safely."""
+__all__ = [
+    "ModelLoadError",
+    "check_model_dir",
+    "default_device",
+    "fingerprint_model",
+    "fingerprint_tokenizer",
+    "hash_files",
+    "is_adapter_dir",
+    "load_model",
+    "load_tokenizer",
+    "model_files",
+]
 
 
 def _quiet_transformers() -> None:
@@ -22,23 +45,12 @@ def _quiet_transformers() -> None:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """The directory must exist, hold a config.json and safetensors weights (pickle .bin files are refused)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ModelLoadError(f"{p}: model directory not found (hub names are not loaded at run time)")
-    if not (p / "config.json").is_file():
-        raise ModelLoadError(f"{p}: no config.json — not a Hugging Face model directory")
-    if not any(p.glob("*.safetensors")):
-        pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
-        hint = (
-            f" It has pickle weights {pickles}: pickle files can execute code when loaded, so sacpo refuses "
-            "them. Convert once in a trusted environment with `model.save_pretrained(dir, "
-            "safe_serialization=True)`."
-            if pickles
-            else ""
-        )
-        raise ModelLoadError(f"{p}: no .safetensors weights.{hint}")
-    return p
+    """A loadable model directory: a full HF directory (config.json + safetensors weights; pickle .bin files are
+    refused), or a LoRA adapter directory whose chain (base + adapters, `sacpo.models.adapters`) is complete."""
+    if is_adapter_dir(path):
+        read_chain(path)
+        return Path(path)
+    return check_dense_model_dir(path)
 
 
 def default_device() -> str:
@@ -47,23 +59,38 @@ def default_device() -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> Any:
-    """AutoModelForCausalLM from a local directory with safetensors weights only."""
+    """AutoModelForCausalLM from a local directory with safetensors weights only.
+
+    An adapter directory loads its base in float32, merges its chain of adapters into it in order (peft's
+    merge_and_unload) and then casts to `dtype`: the same weights as the merged output of the same training, not
+    a sum rounded in a lower precision."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     p = check_model_dir(path)
+    chain = read_chain(p) if is_adapter_dir(p) else None
+    if chain is not None:
+        kinds = task_types(chain)
+        if any(k not in (None, "CAUSAL_LM") for k in kinds):
+            raise ModelLoadError(
+                f"{p}: adapter task types {kinds}: not a causal-LM policy (a reward model? score it with "
+                "sacpo.scoring.reward_model.RewardModelScorer)"
+            )
+    source = chain.base if chain is not None else p
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            p, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            source,
+            dtype=torch.float32 if chain is not None else dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
         )
     except Exception as e:  # unknown architecture, custom code refused, corrupt safetensors, ...
-        raise ModelLoadError(f"{p}: cannot load the model: {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelLoadError(f"{source}: cannot load the model: {type(e).__name__}: {one_line(e)}") from e
+    if chain is not None:
+        model = apply_chain(model, chain.adapters)
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
     return model
-
-
-def _one_line(e: Exception, n: int = 300) -> str:
-    s = " ".join(str(e).split())
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
@@ -74,10 +101,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     p = Path(path)
     if not p.is_dir():  # a missing path would otherwise be looked up as a hub repository name
         raise ModelLoadError(f"{p}: model directory not found (hub names are not loaded at run time)")
+    if is_adapter_dir(p) and not (p / "tokenizer_config.json").is_file():
+        p = read_chain(p).base  # an adapter saved without its tokenizer uses the base's
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(f"{p}: cannot load the tokenizer: {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelLoadError(f"{p}: cannot load the tokenizer: {type(e).__name__}: {one_line(e)}") from e
     if tok.eos_token_id is None:
         raise ModelLoadError(f"{path}: tokenizer has no EOS token; sacpo ends every response with EOS")
     if tok.pad_token_id is None:
@@ -86,22 +115,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def hash_files(paths: list[Path], chunk: int = 1 << 22) -> str:
-    """sha256 over the names and bytes of files, in the given order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
 def model_files(path: str | Path) -> tuple[Path, list[Path], tuple[tuple, ...]]:
-    """A model directory, its config and safetensors files, and each file's identity (name, inode, size, mtime_ns,
+    """A model directory, the files its weights depend on (config and safetensors; for an adapter directory those
+    of its base and of every adapter of its chain), and each file's identity (name, inode, size, mtime_ns,
     ctime_ns): any write changes the ctime, and sacpo rewrites a model by renaming a new directory into place."""
     p = check_model_dir(path)
-    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
+    if is_adapter_dir(p):
+        files = chain_files(read_chain(p))
+    else:
+        files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
     stats = [(f.name, f.stat()) for f in files]
     return (
         p,
@@ -114,7 +136,9 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def fingerprint_model(path: str | Path) -> str:
-    """Content hash of a model directory's weights and config (what the reference log-probs depend on).
+    """Content hash of a model directory's weights and config (what the reference log-probs depend on). An adapter
+    directory's is its chain's content (`sacpo.models.adapters.chain_fingerprint`: the base's fingerprint and every
+    adapter's config and weights), not its path.
 
     Memoised within the process on (resolved path, and per file: name, inode, size, mtime, ctime): a λ sweep
     hashes its parent once, not once per branch. Any write changes the ctime (which `utime` cannot set back);
@@ -125,7 +149,11 @@ def fingerprint_model(path: str | Path) -> str:
     key = (str(p.resolve()), *state)
     if key in _FINGERPRINTS:
         return _FINGERPRINTS[key]
-    digest = hash_files(files)
+    if is_adapter_dir(p):
+        chain = read_chain(p)
+        digest = chain_fingerprint(fingerprint_model(chain.base), chain)
+    else:
+        digest = hash_files(files)
     if all(time.time_ns() - max(mtime, ctime) > 2_000_000_000 for *_, mtime, ctime in state):
         _FINGERPRINTS[key] = digest
     return digest

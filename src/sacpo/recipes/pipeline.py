@@ -33,7 +33,8 @@ from sacpo.config import (
 )
 from sacpo.data.prompt_format import DEFAULT_FORMAT
 from sacpo.fsutil import atomic_write_json, atomic_write_text
-from sacpo.merge.linear import merge_dirs
+from sacpo.merge.linear import MergeOutput, merge_dirs
+from sacpo.models.adapters import is_adapter_dir, read_chain
 from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
 from sacpo.recipes.train import CommandTrainConfig
@@ -72,6 +73,11 @@ class MergeSpec:
     a: str = help_field(help="stage (or branch) for θ_a — P-SACPO: the step-1 policy")
     b: str = help_field(help="stage (or branch) for θ_b — P-SACPO: the step-2 policy with a large λ")
     qs: list[Probability] = help_field([0.25, 0.5, 0.75], help="merge weights q: θ = (1−q)·θ_a + q·θ_b")
+    output: MergeOutput = help_field(
+        "auto",
+        help="adapter | dense | auto (adapter when both stages wrote adapters on the shared base, else a full "
+        "model; sacpo.merge.linear)",
+    )
 
 
 @config_dataclass
@@ -277,7 +283,13 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
         counts["cached"],
         counts["skipped_stages"],
     )
-    result = {"policy": str(policy_dir), "stages": records, "merges": merges, "reference_passes": counts}
+    result = {
+        "policy": str(policy_dir),
+        "stages": records,
+        "merges": merges,
+        "reference_passes": counts,
+        "outputs": _outputs(records, merges),
+    }
     atomic_write_json(out / "pipeline.json", result)
     return result
 
@@ -323,6 +335,7 @@ def _train_branches(
                     "beta": br.beta,
                     "loss": br.train.loss,
                     "model": str(br.model_dir),
+                    **_format(br.model_dir),
                     "summary": summary,
                 }
             )
@@ -341,6 +354,34 @@ def _merge(cfg: PipelineConfig, branches: dict[str, list[Branch]]) -> list[dict[
                 for q in m.qs:
                     name = f"{m.name}-q{q:g}" if len(bs) == 1 else f"{m.name}-{b.name}-q{q:g}"
                     target = out / "merges" / name / "model"
-                    merge_dirs(a.model_dir, b.model_dir, q, target)
-                    merges.append({"name": name, "a": a.name, "b": b.name, "q": q, "model": str(target)})
+                    merge_dirs(a.model_dir, b.model_dir, q, target, m.output)
+                    merges.append(
+                        {
+                            "name": name,
+                            "a": a.name,
+                            "b": b.name,
+                            "q": q,
+                            "model": str(target),
+                            **_format(target),
+                        }
+                    )
     return merges
+
+
+def _format(model_dir: Path) -> dict[str, Any]:
+    """How a model was written: {"format": "dense"}, or "adapter" with its chain (base, adapters in order)."""
+    if not is_adapter_dir(model_dir):
+        return {"format": "dense"}
+    chain = read_chain(model_dir)
+    return {"format": "adapter", "base": str(chain.base), "adapters": [str(p) for p in chain.adapters]}
+
+
+def _outputs(records: list[dict[str, Any]], merges: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether every stage and merge wrote only an adapter, and the one base they share (None otherwise)."""
+    written = records + merges
+    adapter_only = bool(written) and all(r["format"] == "adapter" for r in written)
+    bases = {r.get("base") for r in written}
+    return {
+        "adapter_only": adapter_only,
+        "shared_base": bases.pop() if adapter_only and len(bases) == 1 else None,
+    }

@@ -6,7 +6,6 @@ truncation) and scored at the last attended token (`sacpo.models.reward.sequence
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,11 @@ from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode, encode_prompt
 from sacpo.math.reward import aggregate_scores
 from sacpo.models.load import (
-    ModelLoadError,
-    check_model_dir,
     default_device,
     fingerprint_tokenizer,
     load_tokenizer,
 )
-from sacpo.models.reward import META_FILE, read_meta, resolve_member_dirs, score_encoded
+from sacpo.models.reward import META_FILE, load_reward_model, read_meta, resolve_member_dirs, score_encoded
 
 AGGREGATES = ("mean", "min", "max", "pessimistic")
 VIEWS = ("auto", "score", "reward", "cost")
@@ -60,8 +57,6 @@ class RewardModelScorer:
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification
-
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown aggregate {aggregate!r}; valid: {', '.join(AGGREGATES)}")
         if view not in VIEWS:
@@ -91,19 +86,7 @@ class RewardModelScorer:
                     f"{d}: no {META_FILE} with max_length/max_prompt_length; pass them explicitly"
                 )
             tokenizer = load_tokenizer(d, trust_remote_code)
-            p = check_model_dir(d)
-            archs = json.loads((p / "config.json").read_text()).get("architectures") or []
-            if not any(a.endswith("ForSequenceClassification") for a in archs):
-                raise ModelLoadError(
-                    f"{d}: architectures {archs} is not a sequence-classification (reward) model; "
-                    "train one with `sacpo reward`"
-                )
-            model = AutoModelForSequenceClassification.from_pretrained(
-                p, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
-            if model.config.num_labels != 1:
-                raise ModelLoadError(f"{d}: num_labels={model.config.num_labels}; a reward model has 1")
-            model.config.use_cache = False
+            model = load_reward_model(d, dtype, trust_remote_code)
             self.models.append(model.to(self.device).eval())
             self.tokenizers.append(tokenizer)
             self.lengths.append(lengths)

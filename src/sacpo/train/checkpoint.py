@@ -10,8 +10,10 @@
         rng-<rank>.{safetensors,json} torch CPU/CUDA RNG states | Python and NumPy RNG states, per process
         metrics-pending-<rank>.json   metric values logged since the last metrics.jsonl record
         step.json                     the step and the run's settings, written last
-    model/            final policy, HF format (safetensors, in the config's `dtype`), with its tokenizer
-    adapter/          LoRA adapter (LoRA runs only)
+    model/            final policy, HF format (safetensors, in the config's `dtype`), with its tokenizer; with LoRA
+                      and lora.save=adapter (the default) only the adapter (peft format + sacpo_adapter.json,
+                      sacpo.models.adapters)
+    adapter/          LoRA adapter (lora.save=both only)
     summary.json      steps, reference pass, seconds, final metrics
     DONE              written last (atomically): a directory without it is unfinished and is redone by the
                       pipeline
@@ -27,6 +29,7 @@ each process writes its own RNG state and pending metrics. FSDP / DeepSpeed shar
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -38,6 +41,7 @@ import torch
 
 from sacpo.config import ConfigError
 from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
+from sacpo.models.adapters import ADAPTER_WEIGHTS, is_adapter_dir, save_adapter
 from sacpo.models.dtypes import save_pretrained_as
 from sacpo.train.state import (
     load_model_state,
@@ -254,31 +258,54 @@ def _atomic_dir(final: Path) -> Path:
 
 
 def save_final(
-    acc: Any, model: Any, tokenizer: Any, out: Path, lora: bool, dtype: torch.dtype = torch.float32
+    acc: Any,
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    lora_save: str | None = None,
+    policy: str | Path = "",
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the policy in HF format to model/ with its weights in `dtype` (LoRA merged into dense weights first;
-    the adapter is also saved to adapter/, as trained). The live model keeps its float32 weights."""
+    """Write the trained policy to model/ and return that directory.
+
+    lora_save (a LoRA run's `lora.save`; None for full fine-tuning): "adapter" writes only the adapter to model/ (peft
+    format, the tokenizer, and `sacpo_adapter.json` naming the base and the adapters below it — those of `policy`,
+    the stage's starting model, when that is itself an adapter; `sacpo.models.adapters`); "merged" writes the dense
+    model with the adapter merged in; "both" writes the dense model to model/ and the adapter to adapter/. A dense
+    model/ is saved in `dtype`; an adapter keeps the dtype it was trained in."""
     model_dir = out / "model"
     acc.wait_for_everyone()
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
-        if lora:
-            tmp = _atomic_dir(out / "adapter")
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            replace_dir(tmp, out / "adapter")
-            import copy
-
-            unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        use_cache, unwrapped.config.use_cache = unwrapped.config.use_cache, True  # saved for inference
-        tmp = _atomic_dir(model_dir)
-        try:
-            save_pretrained_as(unwrapped, tmp, dtype)
-        finally:  # the live model (a sweep workspace trains it again) keeps its training setting
-            unwrapped.config.use_cache = use_cache
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, model_dir)
+        if lora_save in ("adapter", "both"):
+            _save_adapter(
+                unwrapped, tokenizer, model_dir if lora_save == "adapter" else out / "adapter", policy
+            )
+        if lora_save != "adapter":
+            dense = copy.deepcopy(unwrapped).merge_and_unload() if lora_save else unwrapped
+            _save_dense(dense, tokenizer, model_dir, dtype)
     acc.wait_for_everyone()
     return model_dir
+
+
+def _save_adapter(peft_model: Any, tokenizer: Any, final: Path, policy: str | Path) -> None:
+    """The adapter, stacked on `policy`'s chain (its base, and its adapters if it is an adapter directory)."""
+    tmp = _atomic_dir(final)
+    tmp.mkdir(parents=True)
+    save_adapter(peft_model, tokenizer, tmp, final, policy)
+    replace_dir(tmp, final)
+
+
+def _save_dense(model: Any, tokenizer: Any, final: Path, dtype: torch.dtype) -> None:
+    """The dense policy in HF format with its weights in `dtype` (the live model keeps its float32 weights)."""
+    use_cache, model.config.use_cache = model.config.use_cache, True  # saved for inference
+    tmp = _atomic_dir(final)
+    try:
+        save_pretrained_as(model, tmp, dtype)
+    finally:  # the live model (a sweep workspace trains it again) keeps its training setting
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, final)
 
 
 def finish(out: Path, summary: dict) -> None:
@@ -288,7 +315,8 @@ def finish(out: Path, summary: dict) -> None:
 
 
 def is_finished(out: Path) -> bool:
-    """DONE holds its text, summary.json parses, and model/ has a config and safetensors weights."""
+    """DONE holds its text, summary.json parses, and model/ has a config and safetensors weights (a full model) or
+    an adapter config and safetensors adapter weights (an adapter-only output)."""
     try:
         if (out / DONE).read_text() != DONE_TEXT:
             return False
@@ -296,4 +324,6 @@ def is_finished(out: Path) -> bool:
     except (OSError, ValueError):
         return False
     model = out / "model"
+    if is_adapter_dir(model):
+        return (model / ADAPTER_WEIGHTS).is_file()
     return (model / "config.json").is_file() and any(model.glob("*.safetensors"))

@@ -30,6 +30,7 @@ Loss = Literal["dpo", "ipo", "kto"]
 KlEstimator = Literal["k1", "k2", "k3"]
 Scheduler = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+LoraSave = Literal["adapter", "merged", "both"]
 
 
 @config_dataclass
@@ -66,6 +67,13 @@ class LoraSettings:
     dropout: Fraction = help_field(0.0, help="LoRA dropout")
     target_modules: list[str] | None = help_field(
         None, help="module names; None = peft's default for the model"
+    )
+    save: LoraSave = help_field(
+        "adapter",
+        help="what the run writes: adapter = only the adapter (peft format, with sacpo_adapter.json naming the base "
+        "and any adapters it stacks on; every sacpo command loads it as base ⊕ adapters, sacpo.models.adapters); "
+        "merged = the dense model with the adapter merged in; both = the dense model and the adapter (in adapter/ "
+        "next to it). Output format only: training is the same",
     )
 
 
@@ -238,6 +246,7 @@ ADDED_FIELDS: dict[str, object] = {
     "dtype": "auto",  # exact for float32 policies (the old runs saved float32); see same_computation
 }
 ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields
+ADDED_LORA_FIELDS: dict[str, object] = {"save": "both"}  # LoraSettings: runs before lora.save wrote both
 
 
 def comparable(fields: dict, ignore: frozenset[str] = frozenset()) -> dict:
@@ -254,6 +263,13 @@ def comparable(fields: dict, ignore: frozenset[str] = frozenset()) -> dict:
     if isinstance(out.get("data"), dict):
         out["data"] = {
             k: v for k, v in out["data"].items() if not (k in ADDED_DATA_FIELDS and v == ADDED_DATA_FIELDS[k])
+        }
+    if isinstance(out.get("lora"), dict):  # lora.save means nothing without LoRA
+        lora = out["lora"]
+        out["lora"] = {
+            k: v
+            for k, v in lora.items()
+            if not (k in ADDED_LORA_FIELDS and (v == ADDED_LORA_FIELDS[k] or not lora.get("enabled")))
         }
     for key in ignore:
         out.pop(key, None)

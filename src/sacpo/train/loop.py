@@ -76,6 +76,7 @@ def _run_identity(cfg: TrainConfig, ref_cache: Path) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the trajectory's settings and the reference cache (which is
     keyed on the reference weights, tokenizer, encoded data and max_length)."""
     fields = comparable({k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE})
+    fields["lora"].pop("save", None)  # the output format, written after the last step
     return json.loads(json.dumps({**fields, "reference_cache": ref_cache.name}))
 
 
@@ -274,7 +275,8 @@ def _finish(
     """Check and save the final weights (model/, in `dtype`), then summary.json and DONE (main process)."""
     cfg, acc, out = loop.cfg, loop.acc, loop.out
     checkpoint.check_weights_finite(acc, loop.params, end.step, out)
-    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, cfg.lora.enabled, dtype)
+    lora_save = cfg.lora.save if cfg.lora.enabled else None
+    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, lora_save, cfg.policy, dtype)
     summary = {
         "steps": end.step,
         "reference_pass": "computed" if ref.computed else "cached",
@@ -287,6 +289,7 @@ def _finish(
         "average_logprobs": cfg.resolved_average_logprobs,
         "prompt_format": cfg.prompt_format().to_json(),
         "dtype": dtype_name(dtype),
+        "model_format": "adapter" if lora_save == "adapter" else "dense",
         "stopped_early": end.stopped_early,
         "final": end.last,
     }

@@ -18,6 +18,9 @@ stay near 0 (Ouyang et al. shift the trained RM by a bias instead; the in-traini
 forward pass; AdamW, linear warmup + linear decay, gradient clipping, dropout off (as TRL's RewardTrainer), on
 the shared engine (`sacpo.train.engine`).
 
+LoRA (`lora.enabled`): adapters on the backbone's linear layers, the head trained in full; AdamW then holds moments
+of the adapters and the head only, and no gradient of a backbone weight is stored.
+
 Cost models: train on safety pairs (format `pku_safe`, chosen = safer); the head then outputs a *safety score*
 and the cost is c(x, y) = −s(x, y) (kind "cost").
 
@@ -29,7 +32,9 @@ Worst-case aggregation of an ensemble (min over member rewards, max over member 
 Output directory (built in a temporary sibling, then put in place by `sacpo.fsutil.atomic_dir`):
 
     ensemble = 1:  <output_dir>/ = HF model dir (config.json, model.safetensors, tokenizer files),
-                   reward_model.json (kind, lengths, seed), metrics.json, config.yaml
+                   reward_model.json (kind, lengths, seed), metrics.json, config.yaml; with LoRA and
+                   lora.save=adapter the model files are a peft SEQ_CLS adapter on `model` instead (adapter_config.json,
+                   adapter_model.safetensors with the head, sacpo_adapter.json; `sacpo.models.reward.load_reward_model`)
     ensemble = k:  <output_dir>/member-<i>/ (each as above, without config.yaml),
                    <output_dir>/reward_model.json (kind, members), metrics.json (ensemble + members), config.yaml
 """
@@ -63,13 +68,14 @@ from sacpo.data.formats import get_format
 from sacpo.data.tokenize import Encoded, encode_paired, pad_sequences
 from sacpo.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from sacpo.math.reward import aggregate_scores, bradley_terry_loss, pairwise_accuracy
+from sacpo.models.adapters import save_adapter
 from sacpo.models.dtypes import resolve_dtype, save_pretrained_as
 from sacpo.models.load import check_model_dir, load_tokenizer
 from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.models.reward import META_FILE, build_reward_model, score_encoded, sequence_scores
 from sacpo.rng import torch_seeded as seeded
 from sacpo.train.batches import batch_order, split_indices
-from sacpo.train.config import DataConfig
+from sacpo.train.config import DataConfig, LoraSettings
 from sacpo.train.engine import Stepper, autocast, fit, warmup_linear_decay
 
 log = logging.getLogger("sacpo.reward")
@@ -120,6 +126,12 @@ class RewardConfig:
         "auto",
         help="dtype of the saved reward model(s) (auto | bf16 | fp16 | fp32; auto = the backbone checkpoint's "
         "own). Training keeps float32 weights (mixed_precision sets the autocast); the cast is made on save",
+    )
+    lora: LoraSettings = help_field(
+        LoraSettings(),
+        help="LoRA on the backbone (peft, task SEQ_CLS); the scalar head stays fully trained (a module to save). "
+        "lora.save: adapter = each model directory is the adapter on `model`; merged = the dense model; both = the "
+        "dense model with the adapter in adapter/",
     )
     trust_remote_code: bool = help_field(False, help="allow model code from the model directory")
 
@@ -185,11 +197,13 @@ def _train_member(
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
-    with seeded(seed):  # head initialisation
+    with seeded(seed):  # head (and LoRA) initialisation
         model = build_reward_model(cfg.model, tokenizer, cfg.trust_remote_code)
-    disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+        disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        if cfg.lora.enabled:
+            model = _with_lora(model, cfg)
     model.to(device).train()
     stepper = Stepper(
         [p for p in model.parameters() if p.requires_grad],
@@ -247,19 +261,46 @@ def _train_member(
     return model, _MemberRun(metrics, train_scores, eval_scores)
 
 
+def _with_lora(model: Any, cfg: RewardConfig) -> Any:
+    """LoRA adapters on the backbone; peft's SEQ_CLS task keeps the `score` head trainable in full."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        task_type="SEQ_CLS",
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+    )
+    model = get_peft_model(model, lcfg)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
 def _save_member(
     model: Any,
     tokenizer: Any,
     path: Path,
+    final: Path,
+    cfg: RewardConfig,
     meta: dict[str, Any],
     metrics: dict[str, Any],
-    dtype: torch.dtype,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
+    """One member's directory: the dense model, or with LoRA what lora.save says (`final`: where `path` ends up)."""
     path.mkdir(exist_ok=True)
-    model.config.use_cache = True
-    save_pretrained_as(model, path, dtype)
-    tokenizer.save_pretrained(path)
-    atomic_write_json(path / META_FILE, meta)
+    save = cfg.lora.save if cfg.lora.enabled else None
+    if save in ("adapter", "both"):
+        target, target_final = (path, final) if save == "adapter" else (path / "adapter", final / "adapter")
+        target.mkdir(exist_ok=True)
+        save_adapter(model, tokenizer, target, target_final, cfg.model)
+    if save != "adapter":
+        dense = model.merge_and_unload() if save else model
+        dense.config.use_cache = True
+        save_pretrained_as(dense, path, dtype)
+        tokenizer.save_pretrained(path)
+    atomic_write_json(path / META_FILE, {**meta, "model_format": "adapter" if save == "adapter" else "dense"})
     atomic_write_json(path / "metrics.json", metrics)
 
 
@@ -320,7 +361,8 @@ def train_reward_model(cfg: RewardConfig, show_progress: bool = True) -> RewardR
             seed = cfg.seed + i
             desc = f"{kind} model" + (f" {i + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "")
             model, run = _train_member(cfg, tokenizer, train_pairs, eval_pairs, seed, desc, show_progress)
-            _save_member(model.cpu(), tokenizer, tmp / name, {**meta, "seed": seed}, run.metrics, dtype)
+            member_meta = {**meta, "seed": seed}
+            _save_member(model.cpu(), tokenizer, tmp / name, out / name, cfg, member_meta, run.metrics, dtype)
             del model
             runs.append(run)
         if cfg.ensemble > 1:

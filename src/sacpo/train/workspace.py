@@ -35,7 +35,8 @@ def policy_key(cfg: Any) -> tuple:
     part of it: `train` applies it to the policy it gets and takes it off again before returning."""
     p, _, state = model_files(cfg.policy)
     options = (cfg.trust_remote_code, cfg.gradient_checkpointing)
-    return (str(p.resolve()), state, options, json.dumps(asdict(cfg.lora), sort_keys=True))
+    lora = {k: v for k, v in asdict(cfg.lora).items() if k != "save"}  # save: the output format only
+    return (str(p.resolve()), state, options, json.dumps(lora, sort_keys=True))
 
 
 class SweepWorkspace:

@@ -1,0 +1,208 @@
+"""The two sides of a merge as weights, read tensor by tensor: a full model directory, or a base model plus the LoRA
+adapters of an adapter directory's chain (`sacpo.models.adapters`).
+
+    src = read_source("runs/p/stages/safe-lam2/model")    # base + [Δ_helpful, Δ_safe]
+    with TensorReader(src.base) as base:
+        w = src.weight(key, base.get(key))              # W + Δ_helpful[W] + Δ_safe[W], as merge_and_unload does
+
+A LoRA adapter module m with factors A (r, in), B (out, r) and scale s updates the base tensor `m.weight` by
+s·B·A (transposed with fan_in_fan_out). Only plain LoRA is read here: no DoRA, no bias training, no per-module rank
+or alpha patterns, no full module copies (modules_to_save) — anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sacpo.math.merging import MergeError, add_deltas, lora_delta, lora_scaling
+from sacpo.models.adapters import ADAPTER_WEIGHTS, adapter_config, adapter_fingerprint, read_chain
+from sacpo.models.load import check_model_dir, fingerprint_model, is_adapter_dir
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One plain LoRA adapter: module name (as in the base's state dict, without `.weight`) → (A, B)."""
+
+    path: Path
+    fingerprint: str
+    config: dict[str, Any]
+    scaling: float
+    fan_in_fan_out: bool
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["r"])
+
+    def delta_shape(self, module: str) -> tuple[int, int]:
+        """Shape of `delta(module)` without computing it: (out, in), or (in, out) with fan_in_fan_out."""
+        a, b = self.modules[module]
+        return (a.shape[1], b.shape[0]) if self.fan_in_fan_out else (b.shape[0], a.shape[1])
+
+    def delta(self, module: str) -> torch.Tensor:
+        """s·B·A of `module` (float32), in the base weight's layout."""
+        a, b = self.modules[module]
+        return lora_delta(a, b, self.scaling, self.fan_in_fan_out)
+
+
+def _refuse_unless_plain(path: Path, cfg: dict[str, Any]) -> None:
+    checks = {
+        "peft_type": (cfg.get("peft_type"), "LORA"),
+        "use_dora": (bool(cfg.get("use_dora")), False),
+        "bias": (cfg.get("bias", "none"), "none"),
+        "rank_pattern": (cfg.get("rank_pattern") or {}, {}),
+        "alpha_pattern": (cfg.get("alpha_pattern") or {}, {}),
+        "modules_to_save": (cfg.get("modules_to_save") or None, None),
+        "lora_bias": (bool(cfg.get("lora_bias")), False),
+    }
+    bad = [f"{k}={got!r}" for k, (got, want) in checks.items() if got != want]
+    if bad:
+        raise MergeError(f"{path}: only plain LoRA adapters are merged here, this one has {', '.join(bad)}")
+
+
+def read_lora(path: str | Path) -> Lora:
+    """A plain LoRA adapter directory's factors, keyed by module name."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    cfg = adapter_config(p)
+    _refuse_unless_plain(p, cfg)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(p / ADAPTER_WEIGHTS)).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if name.endswith(suffix):
+                modules.setdefault(name.removesuffix(suffix), {})[part] = tensor
+                break
+        else:
+            raise MergeError(
+                f"{p}: adapter tensor {key!r} is not a LoRA factor (lora_A / lora_B of a linear layer)"
+            )
+    incomplete = sorted(m for m, f in modules.items() if set(f) != {"lora_A", "lora_B"})
+    if incomplete:
+        raise MergeError(f"{p}: modules without both LoRA factors: {incomplete[:3]}")
+    return Lora(
+        p,
+        adapter_fingerprint(p),
+        cfg,
+        lora_scaling(cfg["lora_alpha"], int(cfg["r"]), bool(cfg.get("use_rslora"))),
+        bool(cfg.get("fan_in_fan_out")),
+        {m: (f["lora_A"], f["lora_B"]) for m, f in sorted(modules.items())},
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model directory as base + adapters: a full model is its own base with no adapters."""
+
+    path: Path
+    base: Path
+    base_fingerprint: str
+    adapters: tuple[Lora, ...] = field(default=())
+
+    @property
+    def is_adapter(self) -> bool:
+        return bool(self.adapters)
+
+    def weight(self, key: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor `key` of this model: the base's plus every adapter's update of it, in chain order."""
+        module = key.removesuffix(".weight")
+        deltas = [a.delta(module) for a in self.adapters if key.endswith(".weight") and module in a.modules]
+        return add_deltas(base_tensor, deltas) if deltas else base_tensor
+
+
+def read_source(path: str | Path) -> Source:
+    """`path` as base + adapters (`sacpo.models.adapters.read_chain` for an adapter directory)."""
+    p = check_model_dir(path)
+    if not is_adapter_dir(p):
+        return Source(p, p, fingerprint_model(p))
+    chain = read_chain(p)
+    return Source(p, chain.base, fingerprint_model(chain.base), tuple(read_lora(a) for a in chain.adapters))
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorReader:
+    """The tensors of a full model directory's safetensors file(s), read one at a time with plain reads.
+
+    The safetensors layout: 8 bytes (little-endian u64) header size N, N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}} (offsets into the data after the header), then the data. Plain reads instead of a
+    memory map: a mapped file's pages stay in the process's resident set once touched (two 540 MB models read
+    through mmap add 1.1 GB to the peak RSS of a merge), read pages only go to the page cache."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self._handles: list[Any] = []
+        self._where: dict[str, tuple[Any, int, dict[str, Any]]] = {}
+        for path in sorted(Path(model_dir).glob("*.safetensors")):
+            f = open(path, "rb")  # closed in __exit__
+            self._handles.append(f)
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._where[key] = (f, 8 + size, info)
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
+        info = self._where[key][2]
+        return tuple(info["shape"]), info["dtype"]
+
+    def get(self, key: str) -> torch.Tensor:
+        f, start, info = self._where[key]
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES:
+            raise MergeError(f"tensor {key!r} has dtype {info['dtype']}, which the merge does not read")
+        buf = bytearray(end - begin)
+        f.seek(start + begin)
+        if f.readinto(buf) != len(buf):
+            raise MergeError(f"tensor {key!r}: the safetensors file is truncated")
+        if not buf:
+            return torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._handles:
+            f.close()
+        self._handles, self._where = [], {}
+
+
+def check_targets(src: Source, reader: TensorReader) -> None:
+    """Every adapter module updates a tensor `<module>.weight` of the base, of the shape its update has."""
+    keys = set(reader.keys())
+    for a in src.adapters:
+        for module in a.modules:
+            key = f"{module}.weight"
+            if key not in keys:
+                raise MergeError(
+                    f"{a.path}: LoRA module {module!r} has no tensor {key!r} in the base {src.base} "
+                    "(a tied or renamed weight?)"
+                )
+            shape = reader.shape_dtype(key)[0]
+            got = a.delta_shape(module)
+            if got != shape:
+                raise MergeError(f"{a.path}: LoRA update of {key!r} is {got}, the base's tensor is {shape}")
