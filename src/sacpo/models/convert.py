@@ -32,7 +32,8 @@ import torch
 
 from sacpo.fsutil import atomic_dir, atomic_write_json
 from sacpo.models.dtypes import DTYPES, checkpoint_dtype, save_pretrained_as
-from sacpo.models.load import ModelLoadError, _one_line, _quiet_transformers, check_model_dir
+from sacpo.models.load import ModelLoadError, _quiet_transformers, check_model_dir
+from sacpo.models.model_dir import one_line
 
 GGUF_INSTALL_HINT = "pip install gguf"
 _GGUF_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -51,7 +52,7 @@ def gguf_dtype(path: str | Path) -> torch.dtype:
     try:
         types = {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
     except Exception as e:  # not a GGUF file, an unsupported version, a truncated file
-        raise ModelLoadError(f"{path}: cannot import: {type(e).__name__}: {_one_line(e)}") from e
+        raise ModelLoadError(f"{path}: cannot import: {type(e).__name__}: {one_line(e)}") from e
     if not types <= set(_GGUF_FLOATS):
         return torch.float32
     for name in ("BF16", "F16"):
@@ -106,7 +107,7 @@ def import_model(
         except ModelLoadError:
             raise
         except Exception as e:  # unknown architecture, corrupt file, ...
-            raise ModelLoadError(f"{src}: cannot import: {type(e).__name__}: {_one_line(e)}") from e
+            raise ModelLoadError(f"{src}: cannot import: {type(e).__name__}: {one_line(e)}") from e
         model.config.use_cache = True
         save_pretrained_as(model, tmp, target)
         tokenizer.save_pretrained(tmp)
