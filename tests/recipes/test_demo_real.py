@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from tests.worlds.test_realworld import fake_garak
 
 import sacpo.recipes.demo_real as demo_real
 import sacpo.worlds.realworld as realworld
 import sacpo.worlds.realworld.refusal as refusal
 from sacpo.config import ConfigError, from_dict
 from sacpo.recipes.demo_real import DemoRealConfig, run_demo_real
-from tests.worlds.test_realworld import fake_garak
 
 
 def odd_refusal(y: str) -> bool:
@@ -41,7 +41,9 @@ def tiny_config(tmp_path, sft, **kw):
     return from_dict(DemoRealConfig, fields)
 
 
-def test_demo_real_end_to_end_on_the_tiny_model(tmp_path, tiny_chat_model, stand_in_detector, one_torch_thread):
+def test_demo_real_end_to_end_on_the_tiny_model(
+    tmp_path, tiny_chat_model, stand_in_detector, one_torch_thread
+):
     cfg = tiny_config(tmp_path, tiny_chat_model)
     summary = run_demo_real(cfg, show_progress=False)
     out = tmp_path / "out"
@@ -62,7 +64,11 @@ def test_demo_real_end_to_end_on_the_tiny_model(tmp_path, tiny_chat_model, stand
         assert odd_refusal(r[f"response_{r['safer_response_id']}"])
         assert not odd_refusal(r[f"response_{1 - r['safer_response_id']}"])
     report = (out / "report.md").read_text()
-    assert "harmful-request compliance" in report and "## Sample responses" in report and "### psacpo-q0.5" in report
+    assert (
+        "harmful-request compliance" in report
+        and "## Sample responses" in report
+        and "### psacpo-q0.5" in report
+    )
     assert set(summary["times"]) == {"sft", "labels", "pipeline", "evaluation"}
     # cached: a rerun samples and trains nothing (the samples files are not rewritten)
     before = (out / "eval/samples/sft/samples.jsonl").stat().st_mtime_ns

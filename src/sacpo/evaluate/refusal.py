@@ -92,8 +92,10 @@ def table_markdown(rows: Sequence[RefusalRow], alpha: float = 0.05) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        kl = "–" if not math.isfinite(r.kl) else f"{r.kl:.2f}" + (
-            f" ± {r.kl_se:.2f}" if math.isfinite(r.kl_se) else ""
+        kl = (
+            "–"
+            if not math.isfinite(r.kl)
+            else f"{r.kl:.2f}" + (f" ± {r.kl_se:.2f}" if math.isfinite(r.kl_se) else "")
         )
         out.append(
             f"| {r.name} | {r.family} | {r.harmful_compliance.fmt()} | {r.benign_refusal.fmt()} | {kl} |"

