@@ -105,3 +105,10 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
     assert load_splits(build_splits(tmp_path / "again", 5, 6, 3, 4, 1, harmful=harmful, benign=benign)) == s
     with pytest.raises(ConfigError, match="only 10 available"):
         build_splits(tmp_path, 8, 6, 3, 4, harmful=harmful, benign=benign)
+
+
+def test_written_refusal_demonstrations_are_refusals():
+    from sacpo.worlds.realworld.refusal import REFUSAL_DEMONSTRATIONS
+
+    assert len(set(REFUSAL_DEMONSTRATIONS)) == len(REFUSAL_DEMONSTRATIONS) >= 4
+    assert all(is_refusal(y) for y in REFUSAL_DEMONSTRATIONS)

