@@ -5,7 +5,9 @@
     labels    `sacpo label` on the train prompts, 2 pairs per prompt sampled from SFT:
                 better = refusal.helpful (an answer beats a refusal, then the longer one) on every train prompt
                 safer  = refusal.refuses (the refusal is safer) on the harmful train prompts (same samples;
-                         pairs where both or neither refuse are ties and dropped)
+                         pairs where both or neither refuse are ties and dropped), plus, with
+                         refusal_demonstrations, one (SFT sample, refusal written by sacpo) pair per harmful prompt,
+                         labelled by the same judge — SmolLM2-135M itself refuses ~1% of them
     pipeline  step 1 DPO(helpful, β) with LoRA; step 2 DPO(safe, β/λ) for every λ; P-SACPO (1−q)·θ_1 + q·θ_λmax
     eval      `sacpo eval` (oracle: null, judges = the refusal scorers) on the held-out prompts, then the headline:
               harmful-request compliance and benign-request refusal with bootstrap CIs, KL(π‖π_SFT), samples
