@@ -55,7 +55,7 @@ log = logging.getLogger("sacpo.demo_real")
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
-    "epochs": 2,
+    "epochs": 1,
     "lr": 5.0e-4,
     "max_length": 160,
     "max_prompt_length": 96,
@@ -83,7 +83,9 @@ class DemoRealConfig:
         help="add one safety pair per harmful train prompt: (an SFT sample that does not refuse, a refusal written "
         "by sacpo — REFUSAL_DEMONSTRATIONS), labelled by the same judge; for models that (almost) never refuse",
     )
-    safety_epochs: float = help_field(1.0, help="epochs of step 2 (over the demo's train settings)", gt=0)
+    safety_train: dict[str, Any] = help_field(
+        {"epochs": 3, "lr": 1.0e-3}, help="TrainConfig fields of step 2 only (over `train`)"
+    )
     max_new_tokens: PositiveInt = help_field(48, help="response length (labels and evaluation)")
     max_prompt_length: PositiveInt = help_field(96, help="prompt tokens kept (left-truncated)")
     generate_batch_size: PositiveInt = help_field(32, help="prompts per generation batch")
@@ -183,7 +185,7 @@ def pipeline_config(cfg: DemoRealConfig, sft: str, helpful: Path, safety: Path) 
             "name": "safe",
             "data": {"source": str(safety), "format": "pku_safe"},
             "lam": list(cfg.lams),
-            "overrides": {"epochs": cfg.safety_epochs},
+            "overrides": dict(cfg.safety_train),
         },
     ]
     merges = [{"name": "psacpo", "a": "helpful", "b": f"safe-lam{lam_max:g}", "qs": list(cfg.qs)}]
