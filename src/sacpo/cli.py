@@ -16,9 +16,8 @@
     sacpo demo [--out DIR] [--quick]
     sacpo demo-real [CONFIG] [key=value ...]  SmolLM2-135M, refusal judges: compliance vs over-refusal
 
-Every CONFIG is YAML for a frozen dataclass; `key=value` overrides (YAML values, dotted keys) apply on top, and
-`--help-config` lists every field with its help text. CONFIG is optional: overrides alone may give every field
-(`sacpo train policy=DIR data.source=FILE output_dir=DIR`).
+Every CONFIG (optional: overrides alone may give every field) is YAML for a frozen dataclass; `key=value` overrides
+(YAML values, dotted keys) apply on top; `--help-config` lists every field with its help text.
 """
 
 from __future__ import annotations
@@ -163,8 +162,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> None:
 def cmd_reward(args: argparse.Namespace) -> None:
     from sacpo.train.reward_model import train_reward_model
 
-    cfg = _config_command(args)
-    r = train_reward_model(cfg, show_progress=not args.quiet)
+    r = train_reward_model(_config_command(args), show_progress=not args.quiet)
     summary = {k: v for k, v in r.metrics.items() if k not in ("members", "history")}
     print(json.dumps({"output_dir": str(r.output_dir), "kind": r.kind, **summary}, indent=2, default=str))
 
@@ -180,8 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_label(args: argparse.Namespace) -> None:
     from sacpo.recipes.label import run_label
 
-    cfg = _config_command(args)
-    path = run_label(cfg, show_progress=not args.quiet)
+    path = run_label(_config_command(args), show_progress=not args.quiet)
     print(f"preferences: {path}\nreport: {path.with_name('labels.md')}")
 
 
