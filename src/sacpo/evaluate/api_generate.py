@@ -19,7 +19,6 @@ the model's weights, prompts and sampling settings) are those of `sacpo.evaluate
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -74,10 +73,8 @@ def generate_samples_api(
     server = json.dumps(api.identity(), sort_keys=True)
     key = samples_key(
         f"{model_fp}|{server}", ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed,
-        max_prompt_length, temperature, top_p,
+        max_prompt_length, temperature, top_p, prompt_format,
     )  # fmt: skip
-    if not prompt_format.is_default:
-        key = hashlib.sha256(f"{key}:prompt-format:{prompt_format.fingerprint()}".encode()).hexdigest()
     hit = cached_samples(out, key, len(prompts) * n_samples)
     if hit is not None:
         return Generation(hit[0], out / SAMPLES_FILE, True, hit[1])

@@ -131,8 +131,10 @@ def samples_key(
     max_prompt_length: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prompt_format: PromptFormat = DEFAULT_FORMAT,
 ) -> str:
-    """sha256 of everything the samples and their log-probs depend on."""
+    """sha256 of everything the samples and their log-probs depend on (a non-default prompt format folded in
+    last, so keys of samples made before prompt formats existed stay valid)."""
     h = hashlib.sha256()
     h.update(KEY_VERSION.encode())
     for part in (model_fingerprint, ref_fingerprint, tokenizer_fingerprint):
@@ -150,7 +152,10 @@ def samples_key(
             }
         ).encode()
     )
-    return h.hexdigest()
+    key = h.hexdigest()
+    if prompt_format.is_default:
+        return key
+    return hashlib.sha256(f"{key}:prompt-format:{prompt_format.fingerprint()}".encode()).hexdigest()
 
 
 def read_samples(path: str | Path) -> list[SampleRow]:
@@ -245,10 +250,8 @@ def generate_samples(
     sampling_seed = seed if stream is None else stream_seed(seed, stream)
     key = samples_key(
         model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length,
-        temperature, top_p,
+        temperature, top_p, prompt_format,
     )  # fmt: skip
-    if not prompt_format.is_default:  # keys of samples made before prompt formats existed stay valid
-        key = hashlib.sha256(f"{key}:prompt-format:{prompt_format.fingerprint()}".encode()).hexdigest()
     n_rows = len(prompts) * n_samples
     hit = cached_samples(out, key, n_rows)
     if hit is not None:

@@ -33,18 +33,26 @@ def build_policy(cfg: TrainConfig) -> Any:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        model = with_lora(model, cfg.lora, "CAUSAL_LM", cfg.gradient_checkpointing)
+    return model
 
-        lcfg = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules,
-        )
-        model = get_peft_model(model, lcfg)
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
+
+def with_lora(model: Any, lora: Any, task_type: str, gradient_checkpointing: bool) -> Any:
+    """peft LoRA adapters (rank, alpha, dropout, target modules of the `lora` settings) on `model`; with
+    activation checkpointing the inputs require grad, so the frozen embeddings still pass gradients through.
+    task_type SEQ_CLS (reward models) keeps the `score` head trainable in full."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    model = get_peft_model(model, lcfg)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
     return model
 
 

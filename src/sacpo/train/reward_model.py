@@ -77,6 +77,7 @@ from sacpo.rng import torch_seeded as seeded
 from sacpo.train.batches import batch_order, split_indices
 from sacpo.train.config import DataConfig, LoraSettings
 from sacpo.train.engine import Stepper, autocast, fit, warmup_linear_decay
+from sacpo.train.policy import with_lora
 
 log = logging.getLogger("sacpo.reward")
 
@@ -203,7 +204,7 @@ def _train_member(
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         if cfg.lora.enabled:
-            model = _with_lora(model, cfg)
+            model = with_lora(model, cfg.lora, "SEQ_CLS", cfg.gradient_checkpointing)
     model.to(device).train()
     stepper = Stepper(
         [p for p in model.parameters() if p.requires_grad],
@@ -259,23 +260,6 @@ def _train_member(
         else f"{metrics['heldout_accuracy']:.3f}",
     )
     return model, _MemberRun(metrics, train_scores, eval_scores)
-
-
-def _with_lora(model: Any, cfg: RewardConfig) -> Any:
-    """LoRA adapters on the backbone; peft's SEQ_CLS task keeps the `score` head trainable in full."""
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(
-        task_type="SEQ_CLS",
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-    )
-    model = get_peft_model(model, lcfg)
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model
 
 
 def _save_member(
