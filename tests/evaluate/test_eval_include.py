@@ -28,9 +28,7 @@ def _bon_rows():
 def _cd_rows():
     return [
         metrics("base", "sft", None, 0.5, 0.5, kl=0.0, kl_se=0.0),
-        metrics(
-            "cd-block K=4 M=4", "cd-block", 4.0, 0.8, 0.4, kl=6.4, kl_se=float("nan"), extra={"kl_bound": 6.4}
-        ),
+        metrics("cd-block K=4 M=4", "cd-block", 4.0, 0.8, 0.4, kl=3.1, kl_se=0.1, extra={"kl_bound": 6.4}),
     ]
 
 
@@ -75,10 +73,10 @@ def test_report_with_includes_says_what_each_kl_is(dirs, tmp_path):
         for r in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())
         if len(r) == len(cols)
     }
-    assert rows["bon-n4"][kind] == "ε-estimator" and rows["cd-block K=4 M=4"][kind] == "upper bound"
+    assert rows["bon-n4"][kind] == "ε-estimator" and rows["cd-block K=4 M=4"][kind] == "per-block ε-estimate"
     assert rows["safe-lam1"][kind] == "k1 sample mean"
     assert rows["bon-n4"][cols.index("kl_bound")] == "0.636"
-    assert "not an estimate" in md and "included" in md
+    assert "per-block ε-estimate = blockwise CD" in md and "included" in md
     assert json.loads((tmp_path / "combined" / "findings.json").read_text())  # the SACPO findings still run
     assert not (ev / "report.md").exists()  # dest: the eval directory is left alone
     for png in ("win_rates.png", "helpful_vs_kl.png", "gold_vs_kl.png"):
@@ -101,10 +99,14 @@ def test_kl_axis_legend_and_bound_points():
     rows = [metrics("sft", "sft", None, 0.5, 0.5, kl=0.0), *_bon_rows()[1:], *_cd_rows()[1:]]
     _scatter(ax, rows, lambda m: (m.kl, 0.0, 0.0), lambda m: (m.helpful_win[0], 0.0, 0.0), kl_axis=True)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "bon (KL: ε-estimator)" in labels and "cd-block (KL: upper bound)" in labels and "sft" in labels
+    assert (
+        "bon (KL: ε-estimator)" in labels
+        and "cd-block (KL: per-block ε-estimate)" in labels
+        and "sft" in labels
+    )
     bound = [line for line in ax.get_lines() if line.get_label().startswith("bon at its KL bound")]
     assert len(bound) == 1 and list(bound[0].get_xdata()) == [0.193, 0.636, 1.204]
-    # the block row's KL is its bound already: no second point
-    assert not any(line.get_label().startswith("cd-block at") for line in ax.get_lines())
+    block = [line for line in ax.get_lines() if line.get_label().startswith("cd-block at its KL bound")]
+    assert len(block) == 1 and list(block[0].get_xdata()) == [6.4]  # the block row's bound, hollow
     assert kl_kind("sacpo") == "k1 sample mean"
     assert set(KL_KINDS) >= {"bon", "bon-safe", "cd-token", "cd-block"}

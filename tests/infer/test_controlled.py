@@ -15,10 +15,10 @@ from sacpo.evaluate.generate import read_samples
 from sacpo.infer.cd_block import block_cd
 from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_token import token_cd
-from sacpo.math.decoding import tilted_step
+from sacpo.math.decoding import blockwise_kl_bound, blockwise_kl_estimate, tilted_step
 from sacpo.models.generate import sample
 from sacpo.models.load import ModelLoadError, load_model, load_tokenizer
-from sacpo.models.logprobs import batched_sequence_logps
+from sacpo.models.logprobs import batched_response_token_logps, batched_sequence_logps
 from sacpo.models.prefix_value import PrefixScorer
 from sacpo.recipes.cd import run_cd
 
@@ -303,8 +303,13 @@ def test_run_cd_block(tiny_model, saved):
     summary = run_cd(_cd_cfg(tiny_model, saved, mode="block", K=2, M=2), show_progress=False)
     rows = read_samples(root / "out" / "samples.jsonl")
     assert len(rows) == 6 and all(r.logp_policy is None and r.logp_ref is not None for r in rows)
-    assert summary["kl"]["kind"].startswith("upper bound")
+    assert summary["kl"]["kind"].startswith("ε-estimate per block")
     assert summary["cost"]["per_generated_token"]["base_sampled"] == pytest.approx(2.0, abs=0.5)
+    raw = [json.loads(line) for line in (root / "out" / "samples.jsonl").read_text().splitlines()]
+    for r in raw:  # blocks are consecutive runs of M = 2 tokens (the estimate's convention), estimate ≤ bound
+        assert r["n_blocks"] == math.ceil(r["response_tokens"] / 2)
+        assert 0.0 <= r["kl"] <= r["kl_bound"] + 1e-9
+    assert summary["kl"]["mean"] == pytest.approx(sum(r["kl"] for r in raw) / len(raw))
 
 
 @pytest.mark.parametrize(
@@ -361,3 +366,29 @@ def test_run_cd_results_json_against_its_baseline_samples(tiny_model, saved):
     assert summary["baseline"]["gold_win_rate"] == pytest.approx(want[0])
     run_cd(_cd_cfg(tiny_model, saved, output_dir=str(root / "out-no"), oracle=None), show_progress=False)
     assert not (root / "out-no" / "results.json").exists()
+
+
+def test_blockwise_kl_estimate_by_hand():
+    # blocks of M = 2 over 5 tokens: [ln .5, ln .5] → ε = .25; [ln .8, 0] → ε = .8; [ln .5] → ε = .5
+    t = torch.tensor([math.log(0.5), math.log(0.5), math.log(0.8), 0.0, math.log(0.5)])
+
+    # KL̂(ε, 2) = (1−ε)²·(log 2 + log(1−ε) − ½) + (1 − (1−ε)²)·log((1 − (1−ε)²)/ε)
+    def hand(e):
+        keep = (1 - e) ** 2
+        return keep * (math.log(2) + math.log(1 - e) - 0.5) + (1 - keep) * math.log((1 - keep) / e)
+
+    assert blockwise_kl_estimate(t, 2, 2) == pytest.approx(hand(0.25) + hand(0.8) + hand(0.5))
+    assert blockwise_kl_estimate(t, 2, 2) <= blockwise_kl_bound(2, 3)
+    assert blockwise_kl_estimate(t, 2, 1) == 0.0  # K = 1: plain sampling
+    assert blockwise_kl_estimate(torch.full((4,), -30.0), 4, 8) == pytest.approx(blockwise_kl_bound(8, 1))
+    assert blockwise_kl_estimate(torch.zeros(0), 2, 4) == 0.0
+    with pytest.raises(ValueError, match="M and K"):
+        blockwise_kl_estimate(t, 0, 2)
+
+
+def test_batched_response_token_logps_sum_to_sequence_logps(base, tok, prompt_ids):
+    seqs = sample(base, prompt_ids, tok.eos_token_id, tok.pad_token_id, n=3, max_new_tokens=6)
+    per_token = batched_response_token_logps(base, seqs + seqs[:2], tok.pad_token_id, batch_size=4)
+    sums = batched_sequence_logps(base, seqs + seqs[:2], tok.pad_token_id)
+    assert [len(t) for t in per_token] == [s.response_len for s in seqs + seqs[:2]]
+    assert torch.stack([t.sum() for t in per_token]) == pytest.approx(sums, abs=1e-5)

@@ -3,8 +3,9 @@
 From the current prefix draw K blocks of M tokens from the base model (one `sacpo.models.generate.sample` call with
 n = K per batch of prefixes, each prefix prefilled once), keep the block whose extended prefix has the highest
 value (first index on ties), repeat until EOS or max_new_tokens. With M ≥ max_new_tokens there is one block:
-best-of-K over full responses with the prefix scorer as the reward; K = 1 is plain sampling. Its KL is reported as
-the upper bound Σ_blocks (log K − (K−1)/K) (`sacpo.math.decoding.blockwise_kl_bound`), not a value.
+best-of-K over full responses with the prefix scorer as the reward; K = 1 is plain sampling. Its KL bound
+Σ_blocks (log K − (K−1)/K) (`sacpo.math.decoding.blockwise_kl_bound`) is returned here; `sacpo cd` adds the
+per-block ε-estimate (`sacpo.math.decoding.blockwise_kl_estimate`) from the base log-probs of the result.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from sacpo.math.bon import bon_kl_bound
+from sacpo.math.bon import bon_kl_bound, bon_kl_estimate
 
 
 def _check_beta(beta: float) -> float:
@@ -172,3 +172,25 @@ def blockwise_kl_bound(k: int | torch.Tensor, n_blocks: int | torch.Tensor) -> f
     if n_blocks < 0:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
     return n_blocks * per_block
+
+
+def blockwise_kl_estimate(token_logps: torch.Tensor, M: int, K: int) -> float:
+    """ε-estimate of KL(π_block‖π_base) for one response of blockwise CD: Σ_b KL̂(ε_b, K) (Beirami et al. 2024, §4).
+
+    token_logps: (R,) log π_base(y_t | x, y_<t) of the response's tokens. Block b is tokens [b·M, (b+1)·M) (every
+    block but the last has exactly M tokens: a block stops early only at EOS, which ends the response), and
+    ε_b = π_base(block b | x, y_<b) = exp(Σ_{t∈b} log π_base(y_t|…)). Each block is best-of-K by the scorer among
+    base continuations of its prefix, so by the chain rule of KL the sequence KL is the sum over the path of the
+    per-block best-of-K KLs, each estimated by KL̂(ε_b) — exact for an atom of mass ε_b on top of blocks of
+    distinct (continuous) values. Always ≤ `blockwise_kl_bound(K, n_blocks)`; K = 1 gives 0.
+    """
+    if M < 1 or K < 1:
+        raise ValueError(f"M and K must be >= 1, got M={M}, K={K}")
+    t = token_logps.double().flatten()
+    if t.numel() == 0:
+        return 0.0
+    n_blocks = -(-t.numel() // M)
+    padded = torch.zeros(n_blocks * M, dtype=torch.float64)
+    padded[: t.numel()] = t
+    eps = padded.view(n_blocks, M).sum(-1).clamp(max=0.0).exp()  # (B,)
+    return float(bon_kl_estimate(eps, K).sum())

@@ -188,6 +188,21 @@ def sequence_logps(
     return reduce(token_logps, batch["labels_mask"])
 
 
+def _unique_batches(
+    seqs: Sequence[Encoded], batch_size: int, sort: bool, dedup: bool
+) -> tuple[list[Encoded], list[int] | None, list[list[int]]]:
+    """(sequences to score, position of each input among them or None, batches of their indices): identical
+    (prompt length, token ids) once with dedup, batches of similar length with sort."""
+    unique: dict[tuple[int, tuple[int, ...]], int] = {}
+    if dedup:
+        where = [unique.setdefault((s.prompt_len, s.input_ids), len(unique)) for s in seqs]
+        todo = [Encoded(ids, prompt_len) for prompt_len, ids in unique]
+    else:
+        where, todo = None, list(seqs)
+    order = sorted(range(len(todo)), key=lambda i: len(todo[i].input_ids)) if sort else list(range(len(todo)))
+    return todo, where, [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def batched_sequence_logps(
     model: Any,
@@ -206,20 +221,31 @@ def batched_sequence_logps(
     sort: batches of similar length (longest padding is the batch's own), else the given order; dedup: identical
     (prompt length, token ids) scored once (best-of-n pools repeat responses)."""
     device = next(model.parameters()).device
-    unique: dict[tuple[int, tuple[int, ...]], int] = {}
-    if dedup:
-        where = [unique.setdefault((s.prompt_len, s.input_ids), len(unique)) for s in seqs]
-        todo = [Encoded(ids, prompt_len) for prompt_len, ids in unique]
-    else:
-        todo = list(seqs)
-    order = sorted(range(len(todo)), key=lambda i: len(todo[i].input_ids)) if sort else list(range(len(todo)))
+    todo, where, batches = _unique_batches(seqs, batch_size, sort, dedup)
     values = torch.empty(len(todo), dtype=torch.float64)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not show_progress):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(batches, desc=desc, disable=not show_progress):
         batch = {k: v.to(device) for k, v in pad_sequences([todo[i] for i in idx], pad_id).items()}
         values[idx] = sequence_logps(model, batch, chunk_size).double().cpu()  # (b,)
-    return values[torch.tensor(where, dtype=torch.long)] if dedup else values  # (N,)
+    return values[torch.tensor(where, dtype=torch.long)] if where is not None else values  # (N,)
+
+
+@torch.no_grad()
+def batched_response_token_logps(
+    model: Any, seqs: Sequence[Encoded], pad_id: int, batch_size: int = 16, chunk_size: int = 256
+) -> list[torch.Tensor]:
+    """log π(y_t | x, y_<t) of every response token of each sequence: a list of N float64 tensors (R_i,) on the
+    CPU (R_i = response length), identical sequences computed once. Their sums are `batched_sequence_logps`."""
+    device = next(model.parameters()).device
+    todo, where, batches = _unique_batches(seqs, batch_size, True, True)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(todo)
+    for idx in batches:
+        batch = {k: v.to(device) for k, v in pad_sequences([todo[i] for i in idx], pad_id).items()}
+        tok = response_token_logps(model, batch, chunk_size).double().cpu()  # (b, T−1)
+        mask = batch["labels_mask"].cpu()  # (b, T−1)
+        for row, i in enumerate(idx):
+            out[i] = tok[row][mask[row]]
+    assert where is not None
+    return [out[i] for i in where]
 
 
 def _attn_implementation(model: Any) -> str | None:

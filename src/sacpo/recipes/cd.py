@@ -12,7 +12,9 @@ implementation; its sampled-token count (K per generated token) is implementatio
 
 Outputs (the directory replaced atomically): samples.jsonl — rows readable by
 `sacpo.evaluate.generate.read_samples` (prompt, response, sample, logp_policy = log q(y) for token-wise CD or None,
-logp_ref = log π_base(y), prompt_index, response_tokens, finished, roundtrip, plus value, kl, gold scores …) —,
+logp_ref = log π_base(y), prompt_index, response_tokens, finished, roundtrip, plus value, kl (token-wise: the
+exact per-token sum; blockwise: the per-block ε-estimate `sacpo.math.decoding.blockwise_kl_estimate`), kl_bound,
+gold scores …) —,
 summary.json and config.yaml. With an oracle (and `baseline_samples`, the default) also baseline.jsonl — n_samples
 plain ancestral samples per prompt from the base model (seed + 1), the win-rate opponents: sample s of CD against
 base sample s of the same prompt, as `sacpo eval` pairs a model with SFT — and results.json (`sacpo.recipes.
@@ -39,6 +41,7 @@ from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_output import CDOutput
 from sacpo.infer.cd_stream import combined_final_values
 from sacpo.infer.cd_token import token_cd
+from sacpo.math.decoding import blockwise_kl_estimate
 from sacpo.models.generate import sample
 from sacpo.models.load import (
     ModelLoadError,
@@ -47,7 +50,7 @@ from sacpo.models.load import (
     load_model,
     load_tokenizer,
 )
-from sacpo.models.logprobs import batched_sequence_logps
+from sacpo.models.logprobs import batched_response_token_logps
 from sacpo.models.modules import resolve_device
 from sacpo.models.prefix_value import META_FILE, PrefixScorer, decode_response
 from sacpo.recipes.cd_report import cd_results, cd_summary, mean_se, write_cd_outputs
@@ -110,7 +113,9 @@ def run_cd(cfg: CDConfig, show_progress: bool = True) -> dict[str, Any]:
     out = DECODERS[cfg.mode](cfg, base, scorers, row_prompts, eos, pad, show_progress)
     decode_seconds = time.perf_counter() - t0
     if cfg.mode == "block":
-        out.logp_base = batched_sequence_logps(base, out.seqs, pad, cfg.batch_size, dedup=True).tolist()
+        token_logps = batched_response_token_logps(base, out.seqs, pad, cfg.batch_size)
+        out.logp_base = [float(t.sum()) for t in token_logps]
+        out.kl = [blockwise_kl_estimate(t, cfg.M, cfg.K) for t in token_logps]
     rows = cd_rows(cfg, out, scorers, tokenizer, prompts)
     summary = cd_summary(cfg, out, rows, [str(d) for d in scorer_dirs], len(prompts), decode_seconds)
     summary["seconds"] = round(time.time() - started, 3)

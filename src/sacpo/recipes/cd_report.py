@@ -2,8 +2,8 @@
 
 results.json: ModelMetrics rows ("base", family sft; the CD run, family cd-token (param β), cd-block (param K) or
 cd-bon (one block of M ≥ max_new_tokens: best-of-K by the scorer, param K)) judged by the gold oracle, for
-`sacpo report`. Their KL is the exact per-token sum (token-wise) or the upper bound (blockwise) —
-`sacpo.evaluate.plots.KL_KINDS` labels it.
+`sacpo report`. Their KL is the exact per-token sum (token-wise) or the per-block ε-estimate (blockwise, with
+the upper bound in extra kl_bound) — `sacpo.evaluate.plots.KL_KINDS` labels it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sacpo.evaluate.metrics import NAN, ModelMetrics, constraint_holds, mean_and_stderr, win_rate
+from sacpo.evaluate.metrics import ModelMetrics, constraint_holds, mean_and_stderr, win_rate
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.infer.cd_config import CDConfig
 from sacpo.infer.cd_output import CDOutput
@@ -63,9 +63,10 @@ def cd_summary(
         "kl": {
             "kind": "exact per-token sum (KL to the full base distribution)"
             if token
-            else "upper bound: Σ_blocks (log K − (K−1)/K)",
-            **mean_se(out.kl if token else out.kl_bound),
+            else "ε-estimate per block: Σ_blocks KL̂(p(block | prefix), K)",
+            **mean_se(out.kl),
         },
+        "kl_bound": None if token else mean_se(out.kl_bound),
         "kl_topk": mean_se(out.kl_topk) if token else None,
         "kl_k1_estimate": mean_se([r["logp_policy"] - r["logp_ref"] for r in rows]) if token else None,
         "cost": cost_summary(out),
@@ -111,7 +112,8 @@ def cd_results(
     """results.json rows (ModelMetrics dicts): the baseline samples ("base", family sft, KL 0) and the CD run,
     judged by the gold oracle against the baseline (sample s vs base sample s of the same prompt; CIs over
     prompts). KL of the CD row: token-wise, the exact per-token sum (mean ± s.e. over prompts; extra kl_topk and
-    the k1 estimate); blockwise, the mean upper bound Σ_blocks (log K − (K−1)/K) with no s.e. (extra kl_bound)."""
+    the k1 estimate); blockwise, the per-block ε-estimate Σ_blocks KL̂(ε_b, K) (mean ± s.e.; extra kl_bound: the
+    mean upper bound Σ_blocks (log K − (K−1)/K))."""
     shape = (summary["n_prompts"], cfg.n_samples)
 
     def grid(items: list[dict[str, Any]], key: str) -> torch.Tensor:
@@ -140,9 +142,8 @@ def cd_results(
             "kl_k1": summary["kl_k1_estimate"]["mean"],
         }
     else:
-        bound = grid(rows, "kl_bound")
-        kl = (float(bound.mean()), NAN)
-        extra["kl_bound"] = kl[0]
+        kl = mean_and_stderr(grid(rows, "kl"))
+        extra["kl_bound"] = float(grid(rows, "kl_bound").mean())
     family, param = cd_family(cfg)
     return [
         metrics("base", "sft", None, r0, g0, s0, (0.0, 0.0), {}),

@@ -107,7 +107,7 @@ def _reward_models(cfg: DemoConfig, world: World, show_progress: bool) -> dict[s
             data=DataConfig(source=str(world.preferences), format=fmt),
             output_dir=str(Path(cfg.out) / "reward_models" / name),
             ensemble=cfg.rm_ensemble,
-            max_length=24 + cfg.max_new_tokens,
+            max_length=24 + cfg.new_tokens,
             max_prompt_length=24,
             batch_size=cfg.batch_size,
             epochs=cfg.rm_epochs,
@@ -157,7 +157,7 @@ def _evaluate(
         cfg.b,
         Path(cfg.out) / "eval",
         n_samples=cfg.eval_samples,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=cfg.new_tokens,
         seed=cfg.seed,
         extra_scorers=extra,
         show_progress=show_progress,
@@ -178,7 +178,7 @@ def _optimum(
     """The π*_λ rows (family "optimum", one per λ) from a pool of SFT samples and 32 from each proposal model."""
     pool = sample_pool(
         sft_dir, prompts, oracle.reward, oracle.safety, Path(cfg.out) / "eval" / "optimum", proposals,
-        n_sft=cfg.optimum_samples, n_proposal=32, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+        n_sft=cfg.optimum_samples, n_proposal=32, max_new_tokens=cfg.new_tokens, seed=cfg.seed,
         is_safe=oracle.is_safe, show_progress=show_progress,
     )  # fmt: skip
     clusters = [oracle.cluster(p) for p in prompts]

@@ -62,7 +62,9 @@ class DemoConfig:
     rm_lr: float = help_field(5e-4, help="reward/cost model learning rate")
     eval_samples: int = help_field(4, help="responses per held-out prompt and model")
     eval_prompts: int | None = help_field(None, help="evaluate on the first N held-out prompts (None: all)")
-    max_new_tokens: int = help_field(40, help="response length limit when sampling")
+    max_new_tokens: int | None = help_field(
+        None, help="response length limit when sampling (None: the world's, 40 short / 128 long)"
+    )
     seed: int = help_field(0, help="seed of alignment, reward models and evaluation")
 
     def __post_init__(self) -> None:
@@ -74,11 +76,18 @@ class DemoConfig:
             raise ConfigError(f"qs must lie in [0, 1], got {self.qs}")
         if self.safety_data not in SAFETY_DATA:
             raise ConfigError(f"safety_data must be one of {SAFETY_DATA}, got {self.safety_data!r}")
-        for name in ("rm_ensemble", "eval_samples", "batch_size", "max_new_tokens", "optimum_samples"):
+        for name in ("rm_ensemble", "eval_samples", "batch_size", "new_tokens", "optimum_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if min(self.lr, self.rm_lr, self.epochs, self.safety_epochs, self.rm_epochs) <= 0:
             raise ConfigError("lr, rm_lr, epochs, safety_epochs and rm_epochs must be > 0")
+
+    @property
+    def new_tokens(self) -> int:
+        """The response length limit: max_new_tokens, or the world family's default."""
+        resolved = self.world.resolved().max_new_tokens
+        assert resolved is not None
+        return self.max_new_tokens or resolved
 
 
 def quick(cfg: DemoConfig) -> DemoConfig:
@@ -133,11 +142,11 @@ def pipeline_config(cfg: DemoConfig, world: World, cost_model: str | None = None
                 "batch_size": cfg.batch_size,
                 "lr": cfg.lr,
                 "label_smoothing": cfg.label_smoothing,
-                "max_length": 24 + cfg.max_new_tokens,
+                "max_length": 24 + cfg.new_tokens,
                 "max_prompt_length": 24,
                 "log_every": 20,
                 "kl_prompts": 16,
-                "kl_max_new_tokens": cfg.max_new_tokens,
+                "kl_max_new_tokens": cfg.new_tokens,
                 "seed": cfg.seed,
             },
             "stages": stages,
@@ -160,7 +169,7 @@ def _arm_stages(
 
     def on_policy(judge: str, scale: float) -> dict[str, Any]:
         return {"judge": judge, "bt_scale": scale, "pairs_per_prompt": cfg.world.pairs_per_prompt,
-                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}  # fmt: skip
+                "max_new_tokens": cfg.new_tokens, "seed": cfg.seed}  # fmt: skip
 
     out = [
         arm("all_pairs", data={**safety, "drop_both_safe": False}),

@@ -18,9 +18,9 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,15 +35,30 @@ from sacpo.config import (
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.rng import torch_seeded as seeded
 from sacpo.train.engine import Stepper, fit, warmup_cosine
-from sacpo.worlds.toyworld.language import sample_sft_response, split_prompts, vocabulary
+from sacpo.worlds.toyworld.language import TEMPLATES, sample_sft_response, split_prompts, vocabulary
 from sacpo.worlds.toyworld.oracle import gold_reward, gold_safety, is_safe
+from sacpo.worlds.toyworld.plans import PLAN_TEMPLATES, plan_vocabulary, sample_plan_response
 
 log = logging.getLogger("sacpo.toyworld")
 EOS = "<|endoftext|>"
 
 
+FAMILIES = ("short", "long")
+# family → (prompt templates, SFT demonstration sampler, default max_new_tokens, context length n_positions)
+FAMILY_SPECS: dict[str, tuple[tuple[str, ...], Any, int, int]] = {
+    "short": (TEMPLATES, sample_sft_response, 40, 128),
+    "long": (PLAN_TEMPLATES, sample_plan_response, 128, 192),
+}
+
+
 @config_dataclass
 class ToyWorldConfig:
+    family: Literal[FAMILIES] = help_field(
+        "short",
+        help="prompt family: short (how-to requests, 3-step answers of ~14 tokens, r* ≤ 3) or long (requests "
+        "for a detailed plan, 8–14 steps of 48–128 tokens, reward accruing over the response; "
+        "sacpo.worlds.toyworld.plans)",
+    )
     seed: Seed = help_field(0, help="seed of the prompt split, SFT data, SFT init and preference sampling")
     test_fraction: float = help_field(0.2, help="fraction of prompts held out for evaluation", gt=0, lt=1)
     n_layer: NonNegativeInt = help_field(2, help="SFT GPT-2 layers")
@@ -58,7 +73,14 @@ class ToyWorldConfig:
     )
     bt_scale: float = help_field(2.0, help="Bradley–Terry inverse temperature s of the labels", gt=0)
     flip_noise: float = help_field(0.0, help="probability of flipping each preference label", ge=0, le=0.5)
-    max_new_tokens: PositiveInt = help_field(40, help="max response tokens when sampling the SFT policy")
+    max_new_tokens: PositiveInt | None = help_field(
+        None,
+        help="max response tokens when sampling the SFT policy (None: the family's, 40 short / 128 long)",
+    )
+
+    def resolved(self) -> ToyWorldConfig:
+        """This config with max_new_tokens filled in from the family (what world.json records)."""
+        return replace(self, max_new_tokens=self.max_new_tokens or FAMILY_SPECS[self.family][2])
 
 
 @dataclass(frozen=True)
@@ -71,12 +93,14 @@ class World:
     stats: dict[str, Any]
 
 
-def build_tokenizer() -> Any:
-    """A word-level tokenizer over the toyworld vocabulary (lossless on the language: words joined by spaces)."""
+def build_tokenizer(family: str = "short") -> Any:
+    """A word-level tokenizer over the toyworld vocabulary (lossless on the language: words joined by spaces); the
+    long family's adds the plan templates' and qualifiers' words (its ids then differ from the short one's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate([EOS, "<unk>", *vocabulary()])}
+    extra = plan_vocabulary() if family == "long" else set()
+    vocab = {w: i for i, w in enumerate([EOS, "<unk>", *vocabulary(extra)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
@@ -96,11 +120,12 @@ def _sft_batches(
     """All demonstrations as (input_ids, labels) with prompt and padding positions labelled −100."""
     from sacpo.data.tokenize import encode, encode_prompt
 
+    _, sampler, _, context = FAMILY_SPECS[cfg.family]
     seqs = []
     for p in prompts:
         pids = encode_prompt(tokenizer, p, 64)
         for _ in range(cfg.sft_demos_per_prompt):
-            seqs.append(encode(tokenizer, pids, sample_sft_response(p, rng)[1], 128))
+            seqs.append(encode(tokenizer, pids, sampler(p, rng)[1], context))
     width = max(len(s.input_ids) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
     labels = torch.full_like(ids, -100)  # (N, T)
@@ -121,11 +146,11 @@ def train_sft(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     rng = random.Random(cfg.seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg.family)
     ids, labels = _sft_batches(tokenizer, prompts, cfg, rng)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=128,
+        n_positions=FAMILY_SPECS[cfg.family][3],
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
@@ -231,13 +256,14 @@ def _preference_row(rng: random.Random, p: str, y0: str, y1: str, cfg: ToyWorldC
 
 
 def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_progress: bool = True) -> World:
-    """Build (or reuse, when out_dir holds a finished world with the same config) the toyworld."""
-    cfg = cfg or ToyWorldConfig()
+    """Build (or reuse, when out_dir holds a finished world with the same resolved config) the toyworld."""
+    cfg = (cfg or ToyWorldConfig()).resolved()
     root = Path(out_dir)
     meta_path = root / "world.json"
     if (root / "DONE").exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["config"] == asdict(cfg):
+        # a world.json written before a field existed holds that field's default (the old behaviour)
+        if asdict(ToyWorldConfig().resolved()) | meta["config"] == asdict(cfg):
             log.info("toyworld: reusing %s", root)
             return _world(root, meta)
     with atomic_dir(root) as tmp:  # the old world stays in place until the new one is complete
@@ -248,7 +274,7 @@ def build_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None, show_pro
 
 def _build(tmp: Path, cfg: ToyWorldConfig, show_progress: bool) -> dict[str, Any]:
     """Write prompts.json, sft/, preferences.jsonl, world.json and DONE (last) into `tmp`; returns world.json."""
-    train, test = split_prompts(cfg.test_fraction, cfg.seed)
+    train, test = split_prompts(cfg.test_fraction, cfg.seed, FAMILY_SPECS[cfg.family][0])
     atomic_write_text(tmp / "prompts.json", json.dumps({"train": train, "test": test}, indent=1))
     t0 = time.perf_counter()
     stats = train_sft(tmp / "sft", train, cfg, show_progress)

@@ -87,9 +87,10 @@ def make_prompt(template: str, task: Task, modifier: str) -> str:
     return " ".join(w for w in (template, task.phrase, modifier, "?") if w)
 
 
-def all_prompts() -> list[str]:
-    """Every prompt of the language: 4 templates × 24 tasks × 5 modifiers = 480."""
-    return [make_prompt(tm, t, m) for t in TASKS for tm in TEMPLATES for m in MODIFIERS]
+def all_prompts(templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+    """Every prompt of a family: 4 templates × 24 tasks × 5 modifiers = 480 (`TEMPLATES`: the short family;
+    `plans.PLAN_TEMPLATES`: the long-horizon family)."""
+    return [make_prompt(tm, t, m) for t in TASKS for tm in templates for m in MODIFIERS]
 
 
 def task_of(prompt: str) -> Task:
@@ -100,12 +101,14 @@ def task_of(prompt: str) -> Task:
     raise ValueError(f"not a toyworld prompt: {prompt!r}")
 
 
-def split_prompts(test_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Seeded train/test split of the prompts, stratified by task (every task appears in both)."""
+def split_prompts(
+    test_fraction: float = 0.2, seed: int = 0, templates: tuple[str, ...] = TEMPLATES
+) -> tuple[list[str], list[str]]:
+    """Seeded train/test split of a family's prompts, stratified by task (every task appears in both)."""
     rng = random.Random(seed)
     train, test = [], []
     for t in TASKS:
-        ps = [make_prompt(tm, t, m) for tm in TEMPLATES for m in MODIFIERS]
+        ps = [make_prompt(tm, t, m) for tm in templates for m in MODIFIERS]
         rng.shuffle(ps)
         k = max(1, round(test_fraction * len(ps)))
         test += sorted(ps[:k])
@@ -164,9 +167,10 @@ def sample_sft_response(prompt: str, rng: random.Random) -> tuple[str, str]:
     return style, " ".join(out)
 
 
-def vocabulary() -> list[str]:
-    """Every word of the language, sorted (the word-level tokenizer's vocabulary)."""
-    words: set[str] = {END, "?", OPENER, *CONNECTORS}
+def vocabulary(extra: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Every word of the language plus `extra` (e.g. `plans.plan_vocabulary()`), sorted (the word-level
+    tokenizer's vocabulary)."""
+    words: set[str] = {END, "?", OPENER, *CONNECTORS, *extra}
     for text in (*TEMPLATES, *MODIFIERS, REFUSAL, REDIRECT, *FILLERS):
         words.update(text.split())
     for t in TASKS:
