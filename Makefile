@@ -9,7 +9,7 @@ LINT_PATHS := src tests $(wildcard benchmarks)
 
 DEMO_THREADS ?= 1
 
-.PHONY: demo demo-real test test-fast bench bench-quick lint format clean
+.PHONY: demo demo-real test test-fast bench bench-quick long-horizon lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ demo-real: $(VENV)/.demo-real
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
+
+# docs/inference.md "The long-horizon task": the toyworld's plan family, its prefix scorers, best-of-n and the CD
+# grid, each a `sacpo` command on configs/*long*.yaml; writes benchmarks/LONG_HORIZON.md
+long-horizon: $(STAMP)
+	$(BIN)/python -m benchmarks.long_horizon
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick --out runs/bench/RESULTS-quick.md

@@ -108,6 +108,7 @@ def _best_blocks(
     if K > 1:
         scores, _ = combined_final_values(scorers, cands, pad_id, lam, combine, len(cands))
         cost.scorer_forward_tokens += len(scorers) * sum(len(c.input_ids) for c in cands)
+        cost.scorer_calls += len(scorers) * len(cands)
         choice = scores.view(len(prefixes), K).argmax(-1).tolist()  # first max on ties
     else:
         choice = [0] * len(prefixes)

@@ -10,12 +10,15 @@ from sacpo.data.tokenize import Encoded
 
 @dataclass
 class DecodeCost:
-    """Tokens processed by forward passes (padding excluded) and tokens sampled from the base model."""
+    """Tokens processed by forward passes (padding excluded), tokens sampled from the base model, and scorer
+    calls: values V(x, yᵗ) computed (token-wise: top-k children per step; blockwise: K candidates per round),
+    each scorer counted."""
 
     base_forward_tokens: int = 0
     scorer_forward_tokens: int = 0
     base_sampled_tokens: int = 0
     generated_tokens: int = 0  # tokens of the returned responses
+    scorer_calls: int = 0
 
     def per_generated_token(self) -> dict[str, float | None]:
         """Each count divided by generated_tokens (None when nothing was generated: undefined, not 0)."""

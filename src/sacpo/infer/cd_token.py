@@ -144,6 +144,7 @@ def _step(
         s.reorder(expand)
         values.append(s.step(top_ids.reshape(-1)).view(b, k))  # (b, k)
     out.cost.scorer_forward_tokens += b * k * len(scorer_s)
+    out.cost.scorer_calls += b * k * len(scorer_s)
     v = combined(values, st.lam, st.combine)  # (b, k)
     step = tilted_step(top_logp.double(), v.double(), st.beta)
     choice = torch.multinomial(step.logq.exp(), 1, generator=st.generator).squeeze(-1)  # (b,)

@@ -86,6 +86,7 @@ def cost_summary(out: CDOutput) -> dict[str, Any]:
         "scorer_forward_tokens": cost.scorer_forward_tokens,
         "base_sampled_tokens": cost.base_sampled_tokens,
         "generated_tokens": cost.generated_tokens,
+        "scorer_calls": cost.scorer_calls,
         "per_generated_token": cost.per_generated_token(),
         "plain_sampling_tokens": plain,
         "cost_ratio_vs_sampling": total / plain if plain else None,
