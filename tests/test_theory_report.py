@@ -55,6 +55,17 @@ def test_bon_kl_exact_below_bound_and_estimator_in_range(theory):
     assert big["exact"][c["n"].index(64)] == pytest.approx(c["bound"][c["n"].index(64)], rel=1e-3)
     small = c["cases"]["uniform, K=10"]
     assert small["exact"][-1] == pytest.approx(math.log(10), rel=1e-6)  # saturates at log K
+    # 5 tied levels: the ε-estimator with ε = p(y) overestimates (2.80 vs 1.19 at n = 64); log(M_ℓ/q_ℓ) is exact
+    tied = c["cases"]["random p, K=50, 5 tied levels"]
+    assert tied["tied"] and not c["cases"]["random p, K=50"]["tied"]
+    assert tied["level"] == pytest.approx(tied["exact"], abs=1e-12)
+    i64 = c["n"].index(64)
+    assert (
+        tied["exact"][i64] == pytest.approx(1.1929, abs=1e-4)
+        and tied["estimator"][i64] > 2 * tied["exact"][i64]
+    )
+    assert all(q >= e - 1e-9 for q, e in zip(tied["estimator_q"], tied["exact"], strict=True))
+    assert "E[log M_ℓ/q_ℓ] (random p, K=50, 5 tied levels)" in res["markdown"]
 
 
 def test_bon_win_rate_vs_kl_respects_bounds_and_frontier(theory):

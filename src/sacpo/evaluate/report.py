@@ -23,7 +23,8 @@ from sacpo.math.kl import kl_health
 KL_NOTE = (
     "KL kind: k1 sample mean = mean of log π(y) − log π_SFT(y) on the model's samples (trained models); "
     "ε-estimator = best-of-n's KL̂(ε), ε = π_SFT(y_sel) (Beirami et al. 2024), an estimate, with the bound "
-    "log n − (n−1)/n in kl_bound; exact per-token sum = token-wise CD's Σ_t KL(q_t‖p_t) on the sampled path; "
+    "log n − (n−1)/n in kl_bound (where the selection score ties, the level estimate log(M̂/q̂) replaces it: "
+    "kl_level_fraction); exact per-token sum = token-wise CD's Σ_t KL(q_t‖p_t) on the sampled path; "
     "per-block ε-estimate = blockwise CD's Σ_blocks KL̂(p(block | prefix), K), with the upper bound "
     "Σ_blocks (log K − (K−1)/K) in kl_bound."
 )

@@ -6,12 +6,14 @@ from typing import Literal
 
 from sacpo.config import ConfigError, Device, PositiveInt, Seed, config_dataclass, help_field
 from sacpo.data.prompt_format import CHAT_TEMPLATE_HELP, SYSTEM_PROMPT_HELP, PromptFormat
+from sacpo.math.bon_calibrate import BOUNDS
 from sacpo.math.bon_select import CONSTRAINTS
 from sacpo.scoring import oracle_names
 from sacpo.scoring.reward_model import AGGREGATES
 
 Aggregate = Literal[AGGREGATES]  # the ensemble aggregates of `RewardModelScorer`
 Constraint = Literal[CONSTRAINTS]  # the constraints of `sacpo.math.bon_select`
+Bound = Literal[BOUNDS]  # the lower bounds of `sacpo.math.bon_calibrate`
 
 
 @config_dataclass
@@ -62,10 +64,15 @@ class BonConfig:
     )
     confidence: float = help_field(
         0.9,
-        help="λ must meet the target with this one-sided confidence: the calibration statistic minus "
-        "z·s·√(1/C + 1/H) (s: spread of the per-prompt statistic over the C calibration prompts, H: held-out "
-        "prompts), so the held-out statistic meets the target with about this probability; 0.5 = the point "
-        "estimate (no margin)",
+        help="λ must meet the target with this one-sided confidence: a lower confidence bound of the calibration "
+        "statistic (see bound; C calibration, H held-out prompts) must reach it, so the held-out statistic meets "
+        "the target with at least about this probability; 0.5 = the point estimate (no margin)",
+    )
+    bound: Bound = help_field(
+        "auto",
+        help="the lower bound λ must meet: wilson = Wilson score bound at n_eff = 1/(1/C + 1/H) prompts (for "
+        "'prob'; conservative), t = m − t_{C−1}·s·√(1/C + 1/H), normal = m − z·s·√(1/C + 1/H) (the former rule: "
+        "anti-conservative for few prompts and proportions near 0 or 1); auto = wilson for 'prob', t for 'mean'",
     )
     oracle: str | None = help_field(
         None,
@@ -99,6 +106,8 @@ class BonConfig:
                 )
             if not 0.5 <= self.confidence < 1.0:
                 raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
+            if self.bound == "wilson" and self.constraint != "prob":
+                raise ConfigError("bound 'wilson' is for probabilities: use it with constraint 'prob'")
             if self.constraint == "prob" and not 0.0 <= self.target <= 1.0:
                 raise ConfigError(f"a probability target must be in [0, 1], got {self.target}")
         if self.oracle is not None and self.oracle not in oracle_names():

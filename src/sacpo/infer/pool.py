@@ -58,6 +58,15 @@ class CandidatePool:
         """(P, S) index within each draw → (P, S) column in the (P, M) layout."""
         return chosen + self.group_size * torch.arange(self.n_draws).unsqueeze(0)
 
+    def distinct_ids(self) -> torch.Tensor:
+        """(P, M) long: per prompt, the column of the first response with the same text (equal ids = the same
+        response, scored alike by every scorer; `sacpo.infer.bon_stats` tells discrete scores from repeats by it)."""
+        ids = []
+        for ys in self.responses:
+            first: dict[str, int] = {}
+            ids.append([first.setdefault(y, j) for j, y in enumerate(ys)])
+        return torch.tensor(ids, dtype=torch.long).view(len(self.prompts), self.width)
+
     def base_columns(self) -> torch.Tensor:
         """(P, S) global columns of the independent base samples."""
         base = self.n_draws * self.group_size + torch.arange(self.n_draws)

@@ -13,6 +13,10 @@ i.e. of `argmax` over sampled rewards. Hence
     π⁽ⁿ⁾(y) = (F(y)^n − F⁻(y)^n)·p(y)/q_ℓ(y)                    (= F^n − F⁻^n for distinct rewards)
     KL(π⁽ⁿ⁾‖p) = Σ_ℓ M_ℓ·log(M_ℓ/q_ℓ),   M_ℓ = F_ℓ^n − F⁻_ℓ^n   ≤ log n − (n−1)/n
 
+For a *sampled* selection, log(M_ℓ/q_ℓ) = log π⁽ⁿ⁾(y)/p(y) is then known from the level alone: with F and q of
+the selected reward (estimated from base samples) it is an unbiased per-selection KL estimate under ties
+(`bon_kl_level_estimate`, `bon_level_frequencies`), where the ε-estimator with ε = p(y) is not.
+
 References: Beirami et al. 2024, "Theoretical guarantees on the best-of-n alignment policy" (§2 the pmf, §3 the
 upper bound and its looseness, e.g. the binary example KL = log 2 − h(2⁻ⁿ), §4 the estimator KL̂(ε), §5 the win
 rate ≤ n/(n+1)); Beirami, "LM alignment: theory & practice" (tutorial). All results are float64 tensors.
@@ -123,6 +127,14 @@ def bon_pmf(p: ArrayLike, r: ArrayLike, n: int, ties: str = "random") -> torch.T
     return torch.zeros_like(p).scatter(-1, order, pmf_sorted)
 
 
+def bon_reward_levels(p: ArrayLike, r: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per outcome y: F(y) = P_p(r ≤ r(y)) and the mass q(y) = P_p(r = r(y)) of its reward level. (..., Y) each."""
+    p, r = _inputs(p, r)
+    order, level, q, log_F, _ = _levels(p, r, "random")
+    f_sorted, q_sorted = log_F.gather(-1, level).exp(), q.gather(-1, level)
+    return torch.zeros_like(p).scatter(-1, order, f_sorted), torch.zeros_like(p).scatter(-1, order, q_sorted)
+
+
 def bon_kl_exact(p: ArrayLike, r: ArrayLike, n: int, ties: str = "random") -> torch.Tensor:
     """Exact KL(π⁽ⁿ⁾‖p) = Σ_ℓ M_ℓ·log(M_ℓ/q_ℓ), M_ℓ = F_ℓ^n − F⁻_ℓ^n (within a level π⁽ⁿ⁾/p is constant).
 
@@ -184,6 +196,55 @@ def bon_kl_estimate(
         out = out.mean()
     scalar_in = isinstance(eps, numbers.Real) and not isinstance(n, torch.Tensor)
     return out.item() if scalar_in else out
+
+
+def bon_kl_level_estimate(F: float | torch.Tensor, q: float | torch.Tensor, n: int) -> float | torch.Tensor:
+    """KL estimate of one best-of-n selection whose reward level has base CDF F and base mass q (ties random):
+
+        log(M/q),   M = F^n − (F − q)^n      (F = P_p(r ≤ r_sel), q = P_p(r = r_sel), 0 < q ≤ F ≤ 1)
+
+    Within a level π⁽ⁿ⁾/p = M_ℓ/q_ℓ, so this is log π⁽ⁿ⁾(y)/p(y) itself and E_{y~π⁽ⁿ⁾}[log(M/q)] =
+    Σ_ℓ M_ℓ·log(M_ℓ/q_ℓ) = `bon_kl_exact`: unbiased for any reward, tied or not (Beirami et al. 2024, §2's pmf).
+    Why not the ε-estimator (§4) under ties: KL̂(ε) is exact for an atom of mass ε on top of a *continuous*
+    reward distribution. ε = p(y) counts the rest of y's own level as mass strictly below y, so it overestimates
+    (K = 50 outcomes, Dirichlet p, 5 levels of 10, n = 64: exact 1.193, E[KL̂(p(y))] 2.798); ε = q_ℓ counts the
+    levels below as continuous, a smaller bias that vanishes only once the top level is selected almost surely
+    (n = 8 there: exact 0.994, E[KL̂(q_ℓ)] 1.009, E[log(M/q)] 0.994). A single value can be negative (a level
+    selected less often than p picks it) or exceed the bound log n − (n−1)/n; only the mean estimates the KL.
+
+    F, q: floats or broadcastable tensors (e.g. (P, S) per selection); n ≥ 1. Returns float64 of the broadcast
+    shape (a float for float inputs); exactly 0 at n = 1.
+    """
+    n = _check_n(n)
+    f_t = torch.as_tensor(F, dtype=torch.float64)
+    q_t = torch.as_tensor(q, dtype=torch.float64)
+    f_t, q_t = torch.broadcast_tensors(f_t, q_t)
+    bad = ~((q_t > 0) & (f_t <= 1.0 + 1e-12) & (q_t <= f_t * (1.0 + 1e-12)))
+    if bad.any():
+        raise ValueError("need 0 < q <= F <= 1 (the base mass of the selected level and the CDF at it)")
+    f_t = f_t.clamp(max=1.0)
+    log_mass = _log_level_mass(q_t.clamp(max=f_t), f_t.log(), n)
+    out = torch.zeros_like(f_t) if n == 1 else log_mass - q_t.log()
+    scalar_in = isinstance(F, numbers.Real) and isinstance(q, numbers.Real)
+    return out.item() if scalar_in else out
+
+
+def bon_level_frequencies(pool: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plug-in (F̂, q̂) of selected rewards from base samples of the same prompt:
+
+        F̂ = #{pool ≤ r_sel}/M,   q̂ = #{pool = r_sel}/M
+
+    pool: (P, M) rewards of M i.i.d. base-policy samples per prompt; selected: (P, S) rewards of selections.
+    Returns two (P, S) float64 tensors. q̂ > 0 whenever the selected response is itself in the pool (as in
+    `sacpo bon`, whose every candidate is a base sample); q̂ = 0 marks a reward the pool never produced.
+    """
+    if pool.dim() != 2 or selected.dim() != 2 or pool.shape[0] != selected.shape[0]:
+        raise ValueError(
+            f"pool (P, M) and selected (P, S) expected, got {tuple(pool.shape)}, {tuple(selected.shape)}"
+        )
+    a = pool.unsqueeze(1)  # (P, 1, M)
+    b = selected.unsqueeze(-1)  # (P, S, 1)
+    return (a <= b).double().mean(-1), (a == b).double().mean(-1)
 
 
 # ------------------------------------------------------------------------------------------------ win rate

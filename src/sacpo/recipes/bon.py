@@ -5,7 +5,9 @@ ties broken uniformly at random (a seeded random key per candidate: argmax over 
 
 Constrained (inference-time SACPO): select by r + λ·g with g a safety score (higher = safer; a cost model c
 enters as g = −c, i.e. r − λ·c), λ ≥ 0 calibrated on *calibration prompts* (`sacpo.math.bon_calibrate`) — the
-smallest λ at which the lower confidence bound of the safety statistic of the selected responses meets its target
+smallest λ of the passing run of a scan from λ = ∞ downward over the selection's jump points, a λ passing when
+the lower confidence bound (`bound`: Wilson for "prob", Student t for "mean") of the safety statistic of the
+selected responses meets its target
 
     constraint "prob":  P(g(x, y_sel) > safe_threshold) ≥ target        constraint "mean":  E[g(x, y_sel)] ≥ target
 
@@ -20,8 +22,15 @@ n < N uses the *first n* candidates of each draw (i.i.d., so a valid best-of-n s
 selected score non-decreasing in n per draw).
 
 KL(π⁽ⁿ⁾‖p) has no closed form for sequences, so it is reported two ways (Beirami et al. 2024): the bound
-log n − (n−1)/n, and the ε-estimator KL̂(ε) with ε = p(y_sel|x) (`sacpo.math.bon.bon_kl_estimate`). The rows'
-`logp_policy` is None (NaN KL in `sacpo eval`): log π⁽ⁿ⁾(y) is not available. Win rate: the selected response of
+log n − (n−1)/n, and an estimate averaged over the selections (`sacpo.infer.bon_stats`). A selection whose
+selection score ties that of another distinct response of its prompt comes from a discrete score (e.g. the
+toyworld's gold reward): within its level π⁽ⁿ⁾/p = M/q, so its estimate is log(M̂/q̂), M̂ = F̂ⁿ − (F̂ − q̂)ⁿ, with
+F̂, q̂ the fractions of the prompt's S·(N+1) pooled responses (all base samples) scoring ≤ and = the selected one
+(`sacpo.math.bon.bon_kl_level_estimate`). Any other selection keeps the ε-estimator KL̂(ε) with ε = p(y_sel|x)
+(`sacpo.math.bon.bon_kl_estimate`), exact for continuous scores; under ties it overestimates (see
+bon_kl_level_estimate). summary.json reports the fraction of level estimates per n (kl.level_fraction), each
+sample row its kl_estimator. The rows' `logp_policy` is None (NaN KL in `sacpo eval`): log π⁽ⁿ⁾(y) is not
+available. Win rate: the selected response of
 draw s vs the independent base sample s of the same prompt, by the reward scorer (and by the gold oracle when
 `oracle` is set), ties ½; bound n/(n+1).
 
@@ -47,7 +56,7 @@ from sacpo.data.prompts import load_prompts
 from sacpo.data.records import Prompt
 from sacpo.infer.bon_cache import CANDIDATES_FILE, candidates_key, read_cached_pool
 from sacpo.infer.bon_config import BonConfig
-from sacpo.infer.bon_stats import selection_stats
+from sacpo.infer.bon_stats import selection_score, selection_stats
 from sacpo.infer.pool import CandidatePool, Scores, sample_candidates, score_pool
 from sacpo.math.bon_calibrate import calibrate_bon
 from sacpo.math.bon_select import safety_statistic, select_best, take, tie_keys
@@ -253,12 +262,13 @@ def _constrained(
     cal, held = sets.cal, sets.held
     calib = calibrate_bon(
         r_grp[cal], g_grp[cal], keys[cal], n, cfg.target, cfg.constraint, cfg.safe_threshold, cfg.confidence,
-        int(held.numel()),
+        int(held.numel()), cfg.bound,
     )  # fmt: skip
     chosen = select_best(r_grp, keys, n, g_grp, calib.lam)  # (P, S)
+    score = selection_score(scores, calib.lam)
     stats = {}
     for name, idx in (("calibration", cal), ("heldout", held)):
-        st = selection_stats(pool, scores, chosen, n, idx, cfg.safe_threshold)
+        st = selection_stats(pool, scores, chosen, n, idx, cfg.safe_threshold, score)
         stat = safety_statistic(take(g_grp[idx], chosen[idx]), cfg.constraint, cfg.safe_threshold)
         st["constraint_statistic"] = stat
         st["constraint_ok"] = stat >= cfg.target
@@ -269,6 +279,8 @@ def _constrained(
         "feasible": calib.feasible,
         "calibration_statistic": calib.statistic,
         "calibration_bound": calib.bound,
+        "bound_kind": calib.bound_kind,
         "selections_evaluated": calib.evaluations,
+        "lambdas_in_scan": calib.candidates,
         **stats,
     }

@@ -23,8 +23,9 @@ from sacpo.evaluate.metrics import NAN, ModelMetrics, constraint_holds, json_saf
 from sacpo.fsutil import atomic_dir, atomic_write_jsonl, atomic_write_text
 from sacpo.infer.bon_cache import CANDIDATES_FILE, CANDIDATES_META, candidate_records, candidates_meta
 from sacpo.infer.bon_config import BonConfig
-from sacpo.infer.bon_stats import base_stats, sample_rows
+from sacpo.infer.bon_stats import base_stats, sample_rows, selection_score
 from sacpo.infer.pool import CandidatePool, Scores
+from sacpo.math.bon_calibrate import resolve_bound
 from sacpo.math.bon_select import safety_statistic
 
 if TYPE_CHECKING:
@@ -33,9 +34,17 @@ if TYPE_CHECKING:
 SUMMARY_FILE = "summary.json"
 RESULTS_FILE = "results.json"
 KL_NOTE = (
-    "bound = log n − (n−1)/n; estimate = mean ε-estimator KL̂(ε), ε = p(y_sel|x) (Beirami et al. "
-    "2024, §4); rows carry logp_policy = None"
+    "bound = log n − (n−1)/n; estimate = mean over selections of: the level estimate log(M̂/q̂), "
+    "M̂ = F̂^n − (F̂ − q̂)^n, F̂/q̂ = fraction of the prompt's pooled responses scoring ≤/= the selected one, where "
+    "the selection score ties another distinct response (discrete scores; fraction in kl.level_fraction), else "
+    "the ε-estimator KL̂(ε), ε = p(y_sel|x) (Beirami et al. 2024, §4); rows carry logp_policy = None"
 )
+
+BOUND_RULES = {
+    "wilson": "Wilson score lower bound of m at n_eff = 1/(1/C + 1/H), z = Φ⁻¹(confidence)",
+    "t": "m − t_{C−1}(confidence)·s·√(1/C + 1/H), s = std of the per-prompt statistic",
+    "normal": "m − z·s·√(1/C + 1/H), z = Φ⁻¹(confidence), s = std of the per-prompt statistic",
+}  # m: the statistic over the C calibration prompts; H: held-out prompts
 
 
 def bon_summary(
@@ -90,8 +99,10 @@ def constraint_summary(cfg: BonConfig, sets: PromptSets) -> dict[str, Any]:
         ),
         "heldout_prompts": int(sets.held.numel()),
         "confidence": cfg.confidence,
-        "rule": "lower bound of the calibration statistic ≥ target: m − z·s·√(1/C + 1/H), "
-        "z = Φ⁻¹(confidence), s = std of the per-prompt statistic (C calibration, H held-out prompts)",
+        "bound": resolve_bound(cfg.bound, cfg.constraint),
+        "rule": "scan λ = ∞, then just above each jump point of the selection downward, then 0; λ = the last "
+        "whose lower bound of the calibration statistic ≥ target. "
+        + BOUND_RULES[resolve_bound(cfg.bound, cfg.constraint)],
     }
 
 
@@ -109,7 +120,8 @@ def sample_sets(
             c = sel.safe[n]
             extra = {"lam": c["lam"], "feasible": c["feasible"]}
             col = pool.global_index(sel.chosen_safe[n])
-            samples[f"bon-safe-n{n}"] = sample_rows(pool, scores, col, n, extra, split, rows)
+            score = selection_score(scores, math.inf if c["lam"] is None else c["lam"])
+            samples[f"bon-safe-n{n}"] = sample_rows(pool, scores, col, n, extra, split, rows, score=score)
     return samples
 
 
@@ -122,7 +134,11 @@ def results_rows(
     for n in ns:
         st = sel.bon[n]
         kl = (st["kl"]["estimate"], st["kl"]["estimate_se"])
-        extra = {"kl_bound": st["kl"]["bound"], "win_rate_bound": st["win_rate_bound"]}
+        extra = {
+            "kl_bound": st["kl"]["bound"],
+            "kl_level_fraction": st["kl"]["level_fraction"],
+            "win_rate_bound": st["win_rate_bound"],
+        }
         col = pool.global_index(sel.chosen_bon[n])
         results.append(metrics_row(f"bon-n{n}", "bon", float(n), pool, scores, col, rows, kl, cfg, extra))
         if cfg.target is not None:
@@ -130,7 +146,12 @@ def results_rows(
             lam = math.inf if c["lam"] is None else c["lam"]
             h = c["heldout"]
             kl = (h["kl"]["estimate"], h["kl"]["estimate_se"])
-            extra = {"kl_bound": h["kl"]["bound"], "lambda": lam, "win_rate_bound": h["win_rate_bound"]}
+            extra = {
+                "kl_bound": h["kl"]["bound"],
+                "kl_level_fraction": h["kl"]["level_fraction"],
+                "lambda": lam,
+                "win_rate_bound": h["win_rate_bound"],
+            }
             col = pool.global_index(sel.chosen_safe[n])
             name = f"bon-safe-n{n} [held-out]"
             results.append(
@@ -241,14 +262,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{' (cached)' if summary['candidates_cached'] else ''}; reward {summary['reward']!r}",
         f"{'n':>4} {'win':>6} {'± se':>6} {'n/(n+1)':>8} "
         + (f"{'gold win':>9} {'P(safe)*':>9} " if gold else "")
-        + f"{'KL bound':>9} {'KL est':>7} {'± se':>6}",
+        + f"{'KL bound':>9} {'KL est':>7} {'± se':>6} {'level':>6}",
     ]
     for st in summary["bon"]:
         lines.append(
             f"{st['n']:>4} {_f(st['win_rate']['mean']):>6} {_f(st['win_rate']['se']):>6} "
             f"{_f(st['win_rate_bound']):>8} "
             + (f"{_f(st['gold_win_rate']['mean']):>9} {_f(st['gold_p_safe']):>9} " if gold else "")
-            + f"{_f(st['kl']['bound']):>9} {_f(st['kl']['estimate']):>7} {_f(st['kl']['estimate_se']):>6}"
+            + f"{_f(st['kl']['bound']):>9} {_f(st['kl']['estimate']):>7} {_f(st['kl']['estimate_se']):>6} "
+            f"{_f(st['kl'].get('level_fraction'), 2):>6}"
         )
     if "constrained" in summary:
         lines += _constrained_lines(summary, gold)
@@ -261,7 +283,8 @@ def _constrained_lines(summary: dict[str, Any], gold: bool) -> list[str]:
     c = summary["constraint"]
     lines = [
         f"constrained best-of-n (score {c['score']}): {c['statistic']} ≥ {c['target']:g}, λ calibrated on "
-        f"{c['calibration_prompts']} prompts (lower bound at confidence {c['confidence']:g}), "
+        f"{c['calibration_prompts']} prompts ({c.get('bound', 'normal')} lower bound at confidence "
+        f"{c['confidence']:g}), "
         f"{c['heldout_prompts']} held out",
         f"{'n':>4} {'λ':>9} {'stat cal':>9} {'bound cal':>10} {'ok':>3} {'stat held':>10} {'ok':>3} "
         f"{'win held':>9} " + (f"{'P(safe)* held':>14} " if gold else "") + f"{'KL est':>7}",
