@@ -50,12 +50,17 @@ def commands() -> list[tuple[str, list[str]]]:
         ("bon-long/oracle", ["bon", "configs/bon_long.yaml"]),
         (f"{cd}/base", ["cd", BLOCK, "K=1", "M=128", f"output_dir=runs/{cd}/base"]),
     ]  # fmt: skip
-    out += [(f"{cd}/bon-k{k}", ["cd", BLOCK, f"K={k}", "M=128", f"output_dir=runs/{cd}/bon-k{k}"]) for k in BON_KS]
+    out += [
+        (f"{cd}/bon-k{k}", ["cd", BLOCK, f"K={k}", "M=128", f"output_dir=runs/{cd}/bon-k{k}"]) for k in BON_KS
+    ]
     out += [
         (f"{cd}/block-k{k}-m{m}", ["cd", BLOCK, f"K={k}", f"M={m}", f"output_dir=runs/{cd}/block-k{k}-m{m}"])
         for k, m in BLOCKS
     ]
-    out += [(f"{cd}/token-b{b:g}", ["cd", TOKEN, f"beta={b}", f"output_dir=runs/{cd}/token-b{b:g}"]) for b in BETAS]
+    out += [
+        (f"{cd}/token-b{b:g}", ["cd", TOKEN, f"beta={b}", f"output_dir=runs/{cd}/token-b{b:g}"])
+        for b in BETAS
+    ]
     for lam in (0.5, 2.0):
         out.append((f"{cd}/block-k4-m8-lam{lam:g}",
                     ["cd", BLOCK, SAFETY, f"lam={lam}", f"output_dir=runs/{cd}/block-k4-m8-lam{lam:g}"]))  # fmt: skip
@@ -198,9 +203,7 @@ def comparisons(cd: dict[str, dict[str, Any]], bon: list[dict[str, Any]]) -> str
     r*) whose E[r*] reaches each blockwise run's."""
     lines = ["| blockwise run | E[r\\*] | vs best-of-K by V (paired Δ ± se) | smallest best-of-N by V reaching it | "
              "smallest best-of-N by r\\* reaching it |", "|---|---|---|---|---|"]  # fmt: skip
-    by_v = sorted(
-        (int(k.split("bon-k")[1]), r) for k, r in cd.items() if "/bon-k" in k and r is not None
-    )
+    by_v = sorted((int(k.split("bon-k")[1]), r) for k, r in cd.items() if "/bon-k" in k and r is not None)
     by_r = [(int(r["label"].split("-of-")[1].split()[0]), r) for r in bon]
     for key, r in cd.items():
         if r is None or "/block-" not in key or "lam" in key:

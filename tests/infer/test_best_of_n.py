@@ -121,7 +121,7 @@ def _synthetic_pool() -> tuple[CandidatePool, Scores]:
         prompts=["a", "b"],
         responses=responses,
         logp=logp,
-        response_tokens=torch.ones(2, 8, dtype=torch.long),
+        response_tokens=torch.arange(1, 17).view(2, 8),
         finished=torch.ones(2, 8, dtype=torch.bool),
         roundtrip=torch.ones(2, 8, dtype=torch.bool),
         n_draws=2,
@@ -145,6 +145,9 @@ def test_kl_of_a_selection_uses_the_level_estimate_where_scores_tie():
     eps = bon_kl_estimate(pool.logp.gather(1, col)[1].exp(), 3)
     st = selection_stats(pool, scores, chosen, 3)
     assert st["kl"]["level_fraction"] == 0.5
+    # compute: the 3 candidates of each draw sampled (tokens 1+2+3 = 6, 4+5+6 = 15 | 9+10+11 = 30, 12+13+14 = 39;
+    # mean 90/4 = 22.5) and scored
+    assert st["cost"] == {"base_sampled_tokens": 22.5, "scorer_calls": 3}
     assert st["kl"]["estimate"] == pytest.approx((level + eps.mean().item()) / 2, abs=1e-14)
     rows = sample_rows(pool, scores, col, 3, {}, None, torch.arange(2))
     assert [r["kl_estimator"] for r in rows] == ["level", "level", "epsilon", "epsilon"]

@@ -69,6 +69,15 @@ def selection_stats(
         "reward": prompt_mean_se(sel(scores.reward)),
         "kl": kl_stats(sel(pool.logp), n, levels),
         "mean_response_tokens": sel(pool.response_tokens).double().mean().item(),
+        # compute per selection: the base tokens sampled for its n candidates and the n scorer calls
+        "cost": {
+            "base_sampled_tokens": pool.grouped(pool.response_tokens)[rows][..., :n]
+            .sum(-1)
+            .double()
+            .mean()
+            .item(),
+            "scorer_calls": n,
+        },
     }
     if scores.safety is not None:
         out["safety"] = prompt_mean_se(sel(scores.safety))
