@@ -10,7 +10,9 @@ complete with the same command), so each row of the table can be reproduced by h
 - CD-FUDGE prefix scorers of r* and g* (configs/cd_long_scorer.yaml);
 - best-of-n by the gold reward r*, n ≤ 64, and constrained best-of-n by r* + λ·g* (configs/bon_long.yaml);
 - plain sampling, best-of-K by the prefix scorer (one block of M = max_new_tokens), blockwise CD over (K, M),
-  token-wise CD over β, and constrained CD V_r + λ·V_g (configs/cd_long_block.yaml, configs/cd_long_token.yaml).
+  token-wise CD over β, and constrained CD V_r + λ·V_g (configs/cd_long_block.yaml, configs/cd_long_token.yaml);
+- the trained SACPO models of the same task (`sacpo demo world.family=long out=runs/demo-long ablations=false`)
+  and `sacpo report` of them with every run above included (runs/report-long; two figures copied to benchmarks/).
 
 Compute per response: base-model tokens sampled, scorer calls (values computed; best-of-n: n), and tokens through
 forward passes of the base model and the scorer. Paired differences are over prompts (the same 96 test prompts,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs"
 OUT = ROOT / "benchmarks" / "LONG_HORIZON.md"
 WORLD = RUNS / "toy-long"
+DEMO = RUNS / "demo-long"
 BLOCK, TOKEN = "configs/cd_long_block.yaml", "configs/cd_long_token.yaml"
 SAFETY = f"safety_scorer={RUNS / 'cd-long' / 'scorer-safety'}"
 
@@ -46,7 +50,7 @@ def commands() -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = [
         (f"{cd}/scorer-fudge", ["cd-scorer", "configs/cd_long_scorer.yaml"]),
         (f"{cd}/scorer-safety", ["cd-scorer", "configs/cd_long_scorer.yaml", "reward=toyworld-safety",
-                                 f"output_dir=runs/{cd}/scorer-safety"]),
+                                 "n_rollouts=4096", "steps=3000", f"output_dir=runs/{cd}/scorer-safety"]),
         ("bon-long/oracle", ["bon", "configs/bon_long.yaml"]),
         (f"{cd}/base", ["cd", BLOCK, "K=1", "M=128", f"output_dir=runs/{cd}/base"]),
     ]  # fmt: skip
@@ -73,6 +77,36 @@ def build_world() -> None:
     from sacpo.worlds.toyworld import ToyWorldConfig, build_world
 
     build_world(WORLD, ToyWorldConfig(family="long"))
+
+
+def demo(threads: int) -> None:
+    """The trained SACPO models of the same task: `sacpo demo world.family=long` (its world is a copy of
+    runs/toy-long: the same config and seed build the same world, so it is not built twice)."""
+    import os
+
+    if (DEMO / "eval" / "results.json").exists():
+        return
+    if not (DEMO / "world" / "DONE").exists():
+        shutil.copytree(WORLD, DEMO / "world", dirs_exist_ok=True)
+    args = ["demo", "world.family=long", f"out={DEMO.relative_to(ROOT)}", "ablations=false"]
+    print(f"$ sacpo {' '.join(args)}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    subprocess.run([sys.executable, "-m", "sacpo.cli", *args], check=True, cwd=ROOT, env=env)
+
+
+def combined_report() -> None:
+    """`sacpo report` of the demo's models with every best-of-n and CD run included: one table, the same axes;
+    its gold-reward-vs-KL and win-rate-vs-KL figures are copied next to the table."""
+    runs = [str(RUNS / "bon-long" / "oracle")] + [
+        str(RUNS / rel)
+        for rel, args in commands()
+        if args[0] == "cd" and (RUNS / rel / "results.json").exists()
+    ]
+    out = RUNS / "report-long"
+    args = ["report", str(DEMO / "eval"), "--include", *runs, "--out", str(out)]
+    subprocess.run([sys.executable, "-m", "sacpo.cli", *args], check=True, cwd=ROOT)
+    for name in ("gold_vs_kl.png", "helpful_vs_kl.png"):
+        shutil.copyfile(out / name, ROOT / "benchmarks" / f"long_horizon_{name}")
 
 
 def run_all(threads: int) -> dict[str, float]:
@@ -162,14 +196,14 @@ def bon_rows(rel: str = "bon-long/oracle") -> list[dict[str, Any]]:
         cost = st.get("cost", {})
         out.append({
             "label": f"best-of-{st['n']} by r* (oracle)",
-            "reward": (st["gold_reward"]["mean"], st["gold_reward"]["stderr"]),
+            "reward": (st["gold_reward"]["mean"], st["gold_reward"]["se"]),
             "p_safe": st["gold_p_safe"],
             "win": st["gold_win_rate"]["mean"],
-            "kl": (st["kl"]["estimate"], math.nan, st["kl"].get("kind", "ε-estimate")),
+            "kl": (st["kl"]["estimate"], st["kl"]["estimate_se"], "ε / level estimate"),
             "kl_bound": st["kl"]["bound"],
             "sampled": cost.get("base_sampled_tokens", math.nan),
             "calls": float(st["n"]),
-            "forward": cost.get("base_forward_tokens", math.nan),
+            "forward": math.nan,  # the base model's forward tokens ≈ those sampled (KV cache); r* is no model
             "tokens": st["mean_response_tokens"],
             "seconds": "–",
             "samples": d / "samples" / f"bon-n{st['n']}" / "samples.jsonl",
@@ -254,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         build_world()
         run_all(args.threads)
+        demo(args.threads)
+    if (DEMO / "eval" / "results.json").exists():
+        combined_report()
     args.out.write_text(report())
     print(f"wrote {args.out}")
 
