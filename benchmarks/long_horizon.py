@@ -37,7 +37,7 @@ OUT = ROOT / "benchmarks" / "LONG_HORIZON.md"
 WORLD = RUNS / "toy-long"
 DEMO = RUNS / "demo-long"
 BLOCK, TOKEN = "configs/cd_long_block.yaml", "configs/cd_long_token.yaml"
-SAFETY = f"safety_scorer={RUNS / 'cd-long' / 'scorer-safety'}"
+SAFETY = "safety_scorer=runs/cd-long/scorer-safety"
 
 BON_KS = (2, 4, 8, 16, 32, 64)  # best-of-K by the prefix scorer
 BLOCKS = ((2, 8), (4, 8), (8, 8), (4, 4), (4, 16), (16, 8))  # blockwise (K, M)
@@ -95,12 +95,19 @@ def demo(threads: int) -> None:
 
 
 def combined_report() -> None:
-    """`sacpo report` of the demo's models with every best-of-n and CD run included: one table, the same axes;
-    its gold-reward-vs-KL and win-rate-vs-KL figures are copied next to the table."""
+    """`sacpo report` of the demo's models with best-of-n and the CD runs of one curve per family included (blocks
+    of M = 8 over K, token-wise over β; the M sweep and the constrained CD runs are in the table only: a report
+    curve joins a family's rows in order of K or β); its gold-reward-vs-KL and win-rate-vs-KL figures are copied
+    next to the table."""
+
+    def on_a_curve(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[1]
+        return "lam" not in name and (not name.startswith("block-") or name.endswith("-m8"))
+
     runs = [str(RUNS / "bon-long" / "oracle")] + [
         str(RUNS / rel)
         for rel, args in commands()
-        if args[0] == "cd" and (RUNS / rel / "results.json").exists()
+        if args[0] == "cd" and on_a_curve(rel) and (RUNS / rel / "results.json").exists()
     ]
     out = RUNS / "report-long"
     args = ["report", str(DEMO / "eval"), "--include", *runs, "--out", str(out)]

@@ -112,7 +112,7 @@ def test_cd_scorer_cd_bon_and_combined_report(world, tmp_path, capsys):
     )  # fmt: skip
     md = (tmp_path / "report" / "report.md").read_text()
     assert "# all" in md and "bon-n2" in md and "cd-token β=0.5" in md and "cd-block K=2 M=2" in md
-    assert "ε-estimator" in md and "upper bound" in md and "exact per-token sum" in md
+    assert "ε / level estimate" in md and "per-block ε-estimate" in md and "exact per-token sum" in md
     assert md.count("| sft |") == 1  # the included runs' own base rows are dropped
     for png in ("win_rates.png", "helpful_vs_kl.png", "gold_vs_kl.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

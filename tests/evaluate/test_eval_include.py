@@ -73,7 +73,10 @@ def test_report_with_includes_says_what_each_kl_is(dirs, tmp_path):
         for r in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())
         if len(r) == len(cols)
     }
-    assert rows["bon-n4"][kind] == "ε-estimator" and rows["cd-block K=4 M=4"][kind] == "per-block ε-estimate"
+    assert (
+        rows["bon-n4"][kind] == "ε / level estimate"
+        and rows["cd-block K=4 M=4"][kind] == "per-block ε-estimate"
+    )
     assert rows["safe-lam1"][kind] == "k1 sample mean"
     assert rows["bon-n4"][cols.index("kl_bound")] == "0.636"
     assert "per-block ε-estimate = blockwise CD" in md and "included" in md
@@ -100,7 +103,7 @@ def test_kl_axis_legend_and_bound_points():
     _scatter(ax, rows, lambda m: (m.kl, 0.0, 0.0), lambda m: (m.helpful_win[0], 0.0, 0.0), kl_axis=True)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert (
-        "bon (KL: ε-estimator)" in labels
+        "bon (KL: ε / level estimate)" in labels
         and "cd-block (KL: per-block ε-estimate)" in labels
         and "sft" in labels
     )

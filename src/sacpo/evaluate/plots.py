@@ -10,9 +10,9 @@ drawn as one black line without error bars, labelled "π* (exact optimum)" — s
 param (β/λ) on the win-rate plane.
 
 On the KL axes, families whose KL is not the evaluation's k1 sample mean say what it is in the legend (KL_KINDS:
-best-of-n's ε-estimator, token-wise CD's exact per-token sum, blockwise CD's per-block ε-estimate), and rows with a
-KL bound (best-of-n: log n − (n−1)/n, blockwise CD: Σ_blocks (log K − (K−1)/K)) are drawn a second time, hollow,
-at that bound.
+best-of-n's ε-estimator or level estimate, token-wise CD's exact per-token sum, blockwise CD's per-block
+ε-estimate), and rows with a KL bound (best-of-n: log n − (n−1)/n, blockwise CD: Σ_blocks (log K − (K−1)/K))
+are drawn a second time, hollow, at that bound.
 
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas: no pyplot, no display, and the
 caller's matplotlib backend is left alone. Error bars are drawn from the interval ends; an undefined (NaN) interval
@@ -68,8 +68,8 @@ FAMILY_ORDER = [
 # What the KL column / axis holds for families whose KL is not the k1 sample mean of `sacpo eval`
 # (log π(y) − log π_SFT(y) on the policy's samples): best-of-n has no log π⁽ⁿ⁾(y), blockwise CD neither.
 KL_KINDS: dict[str, str] = {
-    "bon": "ε-estimator",  # Beirami et al. 2024; the bound log n − (n−1)/n is extra["kl_bound"]
-    "bon-safe": "ε-estimator",
+    "bon": "ε / level estimate",  # Beirami et al. 2024's KL̂(ε), log(M̂/q̂) under ties; the bound in kl_bound
+    "bon-safe": "ε / level estimate",
     "cd-token": "exact per-token sum",  # Σ_t KL(q_t‖p_t) on the sampled path
     "cd-block": "per-block ε-estimate",  # Σ_blocks KL̂(ε_b, K); the bound Σ_blocks (log K − (K−1)/K) in kl_bound
     "cd-bon": "ε-estimator",  # one block: best-of-K by the scorer; the bound log K − (K−1)/K in kl_bound
