@@ -49,7 +49,8 @@ bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
 
 # docs/inference.md "The long-horizon task": the toyworld's plan family, its prefix scorers, best-of-n and the CD
-# grid, each a `sacpo` command on configs/*long*.yaml; writes benchmarks/LONG_HORIZON.md
+# grid, each a `sacpo` command on configs/*long*.yaml, and the SACPO demo on the same world; writes
+# benchmarks/LONG_HORIZON.md (about 55 min on 2 shared cores; finished runs are skipped on a rerun)
 long-horizon: $(STAMP)
 	$(BIN)/python -m benchmarks.long_horizon
 
