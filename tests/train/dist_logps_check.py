@@ -1,11 +1,11 @@
-"""`torchrun --nproc_per_node 2 dist_logps_check.py MODEL_DIR {fsdp2,ddp}`: log-probs and gradients of the
+"""`torchrun --nproc_per_node 2 dist_logps_check.py MODEL_DIR`: log-probs and gradients of the
 tiny policy wrapped as sacpo trains it (FSDP2: `fully_shard` per GPT2Block, then the root, as accelerate wraps;
 DDP: DistributedDataParallel) against the plain model, for `sequence_logps` (auto and fused=True: under a wrapper
 `head_path` falls back to full logits) and, under FSDP2, `packed_pair_logps` (shared-prompt rows; a DDP wrapper
-has no `config`, so `supports_packed_pairs` is False there and sacpo trains on unshared rows). Each process takes its own
-pair; the plain model's loss is the mean over processes, which is what data parallelism averages. Rank 0 prints
-one JSON line: {"<fn> fused=<f>": [max |Δ log-prob|, max |Δ gradient| over all parameters]} and the wrapped
-model's head_path reason."""
+has no `config`, so `supports_packed_pairs` is False there and sacpo trains on unshared rows). Each process takes
+its own pair; the plain model's loss is the mean over processes, which is what data parallelism averages. Rank 0 prints
+one JSON line: {"fsdp2" | "ddp": {"<fn> fused=<f>": [max |Δ log-prob|, max |Δ gradient| over all parameters],
+"reason": the wrapped model's head_path reason}}."""
 
 import json
 import sys
@@ -58,9 +58,7 @@ def _grads(model):
     return out
 
 
-def main(path, kind):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+def check(path, kind):
     rank, world = dist.get_rank(), dist.get_world_size()
     plain, wrapped = _load(path), _wrap(_load(path), kind)
     result = {"reason": head_path(wrapped, fused=True).reason}
@@ -80,11 +78,18 @@ def main(path, kind):
             result[f"{name} fused={fused}"] = [(mine - ref[rank]).abs().max().item(), dg]
     diffs = [None] * world
     dist.all_gather_object(diffs, result)
-    if rank == 0:
-        merged = {k: [max(d[k][i] for d in diffs) for i in range(2)] for k in result if k != "reason"}
-        print(json.dumps({**merged, "reason": result["reason"]}), flush=True)
+    merged = {k: [max(d[k][i] for d in diffs) for i in range(2)] for k in result if k != "reason"}
+    return {**merged, "reason": result["reason"]}
+
+
+def main(path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out = {kind: check(path, kind) for kind in ("fsdp2", "ddp")}
+    if dist.get_rank() == 0:
+        print(json.dumps(out), flush=True)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])
