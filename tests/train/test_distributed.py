@@ -1,6 +1,7 @@
 """A stage under `accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (accelerate picks
 MULTI_CPU with gloo) matches the single-process run. (`--cpu --num_processes 2` starts ONE process in accelerate
-1.15, so the test also checks that two processes really ran.)"""
+1.15, so the test also checks that two processes really ran.) The FSDP2 tests below launch the shipped
+configs/accelerate/fsdp2_cpu.yaml (sacpo forces FSDP2 on CPU: docs/distributed.md)."""
 
 import json
 import os
