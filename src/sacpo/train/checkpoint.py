@@ -24,7 +24,12 @@ same metrics.jsonl as an uninterrupted one. A checkpoint records the run's setti
 ones is refused. Only .safetensors and .json files are read: a checkpoint directory holding a pickle-based file
 (.pkl, .bin, .pt, ...; accelerate's save_state wrote such files in earlier versions) is refused before anything in
 it is loaded. The main process writes the model, optimizer and scheduler (identical on every process under DDP);
-each process writes its own RNG state and pending metrics. FSDP / DeepSpeed sharded states are not supported.
+each process writes its own RNG state and pending metrics. Under FSDP2 each process writes its own shards of the
+model and optimizer instead (model-rank<r>, optimizer-rank<r>, plus sharding.json: sacpo.train.sharded_state),
+and a checkpoint resumes only with the same number of processes. DeepSpeed states are not supported.
+
+The final model/ is always a full model: under FSDP / DeepSpeed every process takes part in gathering the
+full state dict, and the main process saves it through a plain copy of the policy (`save_final`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import copy
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,8 @@ from sacpo.config import ConfigError
 from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text, replace_dir
 from sacpo.models.adapters import ADAPTER_WEIGHTS, is_adapter_dir, save_adapter
 from sacpo.models.dtypes import save_pretrained_as
+from sacpo.train.sharded_state import check_layout, load_fsdp2, save_fsdp2
+from sacpo.train.sharding import is_fsdp2, is_sharded
 from sacpo.train.state import (
     load_model_state,
     load_tensors,
@@ -121,12 +129,15 @@ def _name(kind: str, i: int) -> str:
 def _save_state(acc: Any, path: Path) -> None:
     """What accelerate's save_state kept, without pickle: the prepared models (main process), optimizers,
     schedulers, gradient scaler and registered objects (main process; the same on every process under DDP),
-    and this process's RNG states."""
+    and this process's RNG states. FSDP2: every process writes its model and optimizer shards."""
+    fsdp2 = is_fsdp2(acc)
+    if fsdp2:
+        save_fsdp2(acc, path, _name)
     if acc.is_main_process:
-        for i, model in enumerate(acc._models):
+        for i, model in enumerate([] if fsdp2 else acc._models):
             tensors = {k: v.cpu().contiguous() for k, v in model_state(acc.unwrap_model(model)).items()}
             atomic_save_file(tensors, path / f"{_name('model', i)}.safetensors")
-        for i, opt in enumerate(acc._optimizers):
+        for i, opt in enumerate([] if fsdp2 else acc._optimizers):
             save_tree(path, _name("optimizer", i), opt.state_dict())
         for i, sched in enumerate(acc._schedulers):
             save_tree(path, _name("scheduler", i), sched.state_dict())
@@ -138,11 +149,16 @@ def _save_state(acc: Any, path: Path) -> None:
 
 
 def _load_state(acc: Any, path: Path) -> None:
-    """Load what `_save_state` wrote into the prepared objects (on every process)."""
-    for i, model in enumerate(acc._models):
+    """Load what `_save_state` wrote into the prepared objects (on every process); ConfigError when the
+    checkpoint's layout (FSDP2 shards of P processes, or unsharded) is not this run's."""
+    fsdp2 = is_fsdp2(acc)
+    check_layout(path, fsdp2, acc.num_processes)
+    if fsdp2:
+        load_fsdp2(acc, path, _name)
+    for i, model in enumerate([] if fsdp2 else acc._models):
         tensors = load_tensors(path / f"{_name('model', i)}.safetensors")
         load_model_state(acc.unwrap_model(model), tensors, path)
-    for i, opt in enumerate(acc._optimizers):
+    for i, opt in enumerate([] if fsdp2 else acc._optimizers):
         opt.load_state_dict(load_tree(path, _name("optimizer", i)))
     for i, sched in enumerate(acc._schedulers):
         sched.load_state_dict(load_tree(path, _name("scheduler", i)))
@@ -154,19 +170,20 @@ def _load_state(acc: Any, path: Path) -> None:
 
 
 def _check_supported(acc: Any) -> None:
-    """Checkpoints hold full (unsharded) states: single process or DDP, no prepared dataloaders (the loop's data
-    order is a function of the step, not a sampler state)."""
+    """Checkpoints hold full states (single process, DDP) or FSDP2 shards; no prepared dataloaders (the loop's
+    data order is a function of the step, not a sampler state)."""
     from accelerate.utils import DistributedType
 
-    sharded = (
+    unsupported = (
         DistributedType.FSDP,
         DistributedType.DEEPSPEED,
         DistributedType.MEGATRON_LM,
         DistributedType.XLA,
     )
-    if acc.distributed_type in sharded:
+    if acc.distributed_type in unsupported and not is_fsdp2(acc):
         raise ConfigError(
-            f"checkpoints (save_every, --resume) support single-process and DDP runs, not {acc.distributed_type}"
+            "checkpoints (save_every, --resume) support single-process, DDP and FSDP2 runs, not "
+            f"{acc.distributed_type}"
         )
     if acc._dataloaders:
         raise RuntimeError("checkpoints do not save dataloader states; the training loop prepares none")
@@ -265,8 +282,13 @@ def save_final(
     lora_save: str | None = None,
     policy: str | Path = "",
     dtype: torch.dtype = torch.float32,
+    build: Callable[[], Any] | None = None,
 ) -> Path:
     """Write the trained policy to model/ and return that directory.
+
+    Under FSDP / DeepSpeed the prepared model holds shards: every process takes part in gathering the full state
+    dict (`acc.get_state_dict`, a collective) and the main process loads it into a plain copy made by `build`
+    (the stage's policy builder: same architecture and LoRA wrapping), which the paths below save unchanged.
 
     lora_save (a LoRA run's `lora.save`; None for full fine-tuning): "adapter" writes only the adapter to model/ (peft
     format, the tokenizer, and `sacpo_adapter.json` naming the base and the adapters below it — those of `policy`,
@@ -275,8 +297,9 @@ def save_final(
     model/ is saved in `dtype`; an adapter keeps the dtype it was trained in."""
     model_dir = out / "model"
     acc.wait_for_everyone()
+    full = _gather_full(acc, model, build) if is_sharded(acc) else None
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = full if full is not None else acc.unwrap_model(model)
         if lora_save in ("adapter", "both"):
             _save_adapter(
                 unwrapped, tokenizer, model_dir if lora_save == "adapter" else out / "adapter", policy
@@ -286,6 +309,34 @@ def save_final(
             _save_dense(dense, tokenizer, model_dir, dtype)
     acc.wait_for_everyone()
     return model_dir
+
+
+def _gather_full(acc: Any, model: Any, build: Callable[[], Any] | None) -> Any:
+    """A plain (unsharded) copy of the sharded `model` on the main process, None elsewhere; all processes call."""
+    if build is None:
+        raise ValueError("save_final of a sharded (FSDP / DeepSpeed) model needs `build`, the policy builder")
+    state = acc.get_state_dict(model)  # collective; the full tensors (on CPU) land on the main process
+    if not acc.is_main_process:
+        return None
+    plain = build()
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - _tied_names(plain):
+        raise RuntimeError(
+            f"the gathered state dict does not fit the policy (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+    return plain
+
+
+def _tied_names(model: Any) -> set[str]:
+    """State-dict names of tensors that share their storage with an earlier name (GPT-2's lm_head / wte)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            tied.add(name)
+        seen.add(id(t))
+    return tied
 
 
 def _save_adapter(peft_model: Any, tokenizer: Any, final: Path, policy: str | Path) -> None:

@@ -122,7 +122,9 @@ def _optimizer_step(loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor
     # every micro-batch of every process, so all processes stop together
     checkpoint.check_finite(acc.gather(torch.stack(step_losses)), step, loop.out)
     # the norm is computed (and checked) even when clipping is off: max_norm=inf scales by exactly 1
-    grad_norm = acc.clip_grad_norm_(loop.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    grad_norm = _plain(
+        acc.clip_grad_norm_(loop.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    )
     if grad_norm is not None:
         checkpoint.check_finite(grad_norm, step, loop.out, what="gradient norm")
         if cfg.max_grad_norm > 0:
@@ -132,6 +134,14 @@ def _optimizer_step(loop: StepLoop, step: int, sums: dict[str, list[torch.Tensor
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     return lr
+
+
+def _plain(norm: Any) -> torch.Tensor | None:
+    """The gradient norm as a plain tensor: FSDP2 returns a replicated DTensor (its full value is the same on
+    every process), DeepSpeed a float from its engine; None stays None."""
+    if hasattr(norm, "full_tensor"):
+        return norm.full_tensor()
+    return norm if norm is None or isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
 
 
 def _record(

@@ -14,6 +14,7 @@ from sacpo.math.kl import kl_health
 from sacpo.models.load import load_model
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
+from sacpo.train.sharding import is_sharded
 from sacpo.train.step import BatchLoss
 
 log = logging.getLogger("sacpo.train")
@@ -62,8 +63,12 @@ def heldout_kl(
     cfg: TrainConfig, model: Any, acc: Any, tokenizer: Any, prompts: list[list[int]], step: int
 ) -> dict[str, float]:
     """KL(π‖π_ref) on held-out prompts (main process; {} elsewhere or without prompts). LoRA: the reference is the
-    policy with its adapter off; otherwise the reference is loaded for the estimate and freed."""
-    if not prompts or not acc.is_main_process:
+    policy with its adapter off; otherwise the reference is loaded for the estimate and freed.
+
+    Under FSDP / DeepSpeed every forward of the sharded policy is a collective (its parameters are gathered), so
+    every process runs the same estimate (same prompts, same seed: the processes stay in lockstep) and only the
+    main process's result is kept and logged."""
+    if not prompts or not (acc.is_main_process or is_sharded(acc)):
         return {}
     policy = acc.unwrap_model(model)
     ref_is_base = cfg.lora.enabled and cfg.reference in (None, cfg.policy)
@@ -88,6 +93,8 @@ def heldout_kl(
         estimator=cfg.kl_estimator,
     )
     del ref
+    if not acc.is_main_process:
+        return {}
     warning = kl_health(result["kl"])
     if warning:
         log.warning("step %d: %s", step, warning)
@@ -97,9 +104,9 @@ def heldout_kl(
 def budget_exceeded(acc: Any, kl: float | None, budget: float, step: int) -> dict[str, float] | None:
     """{"step", "kl", "budget"} when the main process's KL estimate exceeds `budget`, else None — on every process.
 
-    Only the main process estimates KL (`heldout_kl`); its value is broadcast so that all processes take the same
-    decision and stop at the same step (a process that went on alone would hang in its next gather). An undefined
-    estimate (NaN) does not stop the stage."""
+    Only the main process's KL estimate counts (`heldout_kl`); its value is broadcast so that all processes take
+    the same decision and stop at the same step (a process that went on alone would hang in its next gather). An
+    undefined estimate (NaN) does not stop the stage."""
     value = torch.tensor([math.nan if kl is None else kl], dtype=torch.float64, device=acc.device)  # (1,)
     if acc.num_processes > 1:
         from accelerate.utils import broadcast

@@ -33,6 +33,7 @@ from sacpo.train.config import RUNTIME_ONLY_FIELDS, STORAGE_ONLY_FIELDS, TrainCo
 from sacpo.train.epochs import LoopEnd, StepLoop, run_steps
 from sacpo.train.policy import build_policy, make_accelerator, make_optimizer, make_scheduler
 from sacpo.train.ref_cache import RefLogps, reference_logps
+from sacpo.train.sharding import check_deepspeed
 from sacpo.train.step import BatchLoss, PackedPairsProbe
 from sacpo.train.workspace import SweepWorkspace
 
@@ -98,6 +99,7 @@ def train(
         check_model_dir(cfg.reference)
     save_dtype = resolve_dtype(cfg.dtype, cfg.policy)  # auto: the policy checkpoint's own dtype
     acc = make_accelerator(cfg)
+    check_deepspeed(acc, cfg.grad_accum, cfg.save_every)
     if cfg.batch_size % acc.num_processes:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by {acc.num_processes} processes")
     if workspace is not None and (resume or acc.num_processes > 1):
@@ -227,12 +229,15 @@ def _step_loop(
 ) -> tuple[StepLoop, Any]:
     """AdamW, the schedule and the steppers around the prepared model; returns (loop, the unprepared optimizer)."""
     total_steps, steps_per_epoch = _schedule(cfg, len(inputs.train.pairs))
-    optimizer, params = make_optimizer(cfg, model)
+    optimizer, _ = make_optimizer(cfg, model)
     if workspace is not None:
         workspace.reuse_moments(optimizer)
     raw_optimizer = optimizer
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
+    # after prepare: FSDP2 (fully_shard) replaces every Parameter by a DTensor one (accelerate re-points the
+    # optimizer, not a list taken before), and clipping and the finiteness checks must see the live parameters
+    params = [p for p in model.parameters() if p.requires_grad]
     acc.register_for_checkpointing(scheduler)
     model.train()
     pad_id = tokenizer.pad_token_id
@@ -276,7 +281,9 @@ def _finish(
     cfg, acc, out = loop.cfg, loop.acc, loop.out
     checkpoint.check_weights_finite(acc, loop.params, end.step, out)
     lora_save = cfg.lora.save if cfg.lora.enabled else None
-    model_dir = checkpoint.save_final(acc, loop.model, loop.tokenizer, out, lora_save, cfg.policy, dtype)
+    model_dir = checkpoint.save_final(
+        acc, loop.model, loop.tokenizer, out, lora_save, cfg.policy, dtype, build=lambda: build_policy(cfg)
+    )
     summary = {
         "steps": end.step,
         "reference_pass": "computed" if ref.computed else "cached",

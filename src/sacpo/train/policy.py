@@ -12,15 +12,19 @@ from sacpo.models.load import load_model
 from sacpo.models.modules import disable_dropout, enable_checkpointing, resolve_device
 from sacpo.train.config import TrainConfig
 from sacpo.train.engine import SCHEDULES, resolve_precision
+from sacpo.train.sharding import setup_sharding
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
-    """accelerate's Accelerator; mixed_precision auto = bf16 on a CUDA device that supports it, else none."""
+    """accelerate's Accelerator; mixed_precision auto = bf16 on a CUDA device that supports it, else none.
+
+    A sharded config from `accelerate launch --config_file` (FSDP, DeepSpeed) is honoured or refused clearly, on
+    CPU too, where accelerate would silently run DDP (`sacpo.train.sharding.setup_sharding`)."""
     from accelerate import Accelerator
 
     device = resolve_device("auto")
     mp = resolve_precision(cfg.mixed_precision, device)
-    return Accelerator(mixed_precision=mp, cpu=device.type != "cuda")
+    return setup_sharding(Accelerator(mixed_precision=mp, cpu=device.type != "cuda"))
 
 
 def build_policy(cfg: TrainConfig) -> Any:
