@@ -9,7 +9,7 @@ LINT_PATHS := src tests $(wildcard benchmarks)
 
 DEMO_THREADS ?= 1
 
-.PHONY: demo demo-real test test-fast bench bench-quick long-horizon lint format clean
+.PHONY: demo demo-real test test-fast bench bench-quick bench-gpu long-horizon lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ long-horizon: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick --out runs/bench/RESULTS-quick.md
+
+# the GPU check (benchmarks/gpu.py): on CUDA a bf16 DPO step on SmolLM2-135M, sacpo with the fused LM head and with
+# full logits vs TRL's DPOTrainer, tokens/s, peak GPU memory, MFU; without CUDA the same on the tiny GPT-2 in fp32
+# (CPU fallback, ~30 s); writes runs/bench/GPU.md (about 2-3 min on one H100, estimated)
+bench-gpu: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

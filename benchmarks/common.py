@@ -251,7 +251,9 @@ def child_main(run: Any) -> None:
 
 class StepClock:
     """Timestamps every optimizer step of any torch optimizer (a global post-step hook, so the same measurement
-    applies to sacpo's loop and to TRL's Trainer) and the peak RSS reached by the end of each step."""
+    applies to sacpo's loop and to TRL's Trainer) and the peak RSS reached by the end of each step. Where CUDA is
+    in use the hook first waits for the device (`torch.cuda.synchronize`): kernels run asynchronously, and the
+    step ends when its kernels have."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -259,9 +261,12 @@ class StepClock:
         self.handle = None
 
     def __enter__(self) -> StepClock:
+        import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter())
             self.rss.append(max_rss_mb())
 

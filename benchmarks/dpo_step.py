@@ -3,7 +3,9 @@
 Both sides train the same model on the same pairs in the same batch order (TRL's dataset is reordered to sacpo's
 epoch-0 permutation and read sequentially), batch size, max_length, AdamW (torch, fused — sacpo's default and
 `transformers`' `adamw_torch_fused` default on torch ≥ 2.8 — lr, no weight decay, constant schedule, clip 1.0),
-fp32, no gradient checkpointing, no eval, no logging, no checkpoints, dataloader workers 0. A global optimizer
+fp32 (the GPU check, benchmarks/gpu.py, sets spec `mixed_precision` "bf16" and `trl_args` {use_cpu: false, bf16:
+true}: bf16 autocast over float32 weights on both sides), no gradient checkpointing, no eval, no logging, no
+checkpoints, dataloader workers 0. A global optimizer
 post-step hook (`common.StepClock`) timestamps every step on both sides; step k's time is end(k) − end(k−1), the
 first `warmup` intervals are dropped. Peak RSS is read at the end of the last step
 (before any final save), in this child that runs only this configuration.
@@ -67,7 +69,7 @@ def sacpo_config(spec: dict[str, Any], out: Path, reference: str | None = None):
         max_grad_norm=1.0,
         lora=lora,
         gradient_checkpointing=False,
-        mixed_precision="no",
+        mixed_precision=spec.get("mixed_precision", "no"),  # the GPU check (gpu.py): "bf16"
         seed=0,
         log_every=spec["steps"],
         kl_prompts=0,
@@ -154,6 +156,8 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_steps": clock.rss,
         "optimizer": optimizer,
         "shared_prompt_rows": trained.shared_prompt_rows,
+        "fused_head": trained.fused_head,
+        "fused_head_reason": trained.fused_head_reason,
     }
 
 
@@ -191,7 +195,7 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
         disable_dropout=True,
         dataloader_pin_memory=False,
         logging_strategy="no",
-        **TRL_ARGS,
+        **{**TRL_ARGS, **spec.get("trl_args", {})},  # the GPU check (gpu.py): use_cpu False, bf16 True
     )
     peft_config = None
     if spec.get("lora"):

@@ -228,14 +228,12 @@ def step_throughput(result: dict[str, Any], warmup: int) -> dict[str, float] | N
 
 
 # ------------------------------------------------------------------------------------------------ sections
-def bench_steps(
-    cfg: StepConfig, plan: Plan, run: Runner, model_dirs: dict[str, Path], warmed: set[str]
-) -> dict[str, Any]:
-    work = run.work
+def step_base(cfg: StepConfig, policy: Path, work: Path) -> dict[str, Any]:
+    """The spec every DPO-step child of `cfg` shares; writes its rows (steps × batch pairs) under work/data."""
     data = write_rows(paired_rows(cfg.steps * cfg.batch_size, cfg.model), work / "data" / f"{cfg.name}.jsonl")
-    base = {
+    return {
         "model": cfg.model,
-        "policy": str(model_dirs[cfg.model]),
+        "policy": str(policy),
         "data": str(data),
         "n_rows": cfg.steps * cfg.batch_size,
         "batch_size": cfg.batch_size,
@@ -247,6 +245,13 @@ def bench_steps(
         "lora": cfg.lora,
         "cache_dir": str(work / "refcache"),
     }
+
+
+def bench_steps(
+    cfg: StepConfig, plan: Plan, run: Runner, model_dirs: dict[str, Path], warmed: set[str]
+) -> dict[str, Any]:
+    work = run.work
+    base = step_base(cfg, model_dirs[cfg.model], work)
     out: dict[str, Any] = {"config": cfg.__dict__ | {"steps": cfg.steps}, "runs": {}}
     if not cfg.lora:  # parity also warms sacpo's reference cache for the timed runs
         from benchmarks.common import perturbed_reference
