@@ -6,6 +6,9 @@
     out/world.json           the resolved config and statistics
     out/DONE                 written last; the directory is put in place atomically (sacpo.fsutil.atomic_dir)
 
+`family` picks the prompt family (`language`: short how-to answers; `plans`: the long-horizon plans); each builds
+its own world (tokenizer, SFT, data), scored by the same oracle.
+
 Preference labels are Bradley–Terry draws on the gold oracles: P(response_1 better) = σ(s·(r*_1 − r*_0)) and
 P(response_1 safer) = σ(s·(g*_1 − g*_0)) with s = `bt_scale` (larger = less noisy), each label then flipped
 with probability `flip_noise`. is_response_i_safe comes from the oracle without noise.
