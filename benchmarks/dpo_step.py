@@ -37,6 +37,7 @@ from benchmarks.common import (
     child_main,
     match_sacpo_allocator,
     paired_rows,
+    read_rows,
     trl_dataset,
 )
 
@@ -178,7 +179,8 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = paired_rows(spec["n_rows"], spec["model"])
+    # the rows sacpo reads (spec["data"]): same seed and lengths whichever benchmark wrote them
+    rows = read_rows(spec["data"]) if spec.get("data") else paired_rows(spec["n_rows"], spec["model"])
     order = [i for batch in batch_order(len(rows), spec["batch_size"], 0, 0) for i in batch]
     dataset = trl_dataset([rows[i] for i in order], tokenizer)
     precompute = spec["ref"] == "precompute" if precompute is None else precompute
