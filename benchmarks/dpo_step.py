@@ -277,7 +277,7 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
     ref_model = AutoModelForCausalLM.from_pretrained(
         spec["reference"], dtype=torch.float32, use_safetensors=True
     )
-    for mode in ("live", "precompute"):
+    for mode in spec.get("parity_modes", ("live", "precompute")):
         trainer = trl_trainer(
             spec, work / "runs" / f"parity-trl-{mode}", ref_model=ref_model, precompute=mode == "precompute"
         )
@@ -291,8 +291,9 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
             result["identical_inputs"] = bool(same_ids and same_mask)
             result["first_batch_shape"] = list(batch["input_ids"].shape)
         del trainer
-    result["abs_diff_live"] = abs(result["sacpo_loss"] - result["trl_loss_live"])
-    result["abs_diff_precompute"] = abs(result["sacpo_loss"] - result["trl_loss_precompute"])
+    for mode in ("live", "precompute"):
+        if f"trl_loss_{mode}" in result:
+            result[f"abs_diff_{mode}"] = abs(result["sacpo_loss"] - result[f"trl_loss_{mode}"])
     return result
 
 

@@ -30,7 +30,8 @@ The SFT row's log-probs under SFT are computed once (sacpo's eval runs that pass
 
 Wall time runs from the start of step 1 (libraries already imported, as in sweep.py) to the last evaluation
 output written; the result also has the seconds of each phase and the tokens generated. `mode: parity` runs
-dpo_step's first-batch loss check on the workflow's step-1 data at β and on its step-2 data at β/λ_max.
+dpo_step's first-batch loss check on the workflow's step-1 data at β (TRL live and precomputed reference) and
+on its step-2 data at β/λ_max (TRL live).
 """
 
 from __future__ import annotations
@@ -314,9 +315,9 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
 
     lam = max(spec["lams"])
     out = {}
-    for stage, data, beta in (
-        ("step1", spec["helpful_data"], spec["beta"]),
-        (f"step2 (λ {lam:g})", spec["safe_data"], spec["beta"] / lam),
+    for stage, data, beta, modes in (
+        ("step1", spec["helpful_data"], spec["beta"], ("live", "precompute")),
+        (f"step2 (λ {lam:g})", spec["safe_data"], spec["beta"] / lam, ("live",)),  # the TRL default only
     ):
         n = len(read_rows(data))
         sub = {
@@ -327,6 +328,7 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
             "beta": beta,
             "lora": False,
             "ref": "live",
+            "parity_modes": modes,
             "cache_dir": str(Path(spec["work"]) / "refcache"),
         }
         res = step_parity(sub)
