@@ -1,6 +1,6 @@
 """Benchmarks of sacpo against TRL 1.x, in one run; rewrites benchmarks/RESULTS.md.
 
-    python -m benchmarks.run --quick     # smoke run, tiny GPT-2 only (< 2 min on 2 cores)
+    python -m benchmarks.run --quick     # smoke run, tiny GPT-2 only (< 3 min on 2 cores: 2.5 min measured 2026-12-07)
     python -m benchmarks.run             # full: tiny GPT-2 + SmolLM2-135M (full and LoRA), ≤ 30 min on 2 cores
 
 Every measurement runs in its own child process (one configuration per child, so its peak RSS is its own), sacpo
@@ -857,9 +857,9 @@ def report_workflow(res: dict[str, Any]) -> tuple[list[str], dict]:
     ok_runs = {k: [r for r in v if "error" not in r] for k, v in runs.items()}
     lines += [
         "",
-        "| tool | wall time (s) | peak RSS (MB) | step 1 (s) | step 2, 3 λ (s) | merges (s) | evaluation (s) | "
-        "tokens generated |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tool | wall time (s) | peak RSS (MB) | peak RSS before the evaluation (MB) | step 1 (s) | step 2, 3 λ (s) | "
+        "merges (s) | evaluation (s) | tokens generated |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = {
         "sacpo": "sacpo `run_pipeline` + `evaluate_models`",
@@ -869,7 +869,8 @@ def report_workflow(res: dict[str, Any]) -> tuple[list[str], dict]:
         ph = [r["phases"] for r in rs]
         lines.append(
             f"| {labels[side]} | {fmt(_med(rs, 'seconds'), 1)} | {fmt(_med(rs, 'rss_peak_process_mb'), 0)} | "
-            f"{fmt(summary([p['step1'] for p in ph]), 1)} | {fmt(summary([sum(p['step2']) for p in ph]), 1)} | "
+            f"{fmt(_med(rs, 'rss_train_mb'), 0)} | {fmt(summary([p['step1'] for p in ph]), 1)} | "
+            f"{fmt(summary([sum(p['step2']) for p in ph]), 1)} | "
             f"{fmt(summary([p['merge'] for p in ph]), 1)} | {fmt(summary([p['eval'] for p in ph]), 1)} | "
             f"{fmt(_med(rs, 'generated_tokens'), 0)} |"
         )
@@ -888,11 +889,13 @@ def report_workflow(res: dict[str, Any]) -> tuple[list[str], dict]:
             [(sum(a["phases"][key]) if key == "step2" else a["phases"][key])
              / max(sum(b["phases"][key]) if key == "step2" else b["phases"][key], 1e-9) for a, b in pairs]
         )  # fmt: skip
+    rss_train = summary([a["rss_train_mb"] / b["rss_train_mb"] for a, b in pairs])
     lines += [
         "",
         f"sacpo ÷ TRL: wall time {fmt(wall)} (target ≤ {WORKFLOW_TARGETS['wall']} {mark(ok_wall)}), peak RSS "
         f"{fmt(rss, 3)} (target ≤ {WORKFLOW_TARGETS['rss']} {mark(ok_rss)}); per phase: step 1 {fmt(phase['step1'])}, "
-        f"step 2 {fmt(phase['step2'])}, merges {fmt(phase['merge'])}, evaluation {fmt(phase['eval'])}.",
+        f"step 2 {fmt(phase['step2'])}, merges {fmt(phase['merge'])}, evaluation {fmt(phase['eval'])}; peak RSS "
+        f"before the evaluation (training and merges only) {fmt(rss_train, 3)}.",
     ]
     s_runs = ok_runs.get("sacpo", [])
     if s_runs:
@@ -1262,7 +1265,7 @@ SECTION_KEYS = ("hardware", "steps", "sweeps", "generation", "profiles", "workfl
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2 only, 1 repetition (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2 only, 1 repetition (< 3 min)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default: 1 quick, 3 full)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every child")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch directory (models, data, runs)")
