@@ -45,6 +45,8 @@ $(VENV)/.demo-real: $(STAMP)
 demo-real: $(VENV)/.demo-real
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python -m sacpo.cli demo-real configs/demo_real.yaml
 
+# benchmarks/RESULTS.md: DPO step, λ sweep, generation, MFU, the whole SACPO workflow (benchmarks/workflow.py) and
+# the scaling PNGs (benchmarks/scaling_*.png); 28.6 min on this 2-core machine (2026-12-07)
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run
 

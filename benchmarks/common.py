@@ -91,13 +91,15 @@ def max_rss_mb() -> float:
 # -------------------------------------------------------------------------------------------------- models
 
 
-def tiny_model(work: Path, seed: int = 0) -> Path:
-    """The tiny GPT-2 + byte tokenizer (`sacpo.models.tiny.build_tiny_gpt2`), built once per seed."""
+def tiny_model(work: Path, seed: int = 0, n_positions: int = 256) -> Path:
+    """The tiny GPT-2 + byte tokenizer (`sacpo.models.tiny.build_tiny_gpt2`), built once per seed (and context
+    length: `tiny1k`, the same model with 1024 positions, runs the max_length scaling curve)."""
     from sacpo.models.tiny import build_tiny_gpt2
 
-    target = work / "models" / f"tiny-gpt2-s{seed}"
+    suffix = "" if n_positions == 256 else f"-p{n_positions}"
+    target = work / "models" / f"tiny-gpt2-s{seed}{suffix}"
     if not (target / "model.safetensors").is_file():
-        build_tiny_gpt2(target, seed=seed)
+        build_tiny_gpt2(target, seed=seed, n_positions=n_positions)
     return target
 
 
@@ -112,16 +114,18 @@ def smollm2_model() -> Path:
 def model_dir(name: str, work: Path) -> Path:
     if name == "tiny":
         return tiny_model(work)
+    if name == "tiny1k":
+        return tiny_model(work, n_positions=1024)
     if name == "smollm2":
         return smollm2_model()
-    raise ValueError(f"unknown benchmark model {name!r}; valid: tiny, smollm2")
+    raise ValueError(f"unknown benchmark model {name!r}; valid: tiny, tiny1k, smollm2")
 
 
 def perturbed_reference(name: str, work: Path, scale: float = 0.02) -> Path:
     """A reference model that differs from the policy (so the first-batch DPO loss is not exactly log 2):
     tiny — another seed; smollm2 — every weight plus N(0, (scale·std)²) noise (seeded), saved once."""
-    if name == "tiny":
-        return tiny_model(work, seed=1)
+    if name in ("tiny", "tiny1k"):
+        return tiny_model(work, seed=1, n_positions=256 if name == "tiny" else 1024)
     target = work / "models" / f"{name}-perturbed"
     if (target / "model.safetensors").is_file():
         return target
@@ -185,13 +189,27 @@ def _text(rng: random.Random, n_sentences: int) -> str:
 
 # sentences per prompt / response for each model: keeps sequences well under max_length (no truncation, so sacpo
 # and TRL tokenize to identical ids) at roughly the lengths the tables report
-LENGTHS = {"tiny": ((1, 1), (1, 2)), "smollm2": ((1, 2), (4, 6))}
+LENGTHS = {"tiny": ((1, 1), (1, 2)), "tiny1k": ((1, 1), (1, 2)), "smollm2": ((1, 2), (4, 6))}
+# tokens per sentence of `_sentence` (≈ 45 bytes; SmolLM2's BPE ≈ 10): sizes long rows for a max_length
+TOKENS_PER_SENTENCE = {"tiny": 45, "tiny1k": 45, "smollm2": 10}
 
 
-def paired_rows(n: int, model: str, seed: int = 0) -> list[dict[str, str]]:
-    """Deterministic TRL-style paired rows {prompt, chosen, rejected} (plain strings)."""
+def long_response(model: str, max_length: int, fill: float = 0.8) -> tuple[int, int]:
+    """Response sentences (lo, hi) such that prompt + the longer response fill about `fill` of max_length (no
+    truncation on either side, so both tools still see identical ids): the rows of the max_length scaling curve."""
+    hi = max(2, int(fill * max_length / TOKENS_PER_SENTENCE[model]) - 1)
+    return max(1, hi - 2), hi
+
+
+def paired_rows(
+    n: int, model: str, seed: int = 0, response_sentences: tuple[int, int] | list[int] | None = None
+) -> list[dict[str, str]]:
+    """Deterministic TRL-style paired rows {prompt, chosen, rejected} (plain strings); response_sentences
+    overrides the model's response length range (LENGTHS)."""
     rng = random.Random(seed)
     (p_lo, p_hi), (r_lo, r_hi) = LENGTHS[model]
+    if response_sentences is not None:
+        r_lo, r_hi = response_sentences
     rows = []
     for i in range(n):
         topic = rng.choice(TOPICS)
@@ -200,6 +218,11 @@ def paired_rows(n: int, model: str, seed: int = 0) -> list[dict[str, str]]:
         rejected = "Not sure. " + _text(rng, rng.randint(r_lo, r_hi))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows `write_rows` wrote (what the sacpo side of a child reads as its data)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:

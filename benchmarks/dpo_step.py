@@ -37,6 +37,7 @@ from benchmarks.common import (
     child_main,
     match_sacpo_allocator,
     paired_rows,
+    read_rows,
     trl_dataset,
 )
 
@@ -178,7 +179,8 @@ def trl_trainer(spec: dict[str, Any], out: Path, ref_model: Any = None, precompu
     tokenizer = AutoTokenizer.from_pretrained(spec["policy"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = paired_rows(spec["n_rows"], spec["model"])
+    # the rows sacpo reads (spec["data"]): same seed and lengths whichever benchmark wrote them
+    rows = read_rows(spec["data"]) if spec.get("data") else paired_rows(spec["n_rows"], spec["model"])
     order = [i for batch in batch_order(len(rows), spec["batch_size"], 0, 0) for i in batch]
     dataset = trl_dataset([rows[i] for i in order], tokenizer)
     precompute = spec["ref"] == "precompute" if precompute is None else precompute
@@ -275,7 +277,7 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
     ref_model = AutoModelForCausalLM.from_pretrained(
         spec["reference"], dtype=torch.float32, use_safetensors=True
     )
-    for mode in ("live", "precompute"):
+    for mode in spec.get("parity_modes", ("live", "precompute")):
         trainer = trl_trainer(
             spec, work / "runs" / f"parity-trl-{mode}", ref_model=ref_model, precompute=mode == "precompute"
         )
@@ -289,8 +291,9 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
             result["identical_inputs"] = bool(same_ids and same_mask)
             result["first_batch_shape"] = list(batch["input_ids"].shape)
         del trainer
-    result["abs_diff_live"] = abs(result["sacpo_loss"] - result["trl_loss_live"])
-    result["abs_diff_precompute"] = abs(result["sacpo_loss"] - result["trl_loss_precompute"])
+    for mode in ("live", "precompute"):
+        if f"trl_loss_{mode}" in result:
+            result[f"abs_diff_{mode}"] = abs(result["sacpo_loss"] - result[f"trl_loss_{mode}"])
     return result
 
 

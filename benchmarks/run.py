@@ -1,6 +1,6 @@
 """Benchmarks of sacpo against TRL 1.x, in one run; rewrites benchmarks/RESULTS.md.
 
-    python -m benchmarks.run --quick     # smoke run, tiny GPT-2 only (< 2 min on 2 cores)
+    python -m benchmarks.run --quick     # smoke run, tiny GPT-2 only (< 3 min on 2 cores: 2.5 min measured 2026-12-07)
     python -m benchmarks.run             # full: tiny GPT-2 + SmolLM2-135M (full and LoRA), ≤ 30 min on 2 cores
 
 Every measurement runs in its own child process (one configuration per child, so its peak RSS is its own), sacpo
@@ -14,6 +14,10 @@ median [min, max] over repetitions; ratios are computed per repetition (same con
 3. Best-of-n: one batched `sample` (n=8, 16 prompts) vs 16 per-prompt calls; controlled decoding cost per
    generated token vs plain sampling (generation.py).
 4. The hardware limit: fp32 matmul FLOP/s (hardware.py) and the MFU of the DPO steps.
+5. The whole SACPO workflow (step 1, a 3-λ step-2 sweep, 3 P-SACPO merges, evaluation of every model) on
+   SmolLM2-135M, full and LoRA: sacpo's pipeline + eval vs the same with TRL/peft/transformers (workflow.py).
+6. Scaling: DPO-step tokens/s and peak RSS vs max_length 256/512/1024 (dpo_step.py) and λ-sweep wall time vs
+   sweep size 1/3/6 (sweep.py), both tools, drawn as PNGs next to the report.
 
 `--profile auto` (default) runs the torch profiler on the DPO step of every configuration whose target was missed
 (profiling.py) and adds where the time goes to RESULTS.md; benchmarks/ANALYSIS.md (hand-written reading of a
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import DEFAULT_WORK, ROOT, child_env, paired_rows, write_rows
+from benchmarks.common import DEFAULT_WORK, ROOT, child_env, long_response, paired_rows, write_rows
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 ANALYSIS = ROOT / "benchmarks" / "ANALYSIS.md"  # hand-written reading of a run, appended to RESULTS.md
@@ -67,6 +71,7 @@ TARGETS = {  # config name -> (min tokens/s ratio, max RSS ratio) on the "each t
     "smollm2-lora": (1.5, 0.8),
 }
 SWEEP_TARGET = 0.6
+WORKFLOW_TARGETS = {"wall": 0.4, "rss": 0.75}  # sacpo ÷ TRL, the whole workflow
 BON_TARGET = 3.0
 LOSS_TOL = 1e-4
 
@@ -84,6 +89,8 @@ class StepConfig:
     lr: float = 5e-6
     beta: float = 0.1
     reps: int | None = None  # runs per variant; None: the plan's
+    response_sentences: tuple[int, int] | None = None  # long rows (the max_length scaling curve)
+    headline_only: bool = False  # only the arms the targets are stated on (the scaling curve)
 
     @property
     def steps(self) -> int:
@@ -91,7 +98,29 @@ class StepConfig:
 
     @property
     def variants(self) -> list[tuple[str, str]]:
+        if self.headline_only:
+            return HEADLINE
         return LORA_VARIANTS if self.lora else FULL_VARIANTS
+
+
+@dataclass
+class WorkflowConfig:
+    name: str
+    model: str
+    lora: bool
+    n_rows: int  # pairs per stage (step 1 and step 2 each): n_rows / batch_size steps per stage
+    batch_size: int
+    reps: int
+    n_prompts: int = 4  # evaluation: prompts × samples per model, max_new_tokens
+    n_samples: int = 2
+    max_new_tokens: int = 16
+    eval_batch: int = 16
+    n_boot: int = 200
+    max_length: int = 256
+    max_prompt_length: int = 128
+    lr: float = 5e-6
+    beta: float = 0.1
+    qs: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
 @dataclass
@@ -111,10 +140,36 @@ class Plan:
     # model -> repetitions of the informational arms (like-for-like variants, HF generate); the arms a target is
     # stated on run every repetition. Absent: every repetition.
     info_reps: dict[str, int] = field(default_factory=dict)
+    workflows: list[WorkflowConfig] = field(default_factory=list)
+    scale_lengths: list[StepConfig] = field(default_factory=list)  # the max_length curve (HEADLINE arms only)
+    scale_sweep_model: str = "tiny"
+    scale_sweep_sizes: dict[int, list[float]] = field(
+        default_factory=lambda: {1: [1.0], 3: [0.5, 1.0, 2.0], 6: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]}
+    )
+    scale_sweep_reps: int = 1
 
     def informational(self, model: str, rep: int) -> bool:
         """Whether repetition `rep` (0-based) of `model` also runs the informational arms."""
         return rep < self.info_reps.get(model, rep + 1)
+
+
+def scale_lengths(model: str, lengths: list[int], reps: int, batch_size: int = 8) -> list[StepConfig]:
+    """DPO-step configs of the max_length curve: rows filling ~80% of each max_length (`long_response`)."""
+    return [
+        StepConfig(
+            f"{model}-L{n}",
+            model,
+            False,
+            batch_size=batch_size,
+            warmup=1,
+            timed=3,
+            max_length=n,
+            reps=reps,
+            response_sentences=long_response(model, n),
+            headline_only=True,
+        )
+        for n in lengths
+    ]
 
 
 def make_plan(quick: bool, reps: int | None) -> Plan:
@@ -131,6 +186,23 @@ def make_plan(quick: bool, reps: int | None) -> Plan:
             max_new_tokens=16,
             hw_sizes=[256, 512, 1024],
             hw_repeats=3,
+            # the smallest workflow (1 step per stage, 2 prompts × 1 sample × 4 tokens) and curves: --quick < 3 min
+            workflows=[
+                WorkflowConfig(
+                    "tiny-full",
+                    "tiny",
+                    False,
+                    n_rows=8,
+                    batch_size=8,
+                    reps=1,
+                    n_prompts=2,
+                    n_samples=1,
+                    max_new_tokens=4,
+                )
+            ],
+            scale_lengths=scale_lengths("tiny1k", [256, 512], reps=1, batch_size=2),
+            scale_sweep_sizes={1: [1.0], 3: [0.5, 1.0, 2.0]},
+            scale_sweep_reps=1,
         )
     return Plan(
         reps=reps or 3,
@@ -152,7 +224,36 @@ def make_plan(quick: bool, reps: int | None) -> Plan:
         # SmolLM2's like-for-like arms and HF generate run once (each child 30–90 s): with them in every repetition
         # the bench took 26 min on this 2-core machine, too close to its 30-minute budget
         info_reps={} if reps else {"smollm2": 1},
+        workflows=[
+            WorkflowConfig(
+                "smollm2-full",
+                "smollm2",
+                False,
+                n_rows=8,
+                batch_size=2,
+                reps=reps or WF_REPS,
+                max_new_tokens=8,
+            ),
+            WorkflowConfig(
+                "smollm2-lora",
+                "smollm2",
+                True,
+                n_rows=8,
+                batch_size=2,
+                reps=reps or WF_REPS,
+                max_new_tokens=8,
+            ),
+        ],
+        # 2 repetitions of the tiny curves (children 5–25 s): a median with its [min, max], within the 30 minutes
+        scale_lengths=scale_lengths("tiny1k", [256, 512, 1024], reps=reps or 2, batch_size=4),
+        scale_sweep_reps=reps or 2,
     )
+
+
+# One repetition per tool of each SmolLM2 workflow: its children take 70–160 s (measured 2026-12-07: sacpo 103 s /
+# TRL 153 s full, 67 s / 122 s LoRA, with 16 new tokens per sample), so a second would add ~8 min and take
+# `make bench` past its 30 minutes; 8 new tokens per sample (−~45 s in all) leave the rest of the bench its margin
+WF_REPS = 1
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -230,7 +331,8 @@ def step_throughput(result: dict[str, Any], warmup: int) -> dict[str, float] | N
 # ------------------------------------------------------------------------------------------------ sections
 def step_base(cfg: StepConfig, policy: Path, work: Path) -> dict[str, Any]:
     """The spec every DPO-step child of `cfg` shares; writes its rows (steps × batch pairs) under work/data."""
-    data = write_rows(paired_rows(cfg.steps * cfg.batch_size, cfg.model), work / "data" / f"{cfg.name}.jsonl")
+    rows = paired_rows(cfg.steps * cfg.batch_size, cfg.model, response_sentences=cfg.response_sentences)
+    data = write_rows(rows, work / "data" / f"{cfg.name}.jsonl")
     return {
         "model": cfg.model,
         "policy": str(policy),
@@ -280,8 +382,9 @@ def bench_steps(
     return out
 
 
-def bench_sweep(model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]) -> dict[str, Any]:
-    work = run.work
+def sweep_spec(model: str, plan: Plan, work: Path, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    """The spec every λ-sweep child of `model` shares (writes its helpful / safety rows under work/data)."""
+    work = work
     n = plan.sweep_rows[model]
     spec = {
         "model": model,
@@ -300,6 +403,20 @@ def bench_sweep(model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]
         "beta": 0.1,
         "lams": plan.lams,
     }
+    return spec
+
+
+def bench_sweep_spec(
+    model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]
+) -> dict[str, Any] | None:
+    """sweep_spec with the step-1 model prepared (None when its preparation failed)."""
+    spec = sweep_spec(model, plan, run.work, model_dirs)
+    prep = run("sweep", {**spec, "mode": "prepare"}, f"sweep {model}: step 1 (helpful)")
+    return None if "error" in prep else {**spec, "helpful_model": prep["helpful_model"]}
+
+
+def bench_sweep(model: str, plan: Plan, run: Runner, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    spec = sweep_spec(model, plan, run.work, model_dirs)
     prep = run("sweep", {**spec, "mode": "prepare"}, f"sweep {model}: step 1 (helpful)")
     # trl+malloc: TRL with sacpo's glibc malloc thresholds (informational, like for like on the allocator)
     arms = {
@@ -337,6 +454,95 @@ def bench_generation(model: str, plan: Plan, run: Runner, model_dirs: dict[str, 
         "cd_M": 8,
     }
     return run("generation", spec, f"generation {model}")
+
+
+def bench_workflow(cfg: WorkflowConfig, run: Runner, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    """The whole workflow (workflow.py), sacpo and TRL alternating, after one parity child (full FT only)."""
+    work = run.work
+    data = work / "data"
+    spec = {
+        "model": cfg.model,
+        "policy": str(model_dirs[cfg.model]),
+        "helpful_data": str(
+            write_rows(paired_rows(cfg.n_rows, cfg.model, seed=0), data / f"wf-{cfg.name}-h.jsonl")
+        ),
+        "safe_data": str(
+            write_rows(paired_rows(cfg.n_rows, cfg.model, seed=1), data / f"wf-{cfg.name}-s.jsonl")
+        ),
+        "eval_data": str(
+            write_rows(paired_rows(cfg.n_prompts, cfg.model, seed=2), data / f"wf-{cfg.name}-e.jsonl")
+        ),
+        "n_rows": cfg.n_rows,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "lr": cfg.lr,
+        "beta": cfg.beta,
+        "lams": [0.5, 1.0, 2.0],
+        "qs": cfg.qs,
+        "lora": cfg.lora,
+        "eval": {
+            "n_prompts": cfg.n_prompts,
+            "n_samples": cfg.n_samples,
+            "max_new_tokens": cfg.max_new_tokens,
+            "batch": cfg.eval_batch,
+            "n_boot": cfg.n_boot,
+        },
+        "tag": cfg.name,
+    }
+    out: dict[str, Any] = {"config": cfg.__dict__, "spec": spec, "runs": {"sacpo": [], "trl": []}}
+    if not cfg.lora:  # LoRA starts at B = 0: its first-batch losses are the full-FT ones
+        from benchmarks.common import perturbed_reference
+
+        ref = perturbed_reference(cfg.model, work)
+        out["parity"] = run(
+            "workflow", {**spec, "mode": "parity", "reference": str(ref)}, f"workflow {cfg.name}: parity"
+        )
+    for rep in range(cfg.reps):
+        for side in ("sacpo", "trl") if rep % 2 == 0 else ("trl", "sacpo"):
+            res = run(
+                "workflow", {**spec, "mode": side}, f"workflow {cfg.name}: rep {rep + 1}/{cfg.reps} {side}"
+            )
+            out["runs"][side].append(res)
+    return out
+
+
+def bench_scaling(
+    plan: Plan, run: Runner, model_dirs: dict[str, Path], sweeps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The max_length curve (DPO-step children, sacpo cached vs TRL live) and the sweep-size curve (sweep
+    children; size 3 reuses section 2's runs of the same model when they were measured)."""
+    out: dict[str, Any] = {"lengths": [], "sweeps": {}}
+    warmed: set[str] = set()
+    for cfg in plan.scale_lengths:
+        if cfg.model in model_dirs:
+            out["lengths"].append(bench_steps(cfg, plan, run, model_dirs, warmed))
+            warmed.discard(cfg.model)  # each length has its own rows: its parity child warms its cache
+    model = plan.scale_sweep_model
+    if model not in model_dirs:
+        return out
+    done = next((r for r in sweeps if r["spec"]["model"] == model and "error" not in r["prepare"]), None)
+    reps = plan.scale_sweep_reps
+    base = None
+    for size, lams in plan.scale_sweep_sizes.items():
+        if done is not None and done["spec"]["lams"] == lams and len(done["runs"]["sacpo"]) >= reps:
+            out["sweeps"][size] = {"sacpo": done["runs"]["sacpo"], "trl": done["runs"]["trl"], "reused": True}
+            continue
+        if base is None:
+            base = bench_sweep_spec(model, plan, run, model_dirs)
+            if base is None:
+                return out
+        runs = {"sacpo": [], "trl": []}
+        for rep in range(reps):
+            for arm in ("sacpo", "trl") if rep % 2 == 0 else ("trl", "sacpo"):
+                res = run(
+                    "sweep",
+                    {**base, "lams": lams, "mode": arm},
+                    f"sweep size {size} {model}: rep {rep + 1}/{reps} {arm}",
+                )
+                runs[arm].append(res)
+        out["sweeps"][size] = runs
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -626,6 +832,258 @@ def report_generation(res: dict[str, Any], model: str) -> tuple[list[str], dict]
     return lines, verdict
 
 
+def _med(rs: list[dict[str, Any]], key: str) -> tuple[float, float, float] | None:
+    return summary([r.get(key) for r in rs if "error" not in r])
+
+
+def report_workflow(res: dict[str, Any]) -> tuple[list[str], dict]:
+    cfg, spec = res["config"], res["spec"]
+    ev = spec["eval"]
+    lines = [f"### Whole workflow — {cfg['name']}", ""]
+    lines.append(
+        f"{'LoRA r=8 (peft default targets)' if cfg['lora'] else 'full fine-tuning'}: step 1 on {cfg['n_rows']} "
+        f"helpful pairs at β {cfg['beta']:g}, step 2 on {cfg['n_rows']} safety pairs for λ ∈ {spec['lams']} "
+        f"(β/λ, reference = the step-1 policy), P-SACPO merges q ∈ {cfg['qs']} of step 1 and λ = "
+        f"{max(spec['lams']):g}, then every model (SFT, step 1, 3 λ, 3 merges: 8) evaluated on the same "
+        f"{ev['n_prompts']} prompts × {ev['n_samples']} samples (temperature 1, no top-k/top-p, ≤ "
+        f"{ev['max_new_tokens']} new tokens, {ev['batch']} prompts per generation call) with the log-prob of every "
+        f"sample under the model and under SFT. Batch {cfg['batch_size']}, 1 epoch per stage, max_length "
+        f"{cfg['max_length']}, fused AdamW lr {cfg['lr']:g}, fp32; {cfg['reps']} repetition(s) per tool, "
+        "alternating. Wall time from the start of step 1 to the last evaluation output (libraries imported before; "
+        "benchmarks/workflow.py describes both sides)."
+    )
+    runs = res["runs"]
+    errors = [r["error"] for side in runs.values() for r in side if "error" in r]
+    ok_runs = {k: [r for r in v if "error" not in r] for k, v in runs.items()}
+    lines += [
+        "",
+        "| tool | wall time (s) | peak RSS (MB) | peak RSS before the evaluation (MB) | step 1 (s) | step 2, 3 λ (s) | "
+        "merges (s) | evaluation (s) | tokens generated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "sacpo": "sacpo `run_pipeline` + `evaluate_models`",
+        "trl": "TRL DPOTrainer per stage + peft/transformers merges + HF generate",
+    }
+    for side, rs in ok_runs.items():
+        ph = [r["phases"] for r in rs]
+        lines.append(
+            f"| {labels[side]} | {fmt(_med(rs, 'seconds'), 1)} | {fmt(_med(rs, 'rss_peak_process_mb'), 0)} | "
+            f"{fmt(_med(rs, 'rss_train_mb'), 0)} | {fmt(summary([p['step1'] for p in ph]), 1)} | "
+            f"{fmt(summary([sum(p['step2']) for p in ph]), 1)} | "
+            f"{fmt(summary([p['merge'] for p in ph]), 1)} | {fmt(summary([p['eval'] for p in ph]), 1)} | "
+            f"{fmt(_med(rs, 'generated_tokens'), 0)} |"
+        )
+    pairs = [
+        (a, b)
+        for a, b in zip(runs["sacpo"], runs["trl"], strict=False)
+        if "error" not in a and "error" not in b
+    ]
+    wall = summary([a["seconds"] / b["seconds"] for a, b in pairs])
+    rss = summary([a["rss_peak_process_mb"] / b["rss_peak_process_mb"] for a, b in pairs])
+    ok_wall = wall[0] <= WORKFLOW_TARGETS["wall"] if wall else None
+    ok_rss = rss[0] <= WORKFLOW_TARGETS["rss"] if rss else None
+    phase = {}
+    for key in ("step1", "step2", "merge", "eval"):
+        phase[key] = summary(
+            [(sum(a["phases"][key]) if key == "step2" else a["phases"][key])
+             / max(sum(b["phases"][key]) if key == "step2" else b["phases"][key], 1e-9) for a, b in pairs]
+        )  # fmt: skip
+    rss_train = summary([a["rss_train_mb"] / b["rss_train_mb"] for a, b in pairs])
+    lines += [
+        "",
+        f"sacpo ÷ TRL: wall time {fmt(wall)} (target ≤ {WORKFLOW_TARGETS['wall']} {mark(ok_wall)}), peak RSS "
+        f"{fmt(rss, 3)} (target ≤ {WORKFLOW_TARGETS['rss']} {mark(ok_rss)}); per phase: step 1 {fmt(phase['step1'])}, "
+        f"step 2 {fmt(phase['step2'])}, merges {fmt(phase['merge'])}, evaluation {fmt(phase['eval'])}; peak RSS "
+        f"before the evaluation (training and merges only) {fmt(rss_train, 3)}.",
+    ]
+    s_runs = ok_runs.get("sacpo", [])
+    if s_runs:
+        r = s_runs[0]
+        lines.append(
+            f"sacpo wrote {', '.join(r['formats'])} models (LoRA: adapters, merged into an adapter on the shared "
+            "base); "
+            f"reference passes {r['reference_passes']['computed']} computed, {r['reference_passes']['cached']} read "
+            "from its cache. TRL side: "
+            + (
+                "the step-1 adapter merged into its base (`merge_and_unload`) as step 2's policy and reference, a new "
+                "adapter per λ; each merge = both models dense (step 2: its adapter applied and merged with peft), "
+                "state dicts lerped, `save_pretrained` (a full model per q)."
+                if cfg["lora"]
+                else "a live reference copy in every DPOTrainer; each merge = both state dicts lerped, "
+                "`save_pretrained`."
+            )
+        )
+    par = res.get("parity")
+    par_ok = None
+    if par and "error" not in par:
+        parts, oks = [], []
+        for stage, p in par["stages"].items():
+            diffs = [p[k] for k in ("abs_diff_live", "abs_diff_precompute") if k in p]
+            ok = max(diffs) <= LOSS_TOL and p["identical_inputs"]
+            oks.append(ok)
+            trl = f"{p['trl_loss_live']:.6f} live" + (
+                f" / {p['trl_loss_precompute']:.6f} precompute" if "trl_loss_precompute" in p else ""
+            )
+            parts.append(
+                f"{stage} (β {p['beta']:g}): sacpo {p['sacpo_loss']:.6f}, TRL {trl}, |Δ| {max(diffs):.1e}, identical "
+                f"inputs {'yes' if p['identical_inputs'] else 'NO'}"
+            )
+        par_ok = all(oks)
+        lines.append(
+            "**First-batch losses** (dpo_step parity on the workflow's rows, reference = perturbed copy of the "
+            f"policy): {'; '.join(parts)} (≤ {LOSS_TOL:g} {mark(par_ok)})."
+        )
+    elif par:
+        lines.append(f"**First-batch losses**: parity child failed: {par['error']}")
+    else:
+        lines.append(
+            "**First-batch losses**: LoRA starts from B = 0, so they are the full-fine-tuning workflow's (checked "
+            "there)."
+        )
+    if errors:
+        lines.append(f"Errors: {errors}")
+    return [*lines, ""], {"wall": wall, "rss": rss, "ok_wall": ok_wall, "ok_rss": ok_rss, "parity": par_ok}
+
+
+SCALING_PNGS = ("scaling_max_length.png", "scaling_sweep_size.png")
+
+
+def _figure(
+    panels: list[tuple[str, str, dict[str, list[tuple[float, tuple[float, float, float]]]]]],
+    xlabel: str,
+    path: Path,
+) -> None:
+    """One row of panels (title, y label, series name → [(x, (median, min, max))]) as a PNG, Figure + Agg (no
+    pyplot); error bars: min and max over repetitions."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    for i, (title, ylabel, series) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, pts in series.items():
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ys = [m for _, (m, _, _) in pts]
+            err = [[m - lo for _, (m, lo, _) in pts], [hi - m for _, (m, _, hi) in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+        ticks = sorted({x for pts in series.values() for x, _ in pts})
+        if ticks and ticks[-1] / max(ticks[0], 1) >= 4:  # max_length 256…1024: doublings evenly spaced
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, format="png", dpi=110)
+
+
+def report_scaling(res: dict[str, Any], figdir: Path) -> list[str]:
+    lines = ["## 6. Scaling", ""]
+    length_rows, series = [], {"tps": {"sacpo": [], "TRL": []}, "rss": {"sacpo": [], "TRL": []}}
+    model = None
+    for r in res.get("lengths", []):
+        cfg = r["config"]
+        model = cfg["model"]
+        per = {k: [step_throughput(x, cfg["warmup"]) for x in rs] for k, rs in r["runs"].items()}
+        s, t = per.get("sacpo/cached", []), per.get("trl/live", [])
+        pairs = [(a, b) for a, b in zip(s, t, strict=False) if a and b]
+        tok = next((x["tokens_per_step"] for x in s + t if x), None)
+        vals = {
+            "st": summary([a["tokens_per_s"] for a in s if a]),
+            "tt": summary([b["tokens_per_s"] for b in t if b]),
+            "sr": summary([a["rss_mb"] for a in s if a]),
+            "tr": summary([b["rss_mb"] for b in t if b]),
+        }
+        ratio = summary([a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs])
+        rss = summary([a["rss_mb"] / b["rss_mb"] for a, b in pairs])
+        par = r.get("parity", {})
+        pd = f"{par['abs_diff_live']:.1e}" if "abs_diff_live" in par else "n/a"
+        length_rows.append(
+            f"| {cfg['max_length']} | {tok:.0f} | {fmt(vals['st'], 0)} | {fmt(vals['tt'], 0)} | {fmt(ratio)} | "
+            f"{fmt(vals['sr'], 0)} | {fmt(vals['tr'], 0)} | {fmt(rss, 3)} | {pd} |"
+            if tok
+            else f"| {cfg['max_length']} | failed | | | | | | | {pd} |"
+        )
+        for key, side, v in (
+            ("tps", "sacpo", "st"),
+            ("tps", "TRL", "tt"),
+            ("rss", "sacpo", "sr"),
+            ("rss", "TRL", "tr"),
+        ):
+            if vals[v]:
+                series[key][side].append((cfg["max_length"], vals[v]))
+    if length_rows:
+        reps = res["lengths"][0]["config"].get("reps")
+        c0 = res["lengths"][0]["config"]
+        lines += [
+            f"### DPO step vs max_length — {model}",
+            "",
+            f"sacpo/cached vs trl/live (the step section's defaults), full fine-tuning of {model} (the tiny GPT-2 with "
+            f"1024 positions), batch {c0['batch_size']} pairs, {c0['timed']} timed steps after {1 + c0['warmup']} "
+            f"warm-up, {reps} repetition(s); rows long enough to fill ~80% of each max_length (no truncation), so "
+            "tokens per step grow with it. Figure: "
+            f"[{SCALING_PNGS[0]}]({SCALING_PNGS[0]}).",
+            "",
+            "| max_length | real tokens / step | sacpo tokens/s | TRL tokens/s | sacpo ÷ TRL | sacpo peak RSS (MB) | "
+            "TRL peak RSS (MB) | RSS ratio | first-batch |Δloss| |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *length_rows,
+            "",
+            f"![DPO step vs max_length]({SCALING_PNGS[0]})",
+            "",
+        ]
+        _figure(
+            [
+                (f"DPO step tokens/s — {model}", "real tokens / s", series["tps"]),
+                (f"DPO step peak RSS — {model}", "MB", series["rss"]),
+            ],
+            "max_length",
+            figdir / SCALING_PNGS[0],
+        )
+    sweeps = res.get("sweeps", {})
+    if sweeps:
+        rows, wall = [], {"sacpo": [], "TRL": []}
+        for size, runs in sorted(sweeps.items(), key=lambda kv: int(kv[0])):
+            s, t = runs["sacpo"], runs["trl"]
+            pairs = [(a, b) for a, b in zip(s, t, strict=False) if "error" not in a and "error" not in b]
+            ws, wt = _med(s, "seconds"), _med(t, "seconds")
+            ratio = summary([a["seconds"] / b["seconds"] for a, b in pairs])
+            label = f"{size} (section 2's runs)" if runs.get("reused") else str(size)
+            rows.append(
+                f"| {label} | {fmt(ws, 1)} | {fmt(wt, 1)} | {fmt(ratio)} | {fmt(_med(s, 'rss_peak_process_mb'), 0)} | "
+                f"{fmt(_med(t, 'rss_peak_process_mb'), 0)} |"
+            )
+            if ws:
+                wall["sacpo"].append((int(size), ws))
+            if wt:
+                wall["TRL"].append((int(size), wt))
+        spec = res.get("sweep_spec", {})
+        lines += [
+            f"### λ sweep vs sweep size — {spec.get('model', '?')}",
+            "",
+            f"Step 2 as in section 2 ({spec.get('n_rows', '?')} safety pairs, batch {spec.get('batch_size', '?')}, 1 "
+            "epoch per λ, a saved model per λ) for 1, 3 and 6 values of λ: sacpo `run_pipeline` (one reference pass "
+            "shared by the branches) vs one DPOTrainer per λ. Figure: "
+            f"[{SCALING_PNGS[1]}]({SCALING_PNGS[1]}).",
+            "",
+            "| λ values | sacpo wall (s) | TRL wall (s) | sacpo ÷ TRL | sacpo peak RSS (MB) | TRL peak RSS (MB) |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"![λ sweep wall time vs sweep size]({SCALING_PNGS[1]})",
+            "",
+        ]
+        _figure(
+            [(f"λ sweep wall time — {spec.get('model', '?')}", "seconds", wall)],
+            "λ values in the sweep",
+            figdir / SCALING_PNGS[1],
+        )
+    return lines if len(lines) > 2 else []
+
+
 def report_profiles(profiles: dict[str, Any]) -> list[str]:
     if not profiles:
         return []
@@ -743,6 +1201,27 @@ def write_report(results: dict[str, Any], path: Path) -> dict[str, Any]:
         ]
     else:
         body += [f"matmul benchmark failed: {hw.get('error', 'not run')}", ""]
+    if results.get("workflows"):
+        body += ["## 5. The whole SACPO workflow", ""]
+    for res in results.get("workflows", []):
+        sec, v = report_workflow(res)
+        body += sec
+        name = res["config"]["name"]
+        summary_rows.append(
+            f"| workflow {name}: sacpo ÷ TRL wall time ≤ {WORKFLOW_TARGETS['wall']} | {fmt(v['wall'])} | "
+            f"{mark(v['ok_wall'])} |"
+        )
+        summary_rows.append(
+            f"| workflow {name}: sacpo ÷ TRL peak RSS ≤ {WORKFLOW_TARGETS['rss']} | {fmt(v['rss'], 3)} | "
+            f"{mark(v['ok_rss'])} |"
+        )
+        if v["parity"] is not None:
+            summary_rows.append(
+                f"| workflow {name}: equal first-batch losses (step 1 and step 2, ≤ {LOSS_TOL:g}) | "
+                f"{'equal' if v['parity'] else 'differ'} | {mark(v['parity'])} |"
+            )
+    if results.get("scaling"):
+        body += report_scaling(results["scaling"], path.parent)
     body += report_profiles(results.get("profiles", {}))
     if ANALYSIS.is_file():
         body += ["", ANALYSIS.read_text().strip(), ""]
@@ -765,7 +1244,12 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             redone = {name(r): r for r in new[key]}
             kept = [redone.pop(name(r), r) for r in old.get(key, [])]  # in place, same order
             out[key] = kept + list(redone.values())
-    for key in ("generation", "profiles"):
+    for key in ("workflows",):
+        if key in new:
+            redone = {r["config"]["name"]: r for r in new[key]}
+            kept = [redone.pop(r["config"]["name"], r) for r in old.get(key, [])]
+            out[key] = kept + list(redone.values())
+    for key in ("generation", "profiles", "scaling"):
         if key in new:
             out[key] = {**old.get(key, {}), **new[key]}
     out["notes"] = old.get("notes", []) + [n for n in new.get("notes", []) if n not in old.get("notes", [])]
@@ -775,21 +1259,21 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SECTION_KEYS = ("hardware", "steps", "sweeps", "generation", "profiles")
+SECTION_KEYS = ("hardware", "steps", "sweeps", "generation", "profiles", "workflows", "scaling")
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2 only, 1 repetition (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny GPT-2 only, 1 repetition (< 3 min)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default: 1 quick, 3 full)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every child")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="scratch directory (models, data, runs)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="markdown report")
     ap.add_argument(
         "--only",
-        default="hw,step,sweep,gen",
-        help="comma-separated sections: hw, step, sweep, gen (default all)",
+        default="hw,step,sweep,gen,wf,scale",
+        help="comma-separated sections: hw, step, sweep, gen, wf (workflow), scale (default all)",
     )
     ap.add_argument(
         "--models", default=None, help="restrict to these models (comma-separated: tiny, smollm2)"
@@ -821,6 +1305,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.step_configs = [c for c in plan.step_configs if c.model in models]
         plan.sweep_models = [m for m in plan.sweep_models if m in models]
         plan.gen_models = [m for m in plan.gen_models if m in models]
+        plan.workflows = [c for c in plan.workflows if c.model in models]
+        # tiny1k (the max_length curve) is the tiny GPT-2 with 1024 positions: --models tiny keeps it
+        plan.scale_lengths = [c for c in plan.scale_lengths if c.model.removesuffix("1k") in models]
+        if plan.scale_sweep_model not in models:
+            plan.scale_sweep_sizes = {}
     args.work.mkdir(parents=True, exist_ok=True)
     run = Runner(args.work.resolve(), args.threads, args.verbose)
     results: dict[str, Any] = {
@@ -835,6 +1324,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import model_dir
 
     needed = {c.model for c in plan.step_configs} | set(plan.sweep_models) | set(plan.gen_models)
+    if "wf" in sections:
+        needed |= {c.model for c in plan.workflows}
+    if "scale" in sections:
+        needed |= {c.model for c in plan.scale_lengths} | (
+            {plan.scale_sweep_model} if plan.scale_sweep_sizes else set()
+        )
     model_dirs: dict[str, Path] = {}
     for m in sorted(needed):
         t0 = time.time()
@@ -865,6 +1360,14 @@ def main(argv: list[str] | None = None) -> int:
         results["sweeps"] = [bench_sweep(m, plan, run, model_dirs) for m in plan.sweep_models]
     if "gen" in sections:
         results["generation"] = {m: bench_generation(m, plan, run, model_dirs) for m in plan.gen_models}
+    if "wf" in sections:
+        results["workflows"] = [
+            bench_workflow(c, run, model_dirs) for c in plan.workflows if c.model in model_dirs
+        ]
+    if "scale" in sections:
+        results["scaling"] = bench_scaling(plan, run, model_dirs, results.get("sweeps", []))
+        if plan.scale_sweep_model in model_dirs:
+            results["scaling"]["sweep_spec"] = sweep_spec(plan.scale_sweep_model, plan, run.work, model_dirs)
 
     # profile the DPO step where a target was missed
     if "step" in sections and args.profile != "never":

@@ -45,7 +45,10 @@ def preload(side: str) -> dict[str, float]:
     return {"import_shared_s": shared, f"import_{side}_s": time.perf_counter() - started}
 
 
-def _pipeline_config(spec: dict[str, Any], stages: int):
+def _pipeline_config(spec: dict[str, Any], stages: int, output_dir: str | Path | None = None, merges=()):
+    """sacpo's pipeline of the benchmark: stage `helpful` (β) then `safe` (the λ sweep), the first `stages` of
+    them; spec `lora` trains LoRA adapters (dpo_step.LORA); `merges` (MergeSpec) run after training
+    (benchmarks/workflow.py)."""
     from sacpo.recipes.pipeline import PipelineConfig, StageConfig
     from sacpo.train.config import DataConfig
 
@@ -64,6 +67,15 @@ def _pipeline_config(spec: dict[str, Any], stages: int):
         "eval_fraction": 0.0,
         "log_every": 10,
     }
+    if spec.get("lora"):
+        from benchmarks.dpo_step import LORA
+
+        defaults["lora"] = {
+            "enabled": True,
+            "r": LORA["r"],
+            "alpha": LORA["alpha"],
+            "dropout": LORA["dropout"],
+        }
     all_stages = [
         StageConfig(
             name="helpful",
@@ -76,9 +88,10 @@ def _pipeline_config(spec: dict[str, Any], stages: int):
     ]
     return PipelineConfig(
         policy=spec["policy"],
-        output_dir=str(Path(spec["work"]) / "sweep" / spec["model"] / "sacpo"),
+        output_dir=str(output_dir or Path(spec["work"]) / "sweep" / spec["model"] / "sacpo"),
         stages=all_stages[:stages],
         defaults=defaults,
+        merges=list(merges),
     )
 
 
@@ -115,11 +128,46 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+def trl_stage(
+    spec: dict[str, Any],
+    policy: str | Path,
+    rows: list[dict[str, str]],
+    beta: float,
+    out: Path,
+    peft_config=None,
+):
+    """One SACPO stage with TRL: a fresh `DPOTrainer` on `policy` (its default reference: a live copy loaded from
+    the same directory, or with `peft_config` the adapter-disabled policy), 1 epoch, then `save_model` to
+    out/model; returns the trainer (its model still in memory)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=spec["batch_size"],
+        num_train_epochs=1,
+        learning_rate=spec["lr"],
+        beta=beta,
+        max_length=spec["max_length"],
+        logging_steps=10,
+        **TRL_ARGS,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=trl_dataset(rows, tokenizer),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    return trainer
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("malloc_tuning"):
         match_sacpo_allocator()
     policy = spec["helpful_model"]
@@ -130,25 +178,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     steps, per_lambda = [], []
     for lam in spec["lams"]:
         lam_started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(policy)
-        model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32, use_safetensors=True)
-        args = DPOConfig(
-            output_dir=str(out / f"lam{lam:g}"),
-            per_device_train_batch_size=spec["batch_size"],
-            num_train_epochs=1,
-            learning_rate=spec["lr"],
-            beta=spec["beta"] / lam,
-            max_length=spec["max_length"],
-            logging_steps=10,
-            **TRL_ARGS,
-        )
-        trainer = DPOTrainer(
-            model=model, args=args, train_dataset=trl_dataset(rows, tokenizer), processing_class=tokenizer
-        )
-        trainer.train()
-        trainer.save_model(str(out / f"lam{lam:g}" / "model"))
+        trainer = trl_stage(spec, policy, rows, spec["beta"] / lam, out / f"lam{lam:g}")
         steps.append(trainer.state.global_step)
-        del trainer, model
+        del trainer
         per_lambda.append(time.perf_counter() - lam_started)
     return {
         "seconds": time.perf_counter() - started,
