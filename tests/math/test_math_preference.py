@@ -273,3 +273,16 @@ def test_get_loss_unknown_name_lists_valid_ones(name):
     msg = str(excinfo.value)
     assert repr(name) in msg
     assert "dpo, ipo, kto" in msg
+
+
+def test_rpo_nll_hand_values():
+    from sacpo.math.preference import rpo_nll
+
+    logps, lengths = t(-6.0, -2.0), torch.tensor([3, 4])
+    torch.testing.assert_close(rpo_nll(logps, lengths, averaged=False), t(2.0, 0.5))
+    # already length-averaged log-probs are only negated
+    torch.testing.assert_close(rpo_nll(t(-2.0, -0.5), lengths, averaged=True), t(2.0, 0.5))
+    # the gradient is −1/|y_w| per summed log-prob: it never saturates
+    x = t(-6.0, -2.0).requires_grad_()
+    rpo_nll(x, lengths, averaged=False).sum().backward()
+    torch.testing.assert_close(x.grad, t(-1 / 3, -1 / 4))

@@ -235,6 +235,25 @@ def test_dpo_label_smoothing_matches_trl_aot_on_single_pairs(dpo_batch, eps):
         assert abs(loss_i.item() - ours.losses[i].item()) <= ATOL, i
 
 
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_rpo_matches_trl_sigmoid_plus_sft_on_single_pairs(dpo_batch, alpha):
+    # TRL 1.16: loss_type=["sigmoid", "sft"], loss_weights=[1, α]. Its "sft" term is the mean NLL over all chosen
+    # tokens of the batch; ours is per pair (Pang et al. 2024). On one-pair batches the two are the same number.
+    from sacpo.math.preference import rpo_nll
+
+    policy, ref, inputs = dpo_batch
+    beta = 0.2
+    pc, pr, rc, rr = ours_dpo_inputs(policy, ref, inputs, averaged=False)
+    lengths = (inputs["completion_mask"][:, 1:] != 0).sum(-1).chunk(2)[0]  # (B,) chosen completion tokens
+    ours = dpo_loss(pc, pr, rc, rr, beta=beta).losses + alpha * rpo_nll(pc, lengths, averaged=False)
+    for i in range(B_PAIRS):
+        trainer = dpo_self(policy, ref, "sigmoid", beta)
+        trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, alpha]
+        with torch.no_grad():
+            loss_i = DPOTrainer._compute_loss(trainer, policy, pair(inputs, i), return_outputs=False)
+        assert abs(loss_i.item() - ours[i].item()) <= ATOL, i
+
+
 # --------------------------------------------------------------------------------------------------------- KTO
 
 B_KTO = 6

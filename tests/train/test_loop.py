@@ -350,3 +350,28 @@ def test_the_fused_swiglu_patch_is_undone_and_the_probe_is_not_kept_on_the_model
     assert (
         summary["fused_head_reason"] == result.fused_head_reason and "vocabulary" in result.fused_head_reason
     )
+
+
+def test_rpo_alpha_adds_the_chosen_nll(tiny_model, pku_tiny, tmp_path):
+    """Step 1 (policy = reference): DPO's loss is log 2, so the logged loss is log 2 + α·nll; α > 0 raises the
+    chosen responses' log-probs more than plain DPO does over the same steps."""
+    import math
+
+    runs = {}
+    for alpha in (0.0, 2.0):
+        out = tmp_path / f"rpo-{alpha}"
+        cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=6, log_every=1, kl_prompts=0, lr=5e-3, rpo_alpha=alpha)
+        train(cfg, show_progress=False)
+        runs[alpha] = read_metrics(out)
+    first = runs[2.0][0]
+    assert first["loss"] == pytest.approx(math.log(2) + 2.0 * first["rpo/nll"], abs=1e-4)
+    assert first["rpo/nll"] > 0 and "rpo/nll" not in runs[0.0][0]
+    assert runs[0.0][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert runs[2.0][-1]["logps/chosen"] > runs[0.0][-1]["logps/chosen"]
+
+
+def test_rpo_alpha_needs_a_paired_loss(tiny_model, pku_tiny, tmp_path):
+    from sacpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rpo_alpha=1.0 needs a paired loss"):
+        make_cfg(tiny_model, pku_tiny, tmp_path / "k", fmt="pku_safe_kto", loss="kto", rpo_alpha=1.0)

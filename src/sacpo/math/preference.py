@@ -131,6 +131,23 @@ class LossSpec:
     kind: str  # "paired" or "unpaired"
 
 
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, averaged: bool) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 1):
+    the chosen response's per-token negative log-likelihood,
+
+        nll_i = −log π(y_w,i | x_i) / |y_w,i|
+
+    policy_chosen_logps (B,) are summed log-probs (averaged=False) or already length-averaged (averaged=True);
+    chosen_lengths (B,) are the response token counts. Returns (B,); the training loss adds α·nll_i to each pair's
+    preference loss. Unlike the DPO term it does not saturate: it keeps raising the chosen response's likelihood
+    after the margin is won, so the policy cannot win it by pushing the rejected response down alone (likelihood
+    displacement, Razin et al. 2024). Per pair, as in the paper; TRL 1.x's `loss_type=["sigmoid", "sft"]` takes
+    the mean over all chosen tokens of a batch instead (equal when the chosen lengths are)."""
+    if averaged:
+        return -policy_chosen_logps
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1).to(policy_chosen_logps.dtype)
+
+
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(dpo_loss, "paired"),
     "ipo": LossSpec(ipo_loss, "paired"),

@@ -86,6 +86,13 @@ class TrainConfig:
     loss: Loss = help_field("dpo", help="preference loss (sacpo.math.preference.LOSSES)")
     beta: PositiveFloat = help_field(0.1, help="KL coefficient β (β/λ for a SACPO realignment stage)")
     label_smoothing: float = help_field(0.0, help="conservative DPO ε (dpo only)", ge=0, lt=0.5)
+    rpo_alpha: float = help_field(
+        0.0,
+        help="RPO α (dpo / ipo): add α·(−log π(y_w|x) / |y_w|), the chosen response's per-token NLL, to each pair's "
+        "loss (Pang et al. 2024, Eq. 1). Counters likelihood displacement on off-policy chosen "
+        "responses; changes the optimum (not plain DPO / SACPO). 0 = off",
+        ge=0,
+    )
     average_logprobs: bool | None = help_field(
         None,
         help="length-average sequence log-probs (divide by the response's token count); None = auto: true for ipo "
@@ -222,6 +229,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     from sacpo.math.preference import LOSSES
 
     loss_kind, data_kind = LOSSES[cfg.loss].kind, FORMATS[cfg.data.format].kind
+    if cfg.rpo_alpha > 0 and loss_kind != "paired":
+        raise ConfigError(f"rpo_alpha={cfg.rpo_alpha} needs a paired loss (dpo, ipo), not {cfg.loss!r}")
     if loss_kind != data_kind:
         raise ConfigError(
             f"loss {cfg.loss!r} needs {loss_kind} data but data.format {cfg.data.format!r} is {data_kind}"
@@ -243,6 +252,7 @@ ADDED_FIELDS: dict[str, object] = {
     "system_prompt": None,
     "chat_template": None,
     "warmup_steps": None,
+    "rpo_alpha": 0.0,
     "dtype": "auto",  # exact for float32 policies (the old runs saved float32); see same_computation
 }
 ADDED_DATA_FIELDS: dict[str, object] = {"drop_both_safe": False}  # the same, for DataConfig fields

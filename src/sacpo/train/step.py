@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
-from sacpo.math.preference import get_loss, kto_reference_point
+from sacpo.math.preference import get_loss, kto_reference_point, rpo_nll
 from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
 from sacpo.train.batches import Split
 from sacpo.train.config import TrainConfig
@@ -82,6 +82,7 @@ class BatchLoss:
         chosen, rejected = logps.split(len(idx))  # (b,), (b,)
         kwargs = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "dpo" else {}
         out = self.loss.fn(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, **kwargs)
+        losses = out.losses
         metrics = {
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
@@ -90,7 +91,12 @@ class BatchLoss:
             "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
             "rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
         }
-        return out.losses.mean(), metrics
+        if cfg.rpo_alpha > 0:
+            lengths = torch.tensor([a.response_len for a, _ in pairs], device=chosen.device)  # (b,)
+            nll = rpo_nll(chosen, lengths, self.average)  # (b,)
+            losses = losses + cfg.rpo_alpha * nll
+            metrics["rpo/nll"] = nll.detach().mean()
+        return losses.mean(), metrics
 
     def _kto(self, model: Any, idx: list[int], ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg, d = self.cfg, self.data
