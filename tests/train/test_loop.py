@@ -360,7 +360,9 @@ def test_rpo_alpha_adds_the_chosen_nll(tiny_model, pku_tiny, tmp_path):
     runs = {}
     for alpha in (0.0, 2.0):
         out = tmp_path / f"rpo-{alpha}"
-        cfg = make_cfg(tiny_model, pku_tiny, out, max_steps=6, log_every=1, kl_prompts=0, lr=5e-3, rpo_alpha=alpha)
+        cfg = make_cfg(
+            tiny_model, pku_tiny, out, max_steps=6, log_every=1, kl_prompts=0, lr=5e-3, rpo_alpha=alpha
+        )
         train(cfg, show_progress=False)
         runs[alpha] = read_metrics(out)
     first = runs[2.0][0]
@@ -373,5 +375,5 @@ def test_rpo_alpha_adds_the_chosen_nll(tiny_model, pku_tiny, tmp_path):
 def test_rpo_alpha_needs_a_paired_loss(tiny_model, pku_tiny, tmp_path):
     from sacpo.config import ConfigError
 
-    with pytest.raises(ConfigError, match="rpo_alpha=1.0 needs a paired loss"):
+    with pytest.raises(ConfigError, match=r"rpo_alpha=1\.0 needs a paired loss"):
         make_cfg(tiny_model, pku_tiny, tmp_path / "k", fmt="pku_safe_kto", loss="kto", rpo_alpha=1.0)
