@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from tests.worlds.test_realworld import fake_garak
 
 import sacpo.recipes.demo_real as demo_real
@@ -70,6 +71,13 @@ def test_demo_real_end_to_end_on_the_tiny_model(
         and "## Sample responses" in report
         and "### psacpo-q0.5" in report
     )
+    # the training table: Δ log π(chosen) = rewards/chosen / β of each stage's last logged window
+    for stage in ("helpful", "safe-lam2"):
+        d = out / "pipeline" / "stages" / stage
+        final = json.loads((d / "summary.json").read_text())["final"]
+        beta = yaml.safe_load((d / "config.yaml").read_text())["beta"]
+        assert f"| {stage} | {beta:g} | 0 | {final['step']} | {final['loss']:.3f} | " in report
+        assert f"| {final['rewards/chosen'] / beta:+.1f} | {final['rewards/rejected'] / beta:+.1f} |" in report
     assert set(summary["times"]) == {"sft", "labels", "pipeline", "evaluation"}
     # cached: a rerun samples and trains nothing (the samples files are not rewritten)
     before = (out / "eval/samples/sft/samples.jsonl").stat().st_mtime_ns

@@ -239,8 +239,38 @@ def headline(cfg: DemoRealConfig, splits: dict[str, list[str]], notes: list[str]
         ]
     atomic_write_json(ev / "refusal.json", [_row_json(r) for r in rows])
     lines = ["# SACPO on a real small model: harmful compliance vs over-refusal (sacpo demo-real)", ""]
-    lines += [f"- {n}" for n in notes] + ["", table_markdown(rows), "## Sample responses", ""]
+    lines += [f"- {n}" for n in notes] + ["", table_markdown(rows)]
+    lines += ["## Training: where each stage's margin came from", "", training_table(Path(cfg.out) / "pipeline")]
+    lines += ["## Sample responses", ""]
     return "\n".join(lines) + samples_markdown(shown)
+
+
+def training_table(pipeline_dir: Path) -> str:
+    """Per trained stage: its β, steps and the change of the sequence log-probs of chosen and rejected responses
+    against its reference at the last logged window, Δ log π(y) = rewards/·/β. A preference stage that wins its
+    margin by pushing the rejected responses down while the chosen stay unlikely (Δ chosen ≪ |Δ rejected|) is
+    likelihood displacement: its samples drift (KL grows) without becoming the chosen kind of response."""
+    import yaml
+
+    lines = [
+        "| stage | β | rpo_alpha | steps | loss | Δ log π(chosen) | Δ log π(rejected) | log π(chosen) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted((pipeline_dir / "stages").iterdir()):
+        summary, config = d / "summary.json", d / "config.yaml"
+        if not (summary.is_file() and config.is_file()):
+            continue
+        final = json.loads(summary.read_text(encoding="utf-8")).get("final", {})
+        cfg = yaml.safe_load(config.read_text(encoding="utf-8"))
+        beta = float(cfg["beta"])
+        if "rewards/chosen" not in final:
+            continue
+        lines.append(
+            f"| {d.name} | {beta:g} | {cfg.get('rpo_alpha', 0.0):g} | {final.get('step', '?')} | "
+            f"{final['loss']:.3f} | {final['rewards/chosen'] / beta:+.1f} | {final['rewards/rejected'] / beta:+.1f} "
+            f"| {final['logps/chosen']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _row_json(r: Any) -> dict[str, Any]:
