@@ -33,7 +33,7 @@ def tiny_config(tmp_path, sft, **kw):
     fields = dict(
         out=str(tmp_path / "out"), sft=str(sft), garak=str(harm), n_harmful_train=6, n_benign_train=4,
         n_harmful_test=4, n_benign_test=4, pairs_per_prompt=2, max_new_tokens=8, max_prompt_length=24,
-        generate_batch_size=16, lams=[1.0, 2.0], qs=[0.5], safety_train={"max_steps": 2}, eval_samples=2,
+        generate_batch_size=16, lams=[1.0, 2.0], qs=[0.5], safety_train={"max_steps": 2, "rpo_alpha": 1.0}, eval_samples=2,
         n_boot=50, show_samples=1,
         train={"max_steps": 2, "epochs": 1, "batch_size": 2, "max_length": 40, "max_prompt_length": 24,
                "lora": {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["c_attn"]}},
@@ -75,9 +75,13 @@ def test_demo_real_end_to_end_on_the_tiny_model(
     for stage in ("helpful", "safe-lam2"):
         d = out / "pipeline" / "stages" / stage
         final = json.loads((d / "summary.json").read_text())["final"]
-        beta = yaml.safe_load((d / "config.yaml").read_text())["beta"]
-        assert f"| {stage} | {beta:g} | 0 | {final['step']} | {final['loss']:.3f} | " in report
-        assert f"| {final['rewards/chosen'] / beta:+.1f} | {final['rewards/rejected'] / beta:+.1f} |" in report
+        saved = yaml.safe_load((d / "config.yaml").read_text())
+        beta, alpha = saved["beta"], saved["rpo_alpha"]
+        assert alpha == (0.0 if stage == "helpful" else 1.0)  # the demo's step 2 adds the chosen NLL
+        assert f"| {stage} | {beta:g} | {alpha:g} | {final['step']} | {final['loss']:.3f} | " in report
+        assert (
+            f"| {final['rewards/chosen'] / beta:+.1f} | {final['rewards/rejected'] / beta:+.1f} |" in report
+        )
     assert set(summary["times"]) == {"sft", "labels", "pipeline", "evaluation"}
     # cached: a rerun samples and trains nothing (the samples files are not rewritten)
     before = (out / "eval/samples/sft/samples.jsonl").stat().st_mtime_ns

@@ -84,7 +84,9 @@ class DemoRealConfig:
         "by sacpo — REFUSAL_DEMONSTRATIONS), labelled by the same judge; for models that (almost) never refuse",
     )
     safety_train: dict[str, Any] = help_field(
-        {"epochs": 3, "lr": 1.0e-3}, help="TrainConfig fields of step 2 only (over `train`)"
+        {"epochs": 3, "lr": 1.0e-3, "rpo_alpha": 1.0},
+        help="TrainConfig fields of step 2 only (over `train`); rpo_alpha: the written refusals are off-policy, "
+        "and plain DPO wins their margin by pushing the SFT answers down (likelihood displacement)",
     )
     max_new_tokens: PositiveInt = help_field(48, help="response length (labels and evaluation)")
     max_prompt_length: PositiveInt = help_field(96, help="prompt tokens kept (left-truncated)")
@@ -240,7 +242,11 @@ def headline(cfg: DemoRealConfig, splits: dict[str, list[str]], notes: list[str]
     atomic_write_json(ev / "refusal.json", [_row_json(r) for r in rows])
     lines = ["# SACPO on a real small model: harmful compliance vs over-refusal (sacpo demo-real)", ""]
     lines += [f"- {n}" for n in notes] + ["", table_markdown(rows)]
-    lines += ["## Training: where each stage's margin came from", "", training_table(Path(cfg.out) / "pipeline")]
+    lines += [
+        "## Training: where each stage's margin came from",
+        "",
+        training_table(Path(cfg.out) / "pipeline"),
+    ]
     lines += ["## Sample responses", ""]
     return "\n".join(lines) + samples_markdown(shown)
 
