@@ -33,8 +33,8 @@ def tiny_config(tmp_path, sft, **kw):
     fields = dict(
         out=str(tmp_path / "out"), sft=str(sft), garak=str(harm), n_harmful_train=6, n_benign_train=4,
         n_harmful_test=4, n_benign_test=4, pairs_per_prompt=2, max_new_tokens=8, max_prompt_length=24,
-        generate_batch_size=16, lams=[1.0, 2.0], qs=[0.5], safety_train={"max_steps": 2, "rpo_alpha": 1.0}, eval_samples=2,
-        n_boot=50, show_samples=1,
+        generate_batch_size=16, lams=[1.0, 2.0], qs=[0.5], eval_samples=2,
+        safety_train={"max_steps": 2, "rpo_alpha": 1.0}, n_boot=50, show_samples=1,
         train={"max_steps": 2, "epochs": 1, "batch_size": 2, "max_length": 40, "max_prompt_length": 24,
                "lora": {"enabled": True, "r": 2, "alpha": 4, "target_modules": ["c_attn"]}},
         device="cpu",
