@@ -38,6 +38,7 @@ from sacpo.models.adapters import is_adapter_dir, read_chain
 from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
 from sacpo.recipes.train import CommandTrainConfig
+from sacpo.train.allocator import release_memory
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, Loss, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
@@ -322,6 +323,7 @@ def _train_branches(
                 # siblings (same stage and parent) still to train after this one share the loaded policy
                 later = [b for b in stage_branches[stage_branches.index(br) + 1 :] if b.parent == br.parent]
                 reuse = cfg.reuse_policy and (workspace.holds_policy or bool(later))
+                workspace.last_branch = not later
                 train(br.train, show_progress=show_progress, workspace=workspace if reuse else None)
                 if not later:
                     workspace.clear()
@@ -340,6 +342,7 @@ def _train_branches(
                 }
             )
     workspace.clear()
+    release_memory()  # the freed training memory, kept by glibc's heap, goes back before merges and evaluation
     return records
 
 
