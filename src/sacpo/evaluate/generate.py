@@ -254,7 +254,10 @@ def generate_samples(
         raise ValueError(f"reference {reference.dir} is not ref_dir {ref_dir}")
     reference.check_tokenizer(model_dir)
     tokenizer, tok_fp = reference.tokenizer, reference.tokenizer_fingerprint
-    model_fp, ref_fp = fingerprint_model(model_dir), reference.fingerprint
+    ref_fp = reference.fingerprint
+    model_fp = (
+        ref_fp if Path(model_dir).resolve() == reference.dir.resolve() else fingerprint_model(model_dir)
+    )
     sampling_seed = seed if stream is None else stream_seed(seed, stream)
     key = samples_key(
         model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length,
