@@ -278,6 +278,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
     counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
     records = _train_branches(cfg, branches, counts, show_progress, force)
     merges = _merge(cfg, branches)
+    release_memory()  # the freed training and merge memory glibc's heap keeps goes back (before an evaluation)
     log.info(
         "reference passes: %d computed, %d read from cache (%d stages skipped as finished)",
         counts["computed"],
@@ -342,7 +343,6 @@ def _train_branches(
                 }
             )
     workspace.clear()
-    release_memory()  # the freed training memory, kept by glibc's heap, goes back before merges and evaluation
     return records
 
 
