@@ -11,7 +11,7 @@ every sample of m is compared with every SFT sample of the same prompt:
 
 with bootstrap CIs over prompts — or over clusters of prompts (`clusters`: e.g. the toyworld's paraphrases of one
 task), resampling whole clusters (`metrics`). The SFT model compared with itself has win rates exactly ½ and its
-KL, estimated like any other (a second forward pass under the reference), is 0. Each row keeps its prompt-level
+KL is 0 (its rows' logp_ref is their logp_policy: the same model and ids). Each row keeps its prompt-level
 values (ModelMetrics.per_prompt) so a report can compare two models by paired differences, and the share of
 degenerate (repetitive) samples and of the KL they carry.
 

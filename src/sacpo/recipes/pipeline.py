@@ -92,8 +92,8 @@ class PipelineConfig:
     merges: list[MergeSpec] = help_field([], help="weight merges after training")
     reuse_policy: bool = help_field(
         True,
-        help="branches of a sweep reuse one loaded policy and its optimizer buffers (same results; one extra "
-        "CPU copy of the trainable weights while the sweep runs)",
+        help="branches of a sweep reuse one loaded policy and its optimizer buffers (same results; the initial "
+        "weights are read back from the parent's files, or, for LoRA or on a GPU, kept as one CPU copy)",
     )
 
 
