@@ -110,6 +110,7 @@ def test_evaluate_models_end_to_end(tiny_model, other_model, tmp_path, monkeypat
     )
 
     import sacpo.evaluate.generate as g
+    import sacpo.evaluate.reference as reference
     import sacpo.models.load as load
 
     def no_load(*args, **kwargs):
@@ -117,6 +118,7 @@ def test_evaluate_models_end_to_end(tiny_model, other_model, tmp_path, monkeypat
 
     monkeypatch.setattr(g, "load_model", no_load)
     monkeypatch.setattr(load, "load_model", no_load)
+    monkeypatch.setattr(reference, "load_model", no_load)
     models = {
         "base": ModelSpec(
             dir=tiny_model, family="sft"

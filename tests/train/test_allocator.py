@@ -96,3 +96,23 @@ def test_off_in_the_python_api_and_on_for_the_commands(tiny_model, pku_tiny, tmp
             {"policy": str(tiny_model), "output_dir": str(tmp_path), "stages": [stage], "defaults": defaults},
         )
         assert plan(cfg, tiny_model)["a"][0].train.malloc_tuning is expected
+
+
+def test_release_memory_returns_free_heap_pages():
+    """gc + malloc_trim(0): True on glibc once a large freed block is in the heap (64 MiB, below the tuned mmap
+    threshold), False where the C library is not glibc; it changes no setting either way."""
+    if not GLIBC:
+        assert allocator.release_memory() is False
+        return
+    assert tune_malloc()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    a, b = libc.malloc(64 << 20), libc.malloc(1 << 10)  # b keeps a's pages off the top of the heap
+    libc.memset(a, 1, 64 << 20)
+    libc.free(a)
+    assert allocator.release_memory() is True
+    libc.free(b)
+    assert allocator._applied == (allocator.MMAP_THRESHOLD, allocator.TRIM_THRESHOLD)

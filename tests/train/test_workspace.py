@@ -124,6 +124,8 @@ def test_workspace_restores_the_parent_and_zeroes_adam_state(tiny_model, pku_tin
 
     # what the next branch gets, before it trains: the parent's weights and a zeroed AdamW state
     cfg = _train_cfg(tiny_model, pku_tiny, tmp_path / "b")
+    # full fine-tuning of a dense parent: no copy of the weights is kept, they are read back from its files
+    assert ws._initial == {} and ws._source is not None
     restored = ws.policy(cfg, build_policy)
     assert restored is model and len(built) == 1 and ws.reuses == 1
     parent = build_policy(cfg)
@@ -136,6 +138,33 @@ def test_workspace_restores_the_parent_and_zeroes_adam_state(tiny_model, pku_tin
     state = optimizer.state[params[0]]
     assert state is moments and float(state["step"]) == 0 and not state["exp_avg"].any()
     assert not state["exp_avg_sq"].any()
+
+
+def test_a_kept_copy_is_dropped_after_the_last_branch_restores_it(
+    tiny_model, pku_tiny, tmp_path, monkeypatch
+):
+    """LoRA: the adapters are not in the parent's files, so a CPU copy is kept, and dropped by the branch announced
+    as the last (a later call on the same parent builds afresh)."""
+    built = _count_builds(monkeypatch)
+    lora = {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["c_attn"]}
+
+    def cfg(name):
+        return from_dict(
+            TrainConfig, {**to_dict(_train_cfg(tiny_model, pku_tiny, tmp_path / name)), "lora": lora}
+        )
+
+    ws = SweepWorkspace()
+    loop.train(cfg("a"), show_progress=False, workspace=ws)
+    assert ws._source is None and ws._initial and len(built) == 1
+    initial = {n: t.clone() for n, t in ws._initial.items()}
+    ws.last_branch = True
+    restored = ws.policy(cfg("b"), build_policy)
+    assert ws._initial == {} and len(built) == 1 and ws.reuses == 1
+    trainable = {n: p for n, p in restored.named_parameters() if p.requires_grad}
+    assert all(torch.equal(trainable[n], t) for n, t in initial.items())
+    ws.last_branch = False
+    ws.policy(cfg("c"), loop.build_policy)  # nothing to restore from any more: built again (counted)
+    assert len(built) == 2 and ws._initial
 
 
 def test_workspace_releases_the_policy_for_another_parent(tiny_model, pku_tiny, tmp_path):

@@ -3,10 +3,16 @@
 For every prompt x_p, draw S responses y_ps ~ π(·|x_p) by ancestral sampling (`sacpo.models.generate.sample`;
 by default temperature 1 and no top-p, so samples follow π exactly — `temperature` / `top_p` / greedy (temperature
 0) are decoding rules a protocol may ask for, whose samples follow a modified q instead), seeded; then score the
-*sampled token ids* (prompt ids + response ids, the EOS included when one was generated) with one forward pass
-each under π and π_SFT:
+*sampled token ids* (prompt ids + response ids, the EOS included when one was generated) under π and π_SFT:
 
     logp_policy = log π(y|x) = Σ_t log π(y_t | x, y_<t),    logp_ref = log π_SFT(y|x)
+
+At temperature 1 without top-p, log π comes from the sampler itself (`sacpo.models.generate.sample_with_logps`:
+the log-softmax of the logits each token was drawn from); otherwise from a forward pass over the sampled ids.
+log π_SFT comes from a forward pass under the reference with each prompt run once (`sacpo.models.prefix_logps`),
+the reference loaded, fingerprinted and prefilled once per evaluation (`sacpo.evaluate.reference.Reference`); the
+SFT policy's own rows take logp_ref = logp_policy (the same model). All of these equal one full forward pass per
+sequence to float rounding (tested); the meta records which one gave each column.
 
 Log-probs come from the sampled ids, never from re-encoding the decoded text: decoding can be lossy (a byte-level
 tokenizer cut mid-character, a tokenizer whose encoding of the text differs from the sampled segmentation), and
@@ -35,7 +41,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,16 +52,16 @@ from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
 from sacpo.data.prompts import prompt_from_json, prompt_to_json
 from sacpo.data.records import Prompt
 from sacpo.data.tokenize import Encoded, encode_prompt
+from sacpo.evaluate.reference import Reference
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
-from sacpo.models.generate import sample
+from sacpo.models.generate import sample_with_logps
 from sacpo.models.load import (
-    default_device,
     fingerprint_model,
-    fingerprint_tokenizer,
     load_model,
-    load_tokenizer,
+    load_tokenizer_with_fingerprint,
+    tokenizer_fingerprint,
 )
-from sacpo.models.logprobs import batched_sequence_logps
+from sacpo.models.prefix_logps import PromptCachedLogps
 from sacpo.rng import torch_seeded
 
 log = logging.getLogger("sacpo.evaluate")
@@ -219,8 +225,7 @@ def generate_samples(
     max_prompt_length: int = 256,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    ref_model: Any | Callable[[], Any] | None = None,
-    ref_fingerprint: str | None = None,
+    reference: Reference | None = None,
     stream: str | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -228,9 +233,9 @@ def generate_samples(
 ) -> Generation:
     """Sample n_samples responses per prompt from `model_dir`, log-probs under it and under `ref_dir` (SFT).
 
-    Writes <out_dir>/samples.jsonl (+ samples.meta.json) or reuses them when the cache key matches. `ref_model`
-    (a model already loaded from ref_dir on `device`, or a zero-argument function returning one, called only when
-    samples are generated) and `ref_fingerprint` avoid reloading / rehashing the reference across many models.
+    Writes <out_dir>/samples.jsonl (+ samples.meta.json) or reuses them when the cache key matches. `reference`
+    (`Reference.load(ref_dir, device, dtype)`, made here when None) shares the reference's tokenizer, fingerprint,
+    model and prompt prefills across the models of an evaluation; it must be ref_dir's.
     Prompts are rendered with the tokenizer's chat template when it has one and left-truncated to
     min(max_prompt_length, context − max_new_tokens) tokens. stream: draw with `stream_seed(seed, stream)` (an
     independent random stream per model; recorded in the meta as stream and sampling_seed) instead of `seed`.
@@ -244,9 +249,15 @@ def generate_samples(
     if not prompts:
         raise ValueError("no evaluation prompts")
     out = Path(out_dir)
-    tokenizer, tok_fp = shared_tokenizer(model_dir, ref_dir)
-    model_fp = fingerprint_model(model_dir)
-    ref_fp = ref_fingerprint or fingerprint_model(ref_dir)
+    reference = reference or Reference.load(ref_dir, device, dtype)
+    if reference.dir.resolve() != Path(ref_dir).resolve():
+        raise ValueError(f"reference {reference.dir} is not ref_dir {ref_dir}")
+    reference.check_tokenizer(model_dir)
+    tokenizer, tok_fp = reference.tokenizer, reference.tokenizer_fingerprint
+    ref_fp = reference.fingerprint
+    model_fp = (
+        ref_fp if Path(model_dir).resolve() == reference.dir.resolve() else fingerprint_model(model_dir)
+    )
     sampling_seed = seed if stream is None else stream_seed(seed, stream)
     key = samples_key(
         model_fp, ref_fp, tok_fp, prompts, n_samples, max_new_tokens, sampling_seed, max_prompt_length,
@@ -259,35 +270,28 @@ def generate_samples(
         return Generation(hit[0], out / SAMPLES_FILE, True, hit[1])
 
     t0 = time.perf_counter()
-    device = device or default_device()
-    if ref_model is not None and not isinstance(ref_model, torch.nn.Module) and callable(ref_model):
-        ref_model = ref_model()
-    same_as_ref = model_fp == ref_fp and ref_model is not None
-    policy = ref_model if same_as_ref else load_model(model_dir, dtype=dtype).to(device)
+    same_as_ref = model_fp == ref_fp
+    policy = reference.model() if same_as_ref else load_model(model_dir, dtype=dtype).to(reference.device)
     policy.eval()
     limit = _prompt_limit(policy, max_prompt_length, max_new_tokens)
     prompt_ids = [encode_prompt(tokenizer, p, limit, fmt=prompt_format) for p in prompts]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     with torch_seeded(sampling_seed):
-        seqs = sample(
-            policy,
-            prompt_ids,
-            eos,
-            pad,
-            n=n_samples,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            batch_size=batch_size,
-            top_p=top_p,
+        seqs, sampled = sample_with_logps(
+            policy, prompt_ids, eos, pad, n_samples, max_new_tokens, temperature, batch_size, top_p
         )
-    logp_policy = batched_sequence_logps(policy, seqs, pad, batch_size).float()  # (P·S,)
-    if not same_as_ref:
+    from_sampler = temperature == 1 and top_p == 1  # the draw's distribution is π itself
+    if from_sampler:
+        logp_policy = sampled.float()  # (P·S,)
+    else:
+        logp_policy = PromptCachedLogps(policy, pad, max_cache_bytes=0)(seqs, batch_size).float()  # (P·S,)
+    if same_as_ref:
+        logp_ref = logp_policy  # the same model and ids
+    else:
         del policy
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
-    reference = ref_model if ref_model is not None else load_model(ref_dir, dtype=dtype).to(device)
-    reference.eval()
-    logp_ref = batched_sequence_logps(reference, seqs, pad, batch_size).float()  # (P·S,)
+        logp_ref = reference.scorer()(seqs, batch_size).float()  # (P·S,)
 
     rows = _decode_rows(tokenizer, seqs, prompts, n_samples, logp_policy, logp_ref)
     meta = {
@@ -307,6 +311,8 @@ def generate_samples(
         "temperature": temperature,
         "top_p": top_p,
         "prompt_format": prompt_format.to_json(),
+        "logp_policy_from": "sampler" if from_sampler else "forward pass",
+        "logp_ref_from": "logp_policy (the reference itself)" if same_as_ref else "forward pass",
         **_row_stats(rows, model_dir),
         "seconds": time.perf_counter() - t0,
     }
@@ -318,10 +324,10 @@ def generate_samples(
 
 
 def shared_tokenizer(model_dir: str | Path, ref_dir: str | Path) -> tuple[Any, str]:
-    """The model's tokenizer and its fingerprint; raises when the reference's tokenizer differs."""
-    tokenizer = load_tokenizer(model_dir)
-    tok_fp = fingerprint_tokenizer(tokenizer)
-    if fingerprint_tokenizer(load_tokenizer(ref_dir)) != tok_fp:
+    """The model's tokenizer and its fingerprint; raises when the reference's tokenizer differs (the reference's
+    fingerprinted without a load when its files were loaded before: `tokenizer_fingerprint`)."""
+    tokenizer, tok_fp = load_tokenizer_with_fingerprint(model_dir)
+    if tokenizer_fingerprint(ref_dir) != tok_fp:
         raise ValueError(
             f"{model_dir} and the reference {ref_dir} have different tokenizers: the log-ratio of sequences "
             "tokenized differently is not a KL estimate"

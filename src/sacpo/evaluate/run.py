@@ -11,7 +11,7 @@ every sample of m is compared with every SFT sample of the same prompt:
 
 with bootstrap CIs over prompts — or over clusters of prompts (`clusters`: e.g. the toyworld's paraphrases of one
 task), resampling whole clusters (`metrics`). The SFT model compared with itself has win rates exactly ½ and its
-KL, estimated like any other (a second forward pass under the reference), is 0. Each row keeps its prompt-level
+KL is 0 (its rows' logp_ref is their logp_policy: the same model and ids). Each row keeps its prompt-level
 values (ModelMetrics.per_prompt) so a report can compare two models by paired differences, and the share of
 degenerate (repetitive) samples and of the KL they carry.
 
@@ -44,6 +44,7 @@ from sacpo.evaluate.clusters import ClusterSpec, clustering_record, resolve_clus
 from sacpo.evaluate.generate import SampleRow, generate_samples, read_samples, stream_seed
 from sacpo.evaluate.judging import Judge, judge_models
 from sacpo.evaluate.metrics import ModelMetrics
+from sacpo.evaluate.reference import Reference
 from sacpo.evaluate.rows import Scores, grid_rows, row_logps, row_metrics, score_rows, scored_rows
 from sacpo.fsutil import atomic_write_jsonl, atomic_write_text
 from sacpo.models.load import default_device
@@ -145,8 +146,6 @@ def evaluate_models(
     """
     from tqdm.auto import tqdm
 
-    from sacpo.models.load import fingerprint_model, load_model
-
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no evaluation prompts")
@@ -158,17 +157,12 @@ def evaluate_models(
     if len(set(dirs.values())) != len(dirs):
         raise ValueError(f"model names collide as directory names: {sorted(dirs)}")
     device = device or default_device()
-
-    @functools.cache
-    def reference() -> Any:
-        return load_model(sft_dir, dtype=dtype).to(device).eval()
-
     generate = functools.partial(
         generate_samples, ref_dir=sft_dir, n_samples=n_samples, max_new_tokens=max_new_tokens, seed=seed,
         batch_size=batch_size, max_prompt_length=max_prompt_length, device=device, dtype=dtype,
-        ref_model=reference, ref_fingerprint=fingerprint_model(sft_dir), temperature=temperature, top_p=top_p,
-        prompt_format=prompt_format,
+        temperature=temperature, top_p=top_p, prompt_format=prompt_format,
     )  # fmt: skip
+    reference: Reference | None = None  # SFT's tokenizer, fingerprint, model and prompt prefills: loaded once
     served_names = dict(served_names or {})
     shape = (len(prompts), n_samples)
     base: Scores | None = None
@@ -185,7 +179,8 @@ def evaluate_models(
                 temperature=temperature, top_p=top_p, show_progress=show_progress, prompt_format=prompt_format,
             ).rows  # fmt: skip
         elif spec.dir is not None:
-            rows = generate(spec.dir, prompts, where, stream=name).rows
+            reference = reference or Reference.load(sft_dir, device, dtype)
+            rows = generate(spec.dir, prompts, where, stream=name, reference=reference).rows
         else:
             rows = read_samples(spec.samples)
         rows = grid_rows(rows, prompts, n_samples, f"model {name!r}")

@@ -231,7 +231,17 @@ def apply_chain(model: Any, adapters: tuple[Path, ...]) -> Any:
     A causal-LM adapter applied to another head (a reward model on a LoRA policy's backbone) is loaded without its
     task type: only its LoRA modules are used, which are the backbone's. peft initialises each adapter from torch's
     global RNG before loading its weights: those draws are undone (`torch_untouched`), so loading a model does not
-    change what a seeded caller draws next (a stage's fresh LoRA initialisation)."""
+    change what a seeded caller draws next (a stage's fresh LoRA initialisation).
+
+    Plain LoRA chains (`sacpo.models.lora_factors`) skip peft: their updates are added to the weights directly,
+    with peft's own operations (the same weights, bit for bit; ~1 s less per adapter on SmolLM2-135M)."""
+    from sacpo.math.merging import MergeError
+    from sacpo.models.lora_factors import merge_into, read_lora
+
+    try:
+        return merge_into(model, [read_lora(a) for a in adapters])
+    except MergeError:
+        pass  # not plain LoRA, or modules the model lacks: peft decides (model unchanged)
     from peft import PeftConfig, PeftModel
 
     causal = hasattr(model, "prepare_inputs_for_generation")

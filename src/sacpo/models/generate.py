@@ -6,6 +6,10 @@ prompt n times *before* the prefill, which on a CPU costs as much as the whole d
 drawn by inversion of its cumulative distribution (`draw`). Optional decoding rules (`next_token_probs`):
 temperature T (softmax(z/T)), nucleus top-p (keep the smallest set of most likely tokens whose mass reaches p),
 and greedy decoding (temperature 0: the argmax) — their samples no longer follow π.
+
+`sample_with_logps` also returns log π(y|x) of every sample, summed during the draw from the same logits the draw
+uses (log π(y_t | x, y_<t) = z_t[y_t] − logsumexp(z_t) of the model's own, untempered logits): the value a second
+forward pass over the sampled ids recomputes (`sacpo.models.logprobs.batched_sequence_logps`), to float rounding.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
+def _token_logps(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[z] of each row, in float32 (as `sacpo.math.logprobs.token_logprobs`): (R,)."""
+    logits = logits.float()  # (R, V)
+    return logits.gather(-1, z[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (R,)
+
+
 @torch.no_grad()
 def sample_chunk(
     model: Any,
@@ -81,12 +91,14 @@ def sample_chunk(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    logps_out: list[float] | None = None,
 ) -> list[list[int]]:
     """New tokens of n samples for each prompt, prompt-major (len(prompts)·n lists), each cut after its first EOS.
 
     One prefill forward over the b distinct prompts (logits of the last position only), the cache repeated n
     times, then one forward per generated token over the b·n rows; finished rows are fed pad tokens until every
-    row is done or max_new_tokens is reached.
+    row is done or max_new_tokens is reached. logps_out: a list to which log π(new tokens | prompt) of every row
+    is appended (float64 sums of the float32 token log-probs of the untempered logits, EOS included).
     """
     device = next(model.parameters()).device
     ids, attn = (t.to(device) for t in left_pad(prompts, pad_id))  # (b, P)
@@ -99,11 +111,14 @@ def sample_chunk(
     attn = attn.repeat_interleave(n, 0)  # (b·n, P)
     next_pos = pos[:, -1].repeat_interleave(n) + 1  # (b·n,)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)  # (b·n,)
+    total = torch.zeros(logits.shape[0], dtype=torch.float64, device=device)  # (b·n,) log π of the new tokens
     inner = _inner(model)
     steps: list[torch.Tensor] = []
     for t in range(max_new_tokens):
         z = draw(next_token_probs(logits, temperature, top_p))  # (b·n,)
         z = torch.where(done, torch.full_like(z, pad_id), z)
+        if logps_out is not None:
+            total += _token_logps(logits, z).masked_fill(done, 0.0).double()
         steps.append(z)
         done |= z == eos_id
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -119,6 +134,8 @@ def sample_chunk(
         cache = output_cache(out)
         logits, next_pos = out.logits[:, -1], next_pos + 1
     new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(len(prompts) * n)]
+    if logps_out is not None:
+        logps_out.extend(total.cpu().tolist())
     return [toks[: toks.index(eos_id) + 1] if eos_id in toks else toks for toks in new]
 
 
@@ -133,11 +150,13 @@ def sample(
     temperature: float = 1.0,
     batch_size: int = 16,
     top_p: float = 1.0,
+    logps_out: list[float] | None = None,
 ) -> list[Encoded]:
     """Draw n responses per prompt, `batch_size` prompts (b·n rows) at a time.
 
     Returns len(prompts)·n sequences in prompt-major order, each prompt + response (ending at its first EOS,
     which is kept, or cut at max_new_tokens). temperature (0 = greedy) and top_p: `next_token_probs`.
+    logps_out: receives log π(response | prompt) of every sequence, in the same order (`sample_chunk`).
     """
     if n < 1 or max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(
@@ -149,8 +168,27 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         for j, toks in enumerate(
-            sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature, top_p)
+            sample_chunk(model, chunk, eos_id, pad_id, n, max_new_tokens, temperature, top_p, logps_out)
         ):
             prompt = chunk[j // n]
             out.append(Encoded(tuple(prompt) + tuple(toks), len(prompt)))
     return out
+
+
+def sample_with_logps(
+    model: Any,
+    prompts: list[list[int]],
+    eos_id: int,
+    pad_id: int,
+    n: int = 1,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    top_p: float = 1.0,
+) -> tuple[list[Encoded], torch.Tensor]:
+    """`sample`, and log π(response | prompt) of every sequence (N,) float64 on the CPU, taken from the logits
+    each token was drawn from: log π of the untempered model whatever the decoding rule, the same draws (no extra
+    random numbers) and the values `batched_sequence_logps` gives on the returned sequences, to float rounding."""
+    logps: list[float] = []
+    seqs = sample(model, prompts, eos_id, pad_id, n, max_new_tokens, temperature, batch_size, top_p, logps)
+    return seqs, torch.tensor(logps, dtype=torch.float64)  # (N,)

@@ -33,7 +33,9 @@ __all__ = [
     "is_adapter_dir",
     "load_model",
     "load_tokenizer",
+    "load_tokenizer_with_fingerprint",
     "model_files",
+    "tokenizer_fingerprint",
 ]
 
 
@@ -93,16 +95,22 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, trust_remote_
     return model
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer from a local directory; pad token defaults to EOS; right padding."""
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
+def tokenizer_dir(path: str | Path) -> Path:
+    """The directory `load_tokenizer(path)` reads: `path`, or the base of an adapter saved without a tokenizer."""
     p = Path(path)
     if not p.is_dir():  # a missing path would otherwise be looked up as a hub repository name
         raise ModelLoadError(f"{p}: model directory not found (hub names are not loaded at run time)")
     if is_adapter_dir(p) and not (p / "tokenizer_config.json").is_file():
         p = read_chain(p).base  # an adapter saved without its tokenizer uses the base's
+    return p
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer from a local directory; pad token defaults to EOS; right padding."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    p = tokenizer_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -157,6 +165,68 @@ def fingerprint_model(path: str | Path) -> str:
     if all(time.time_ns() - max(mtime, ctime) > 2_000_000_000 for *_, mtime, ctime in state):
         _FINGERPRINTS[key] = digest
     return digest
+
+
+# Files `AutoTokenizer.from_pretrained(dir)` cannot read: weights (by suffix) and sacpo's own records.
+_NOT_TOKENIZER_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+)
+_NOT_TOKENIZER_FILES = frozenset({"merge.json", "sacpo_adapter.json"})
+_TOKENIZER_SUBDIRS = ("additional_chat_templates",)  # read by transformers 5.x
+_MAX_TOKENIZER_FILE = 64 << 20
+_TOKENIZER_FINGERPRINTS: dict[tuple[str, bool], str] = {}
+
+
+def tokenizer_files_digest(path: str | Path) -> str | None:
+    """sha256 of the names and bytes of every file a tokenizer load of `path` may read (`tokenizer_dir`): all its
+    top-level files but weights and sacpo's merge / adapter-chain records (config.json and adapter_config.json
+    included), and those of its additional_chat_templates/. None when one of them is over 64 MiB (not memoised)."""
+    d = tokenizer_dir(path)
+    files = sorted(f for f in d.iterdir() if f.is_file())
+    for sub in _TOKENIZER_SUBDIRS:
+        if (d / sub).is_dir():
+            files += sorted(f for f in (d / sub).rglob("*") if f.is_file())
+    files = [
+        f
+        for f in files
+        if f.name not in _NOT_TOKENIZER_FILES and not f.name.endswith(_NOT_TOKENIZER_SUFFIXES)
+    ]
+    if any(f.stat().st_size > _MAX_TOKENIZER_FILE for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(d)}\0{f.stat().st_size}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def load_tokenizer_with_fingerprint(path: str | Path, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """(`load_tokenizer(path)`, its `fingerprint_tokenizer`), the fingerprint memoised for `tokenizer_fingerprint`
+    when the directory's tokenizer files did not change during the load."""
+    before = tokenizer_files_digest(path)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    fp = fingerprint_tokenizer(tokenizer)
+    if before is not None and tokenizer_files_digest(path) == before:
+        _TOKENIZER_FINGERPRINTS[(before, trust_remote_code)] = fp
+    return tokenizer, fp
+
+
+def tokenizer_fingerprint(path: str | Path, trust_remote_code: bool = False) -> str:
+    """`fingerprint_tokenizer(load_tokenizer(path))`, memoised within the process on the content of the files the
+    load reads (`tokenizer_files_digest`): directories whose tokenizer files are byte-identical are loaded once
+    (the models of a pipeline all save the same tokenizer)."""
+    digest = tokenizer_files_digest(path)
+    if digest is not None and (digest, trust_remote_code) in _TOKENIZER_FINGERPRINTS:
+        return _TOKENIZER_FINGERPRINTS[(digest, trust_remote_code)]
+    return load_tokenizer_with_fingerprint(path, trust_remote_code)[1]
 
 
 def fingerprint_tokenizer(tokenizer: Any) -> str:

@@ -35,13 +35,16 @@ def check_dense_model_dir(path: str | Path) -> Path:
 
 
 def hash_files(paths: list[Path], chunk: int = 1 << 22) -> str:
-    """sha256 over the names and bytes of files, in the given order."""
+    """sha256 over the names and bytes of files, in the given order (read into one reused buffer: no allocation
+    per block)."""
     h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
     return h.hexdigest()
 
 

@@ -38,6 +38,7 @@ from sacpo.models.adapters import is_adapter_dir, read_chain
 from sacpo.models.load import ModelLoadError
 from sacpo.models.resolve import resolve_policy
 from sacpo.recipes.train import CommandTrainConfig
+from sacpo.train.allocator import release_memory
 from sacpo.train.checkpoint import DONE
 from sacpo.train.config import DataConfig, Loss, TrainConfig, same_computation
 from sacpo.train.loop import is_done, train
@@ -91,8 +92,8 @@ class PipelineConfig:
     merges: list[MergeSpec] = help_field([], help="weight merges after training")
     reuse_policy: bool = help_field(
         True,
-        help="branches of a sweep reuse one loaded policy and its optimizer buffers (same results; one extra "
-        "CPU copy of the trainable weights while the sweep runs)",
+        help="branches of a sweep reuse one loaded policy and its optimizer buffers (same results; the initial "
+        "weights are read back from the parent's files, or, for LoRA or on a GPU, kept as one CPU copy)",
     )
 
 
@@ -277,6 +278,7 @@ def run_pipeline(cfg: PipelineConfig, show_progress: bool = True, force: bool = 
     counts = {"computed": 0, "cached": 0, "skipped_stages": 0}
     records = _train_branches(cfg, branches, counts, show_progress, force)
     merges = _merge(cfg, branches)
+    release_memory()  # the freed training and merge memory glibc's heap keeps goes back (before an evaluation)
     log.info(
         "reference passes: %d computed, %d read from cache (%d stages skipped as finished)",
         counts["computed"],
@@ -322,6 +324,7 @@ def _train_branches(
                 # siblings (same stage and parent) still to train after this one share the loaded policy
                 later = [b for b in stage_branches[stage_branches.index(br) + 1 :] if b.parent == br.parent]
                 reuse = cfg.reuse_policy and (workspace.holds_policy or bool(later))
+                workspace.last_branch = not later
                 train(br.train, show_progress=show_progress, workspace=workspace if reuse else None)
                 if not later:
                     workspace.clear()

@@ -18,11 +18,16 @@ peak RSS (3075 vs 3146 MB, benchmarks/ANALYSIS.md), and a λ sweep 8% faster; wi
 The cost: the process keeps up to 1 GiB of freed heap instead of returning it. The settings are process-wide and
 cannot be undone (glibc has no getter), so `train()` applies them only when `TrainConfig.malloc_tuning` is set:
 off by default in the Python API, on by default for the sacpo commands (`sacpo.recipes.train.CommandTrainConfig`).
+
+`release_memory` hands the freed heap back once a phase that used a lot of it is over (the training of a
+pipeline, before its evaluation): `gc.collect()`, then glibc's `malloc_trim(0)`, which returns the free pages of
+every arena to the OS whatever the trim threshold. It changes no setting; a no-op beyond the collection elsewhere.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import sys
 
@@ -68,3 +73,13 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
         _applied = (mmap_threshold, trim_threshold)
         log.debug("glibc malloc: mmap threshold %d, trim threshold %d bytes", mmap_threshold, trim_threshold)
     return ok
+
+
+def release_memory() -> bool:
+    """Collect garbage and return glibc's free heap pages to the OS (`malloc_trim(0)`); True if pages were
+    returned, False where nothing was (or the C library is not glibc)."""
+    gc.collect()
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.malloc_trim(0))

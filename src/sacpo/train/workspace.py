@@ -5,12 +5,17 @@ the shared-prompt probe and a tokenizer load, and on the CPU its first step also
 moments (two fp32 copies of the trainable weights) and the gradients are page-faulted in. On SmolLM2-135M the first
 optimizer step of a branch took 1.7–2.8 s against 0.1 s for the next ones (benchmarks/RESULTS.md).
 
-`SweepWorkspace` builds the policy once (and keeps its shared-prompt probe, `PackedPairsProbe`), keeps a CPU copy
-of its trainable tensors as they were before training, and for every later branch copies them back and zeroes the
-AdamW moments and step counters in place. A fresh AdamW starts from exactly that state (zero moments, step 0), so
-each branch trains as it would from a fresh build: the tests check bit-identical trained weights. Only
-single-process runs reuse; the cost is one extra copy of the trainable tensors in CPU memory (every weight with
-full fine-tuning, the adapters with LoRA) while the workspace holds a policy.
+`SweepWorkspace` builds the policy once (and keeps its shared-prompt probe, `PackedPairsProbe`), and for every
+later branch restores its trainable tensors as they were before training and zeroes the AdamW moments and step
+counters in place. A fresh AdamW starts from exactly that state (zero moments, step 0), so each branch trains as it
+would from a fresh build: the tests check bit-identical trained weights. Only single-process runs reuse.
+
+Where the initial tensors come from: when every trainable tensor is on the CPU and stored byte for byte in the
+parent directory's safetensors (full fine-tuning of a dense model: `sacpo.models.weights_file.file_source`,
+checked once at the build), each restore reads them back from those files into the parameters, and no copy is
+kept (on SmolLM2-135M that copy was 540 MB, the peak of a full-fine-tuning sweep's resident set). Otherwise (LoRA
+adapters, which are not in the parent; CUDA; an adapter-chain parent) a CPU copy of the trainable tensors is kept,
+and dropped as soon as the last branch has restored it (`last_branch`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 import torch
 
-from sacpo.models.load import model_files
+from sacpo.models.load import is_adapter_dir, model_files
+from sacpo.models.weights_file import Region, file_source, read_into
 from sacpo.train.step import PackedPairsProbe
 
 log = logging.getLogger("sacpo.train")
@@ -51,6 +57,10 @@ class SweepWorkspace:
         self._model: Any = None
         self._tokenizer: Any = None
         self._initial: dict[str, torch.Tensor] = {}  # trainable tensors before training, on the CPU
+        self._source: dict[str, Region] | None = None  # or where the parent's files hold them
+        self.last_branch = (
+            False  # set by the caller: the next policy() is the last reuse (its copy is dropped)
+        )
         self._moments: dict[torch.Tensor, dict[str, Any]] = {}  # AdamW state of the last branch, by parameter
         self.probe = PackedPairsProbe()  # supports_packed_pairs of the kept policy, probed once
         self.reuses = 0  # branches that started from the kept policy
@@ -62,7 +72,7 @@ class SweepWorkspace:
     def clear(self) -> None:
         """Release the policy, its initial copy, the optimizer moments and the tokenizer."""
         self._key, self._model, self._tokenizer = None, None, None
-        self._initial, self._moments = {}, {}
+        self._initial, self._source, self._moments = {}, None, {}
         self.probe = PackedPairsProbe()
 
     def release_unless(self, cfg: Any) -> None:
@@ -79,18 +89,28 @@ class SweepWorkspace:
     def policy(self, cfg: Any, build: Callable[[Any], Any]) -> Any:
         """The parent policy: built (and its trainable tensors copied) the first time, then restored in place."""
         self.release_unless(cfg)
+        if self._model is not None and self._source is None and not self._initial:
+            self.clear()  # its initial tensors were dropped after the branch announced as the last
         if self._model is None:
             model = build(cfg)
-            self._initial = {
-                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
-            }
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            if not is_adapter_dir(cfg.policy):
+                self._source = file_source(model_files(cfg.policy)[1], trainable)
+            if self._source is None:
+                self._initial = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
             self._key, self._model = policy_key(cfg), model
             return model
-        with torch.no_grad():
-            for n, p in self._model.named_parameters():
-                if p.requires_grad:
+        trainable = {n: p for n, p in self._model.named_parameters() if p.requires_grad}
+        for p in trainable.values():
+            p.grad = None
+        if self._source is not None:
+            read_into(self._source, trainable)
+        else:
+            with torch.no_grad():
+                for n, p in trainable.items():
                     p.copy_(self._initial[n])
-                    p.grad = None
+            if self.last_branch:
+                self._initial = {}  # no later branch restores it
         self.reuses += 1
         log.info("sweep workspace: policy restored to %s in place (branch %d)", cfg.policy, self.reuses + 1)
         return self._model
