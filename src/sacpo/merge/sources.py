@@ -24,6 +24,7 @@ from sacpo.math.merging import MergeError, add_deltas
 from sacpo.models.adapters import read_chain
 from sacpo.models.load import check_model_dir, fingerprint_model, is_adapter_dir
 from sacpo.models.lora_factors import PEFT_PREFIX, Lora, read_lora
+from sacpo.models.weights_file import DTYPES
 
 __all__ = ["PEFT_PREFIX", "Lora", "Source", "TensorReader", "check_targets", "read_lora", "read_source"]
 
@@ -57,20 +58,6 @@ def read_source(path: str | Path) -> Source:
     return Source(p, chain.base, fingerprint_model(chain.base), tuple(read_lora(a) for a in chain.adapters))
 
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 class TensorReader:
     """The tensors of a full model directory's safetensors file(s), read one at a time with plain reads.
 
@@ -101,15 +88,15 @@ class TensorReader:
     def get(self, key: str) -> torch.Tensor:
         f, start, info = self._where[key]
         begin, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
+        if info["dtype"] not in DTYPES:
             raise MergeError(f"tensor {key!r} has dtype {info['dtype']}, which the merge does not read")
         buf = bytearray(end - begin)
         f.seek(start + begin)
         if f.readinto(buf) != len(buf):
             raise MergeError(f"tensor {key!r}: the safetensors file is truncated")
         if not buf:
-            return torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-        return torch.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+            return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def __enter__(self) -> TensorReader:
         return self
