@@ -88,6 +88,9 @@ def main(path):
     out = {kind: check(path, kind) for kind in ("fsdp2", "ddp")}
     if dist.get_rank() == 0:
         print(json.dumps(out), flush=True)
+    # both ranks reach this point before the group goes: without it, a rank tearing gloo down while the other still
+    # holds the group aborted once in CI ("terminate called without an active exception", SIGABRT after the checks)
+    dist.barrier()
     dist.destroy_process_group()
 
 
