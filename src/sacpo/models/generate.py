@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sacpo.data.tokenize import Encoded
+from sacpo.math.logprobs import token_logprobs
 from sacpo.models.modules import cache_kwargs, output_cache
 
 
@@ -75,12 +76,6 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
-def _token_logps(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[z] of each row, in float32 (as `sacpo.math.logprobs.token_logprobs`): (R,)."""
-    logits = logits.float()  # (R, V)
-    return logits.gather(-1, z[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (R,)
-
-
 @torch.no_grad()
 def sample_chunk(
     model: Any,
@@ -118,7 +113,9 @@ def sample_chunk(
         z = draw(next_token_probs(logits, temperature, top_p))  # (b·n,)
         z = torch.where(done, torch.full_like(z, pad_id), z)
         if logps_out is not None:
-            total += _token_logps(logits, z).masked_fill(done, 0.0).double()
+            total += (
+                token_logprobs(logits[:, None], z[:, None])[:, 0].masked_fill(done, 0.0).double()
+            )  # (b·n,)
         steps.append(z)
         done |= z == eos_id
         if bool(done.all()) or t == max_new_tokens - 1:
