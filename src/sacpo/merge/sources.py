@@ -13,7 +13,6 @@ anything else is refused with the reason.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from sacpo.math.merging import MergeError, add_deltas
 from sacpo.models.adapters import read_chain
 from sacpo.models.load import check_model_dir, fingerprint_model, is_adapter_dir
 from sacpo.models.lora_factors import PEFT_PREFIX, Lora, read_lora
-from sacpo.models.weights_file import DTYPES
+from sacpo.models.weights_file import DTYPES, read_header
 
 __all__ = ["PEFT_PREFIX", "Lora", "Source", "TensorReader", "check_targets", "read_lora", "read_source"]
 
@@ -72,11 +71,9 @@ class TensorReader:
         for path in sorted(Path(model_dir).glob("*.safetensors")):
             f = open(path, "rb")  # closed in __exit__
             self._handles.append(f)
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
+            header, start = read_header(f)
             for key, info in header.items():
-                self._where[key] = (f, 8 + size, info)
+                self._where[key] = (f, start, info)
 
     def keys(self) -> list[str]:
         return sorted(self._where)

@@ -15,6 +15,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +42,19 @@ class Region:
     nbytes: int
 
 
-def _header(path: Path) -> tuple[dict, int]:
-    """(the header without __metadata__, the offset of the data section)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+def read_header(f: Any) -> tuple[dict, int]:
+    """(the header without __metadata__, the offset of the data section) of a safetensors file open for binary
+    reading at its start: 8 bytes (little-endian u64) header size N, then N bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}}, offsets into the data that follows."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        return read_header(f)
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
