@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import child_main, max_rss_mb, read_rows
+from benchmarks.common import StepClock, child_main, max_rss_mb, read_rows
 from benchmarks.sweep import _pipeline_config, preload, trl_stage
 
 FAMILIES = {"helpful": "dpo-helpful", "safe": "sacpo", "psacpo": "p-sacpo"}
@@ -54,8 +54,24 @@ def prompts_of(spec: dict[str, Any]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- sacpo
+def timed(module: Any, name: str) -> list[float]:
+    """Replace module.name by a wrapper that appends the seconds of every call to the returned list."""
+    fn, seconds = getattr(module, name), []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    setattr(module, name, wrapper)
+    return seconds
+
+
 def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
     import sacpo.recipes.pipeline as pipeline_mod
+    import sacpo.train.ref_cache as ref_cache
     from sacpo.evaluate.run import evaluate_models, specs_from_pipeline
     from sacpo.recipes.pipeline import MergeSpec, run_pipeline
 
@@ -67,17 +83,8 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
     merge = MergeSpec(name="psacpo", a="helpful", b=f"safe-lam{lam_max:g}", qs=spec["qs"])
     cfg = _pipeline_config(spec, stages=2, output_dir=out / "pipeline", merges=[merge])
     ev = spec["eval"]
-    merge_s: list[float] = []
-    merge_dirs = pipeline_mod.merge_dirs
-
-    def timed_merge(*args: Any, **kwargs: Any):  # measurement only: the seconds of each merge
-        t0 = time.perf_counter()
-        try:
-            return merge_dirs(*args, **kwargs)
-        finally:
-            merge_s.append(time.perf_counter() - t0)
-
-    pipeline_mod.merge_dirs = timed_merge
+    merge_s = timed(pipeline_mod, "merge_dirs")  # measurement only: the seconds of each call
+    ref_s = timed(ref_cache, "compute_ref_logps")
     started = time.perf_counter()
     result = run_pipeline(cfg, show_progress=False)
     trained = time.perf_counter()
@@ -120,6 +127,7 @@ def run_sacpo(spec: dict[str, Any]) -> dict[str, Any]:
             "other": (trained - started) - step1 - sum(step2) - sum(merge_s),
         },
         "merge_s": merge_s,
+        "ref_pass_s": ref_s,
         "models_evaluated": len(metrics),
         "generated_tokens": generated,
         "reference_passes": result["reference_passes"],
@@ -336,13 +344,34 @@ def run_parity(spec: dict[str, Any]) -> dict[str, Any]:
     return {"stages": out}
 
 
+def step_seconds(times: list[float], per_stage: list[int]) -> dict[str, Any]:
+    """The optimizer steps' share of the wall time: step k's time is end(k) − end(k−1) within a stage (a stage's
+    first step also carries its set-up and is left out), so the steps took ≈ n_steps · median. times: every step's
+    end (StepClock), per_stage: the number of steps of each stage in order."""
+    import statistics
+
+    if len(times) != sum(per_stage) or not times:
+        return {"n": len(times), "error": f"{len(times)} step ends for stages of {per_stage} steps"}
+    intervals, i = [], 0
+    for n in per_stage:
+        intervals += [b - a for a, b in zip(times[i : i + n - 1], times[i + 1 : i + n], strict=True)]
+        i += n
+    median = statistics.median(intervals) if intervals else None
+    return {
+        "n": len(times),
+        "median_s": median,
+        "total_s": median * len(times) if median is not None else None,
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     mode = spec["mode"]
     if mode == "parity":
         return run_parity(spec)
     imports = preload(mode)
-    result = run_sacpo(spec) if mode == "sacpo" else run_trl(spec)
-    return {**result, **imports}
+    with StepClock() as clock:
+        result = run_sacpo(spec) if mode == "sacpo" else run_trl(spec)
+    return {**result, **imports, "optimizer_steps": step_seconds(clock.times, result["steps"])}
 
 
 if __name__ == "__main__":

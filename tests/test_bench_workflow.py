@@ -22,7 +22,7 @@ def test_workflow_quick_child(tmp_path, monkeypatch):
             "tiny",
             False,
             n_rows=8,
-            batch_size=8,
+            batch_size=4,  # 2 steps per stage: one step interval each for the time split
             reps=1,
             n_prompts=2,
             n_samples=1,
@@ -53,7 +53,19 @@ def test_workflow_quick_child(tmp_path, monkeypatch):
     res = json.loads((work / "results.json").read_text())["workflows"][0]
     for side in ("sacpo", "trl"):
         r = res["runs"][side][0]
-        assert r["models_evaluated"] == 8 and r["steps"] == [1, 1, 1, 1], r
+        assert r["models_evaluated"] == 8 and r["steps"] == [2, 2, 2, 2], r
         assert len(r["phases"]["step2"]) == 3
+        assert r["optimizer_steps"]["n"] == 8 and 0 < r["optimizer_steps"]["total_s"] < r["seconds"], r
+    assert len(res["runs"]["sacpo"][0]["ref_pass_s"]) == 2  # step 1's and the sweep's shared one
+    assert re.search(r"Where the time goes: sacpo's 8 optimizer steps took [\d.]+ s each", table), table
     for stage in res["parity"]["stages"].values():
         assert stage["identical_inputs"] and stage["abs_diff_live"] <= 1e-4
+
+
+def test_step_seconds_leaves_each_stages_first_step_out_of_the_median():
+    from benchmarks.workflow import step_seconds
+
+    # stage 1 ends its steps at 10, 11, 13 (intervals 1, 2); stage 2 at 20, 23 (interval 3): median 2, 5 steps
+    assert step_seconds([10.0, 11.0, 13.0, 20.0, 23.0], [3, 2]) == {"n": 5, "median_s": 2.0, "total_s": 10.0}
+    assert step_seconds([1.0, 2.0], [1, 1]) == {"n": 2, "median_s": None, "total_s": None}
+    assert "error" in step_seconds([1.0, 2.0], [3])
