@@ -25,10 +25,15 @@ def test_fsdp1_on_cpu_is_refused_quoting_torch():
         cpu_action({k: v for k, v in FSDP2.items() if k != "FSDP_VERSION"}, "MULTI_CPU")
 
 
-def test_deepspeed_on_cpu_and_independent_runs_are_refused():
-    with pytest.raises(ConfigError, match=r"silently run as plain DDP .*state.py:935"):
-        cpu_action({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}, "MULTI_CPU")
-    with pytest.raises(ConfigError, match="would train independently"):
+def test_deepspeed_on_cpu_is_forced_and_independent_runs_are_refused():
+    deepspeed = {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}
+    assert cpu_action(deepspeed, "MULTI_CPU") == "force_deepspeed"
+    assert cpu_action({**deepspeed, "WORLD_SIZE": "1"}, "NO") is None
+    with pytest.raises(
+        ConfigError, match=r"a DeepSpeed config with WORLD_SIZE=2 came up as NO .*independently"
+    ):
+        cpu_action(deepspeed, "NO")
+    with pytest.raises(ConfigError, match=r"an FSDP config .*would train independently"):
         cpu_action(FSDP2, "NO")
 
 

@@ -50,7 +50,7 @@ from sacpo.fsutil import atomic_save_file, atomic_write_json, atomic_write_text,
 from sacpo.models.adapters import ADAPTER_WEIGHTS, is_adapter_dir, save_adapter
 from sacpo.models.dtypes import save_pretrained_as
 from sacpo.train.sharded_state import check_layout, load_fsdp2, save_fsdp2
-from sacpo.train.sharding import is_fsdp2, is_sharded
+from sacpo.train.sharding import is_fsdp2, is_sharded, plain_loads
 from sacpo.train.state import (
     load_model_state,
     load_tensors,
@@ -255,8 +255,10 @@ def check_finite(value: torch.Tensor, step: int, out: Path, what: str = "loss") 
 
 def check_weights_finite(acc: Any, params: list[torch.Tensor], step: int, out: Path) -> None:
     """Refuse to save non-finite weights (a checkpoint must stay a good one); collective over processes."""
+    # this process's values: a ZeRO-3 partition lives in `ds_tensor` and the parameter itself is empty
+    local = [t.detach() for t in (getattr(p, "ds_tensor", p) for p in params) if t.numel()]
     with torch.no_grad():  # max |w| per tensor (one fused pass; inf or NaN iff the tensor has one)
-        norms = torch.stack(torch._foreach_norm([p.detach() for p in params], math.inf)) if params else None
+        norms = torch.stack(torch._foreach_norm(local, math.inf)) if local else None
         bad = int((~torch.isfinite(norms)).sum()) if norms is not None else 0
     bad_total = acc.reduce(torch.tensor([bad], device=acc.device), reduction="sum").item()
     if bad_total:
@@ -318,7 +320,8 @@ def _gather_full(acc: Any, model: Any, build: Callable[[], Any] | None) -> Any:
     state = acc.get_state_dict(model)  # collective; the full tensors (on CPU) land on the main process
     if not acc.is_main_process:
         return None
-    plain = build()
+    with plain_loads(acc):
+        plain = build()
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if unexpected or set(missing) - _tied_names(plain):
         raise RuntimeError(

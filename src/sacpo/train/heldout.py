@@ -14,7 +14,7 @@ from sacpo.math.kl import kl_health
 from sacpo.models.load import load_model
 from sacpo.train.config import TrainConfig
 from sacpo.train.kl_eval import estimate_kl
-from sacpo.train.sharding import is_sharded
+from sacpo.train.sharding import is_sharded, plain_loads
 from sacpo.train.step import BatchLoss
 
 log = logging.getLogger("sacpo.train")
@@ -72,13 +72,12 @@ def heldout_kl(
         return {}
     policy = acc.unwrap_model(model)
     ref_is_base = cfg.lora.enabled and cfg.reference in (None, cfg.policy)
-    ref = (
-        policy
-        if ref_is_base
-        else load_model(cfg.reference or cfg.policy, trust_remote_code=cfg.trust_remote_code)
-        .to(acc.device)
-        .eval()
-    )
+    if ref_is_base:
+        ref = policy
+    else:
+        with plain_loads(acc):
+            ref = load_model(cfg.reference or cfg.policy, trust_remote_code=cfg.trust_remote_code)
+        ref = ref.to(acc.device).eval()
     result = estimate_kl(
         policy,
         ref,

@@ -10,18 +10,20 @@ itself and nothing here changes that. On CPU (the gloo backend) accelerate 1.16 
   `cpu=False` on a machine without an accelerator every process gets `DistributedType.NO` and `num_processes=1`,
   i.e. independent single-process runs.
 
-torch itself runs FSDP2 (`fully_shard`) over gloo correctly, so `make_accelerator` switches the shared accelerate
-state to FSDP2 on CPU (`force_fsdp2_on_cpu`, one version-guarded function to delete once accelerate supports it).
-FSDP1 is refused on CPU: torch's `FullyShardedDataParallel` rejects the `cpu:0` device accelerate passes
-(torch/distributed/fsdp/_init_utils.py:1102), and with the device forced to `cpu` its gradients are wrong.
-DeepSpeed is not forced on CPU; a DeepSpeed config there raises a ConfigError instead of becoming DDP.
+torch itself runs FSDP2 (`fully_shard`) over gloo correctly, and DeepSpeed has a CPU accelerator whose
+collectives use gloo (deepspeed/accelerator/cpu_accelerator.py), so `make_accelerator` switches the shared
+accelerate state on CPU to FSDP2 (`force_fsdp2_on_cpu`) or to DeepSpeed (`force_deepspeed_on_cpu`): two
+version-guarded functions to delete once accelerate supports them there. FSDP1 is refused on CPU: torch's
+`FullyShardedDataParallel` rejects the `cpu:0` device accelerate passes (torch/distributed/fsdp/_init_utils.py:1102),
+and with the device forced to `cpu` its gradients are wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sacpo.config import ConfigError
@@ -54,27 +56,37 @@ def world_size(env: Mapping[str, str]) -> int:
 
 
 def cpu_action(env: Mapping[str, str], distributed_type: str) -> str | None:
-    """What a CPU run must do about a sharded config: "force_fsdp2", or None (nothing asked, or one process).
+    """What a CPU run must do about a sharded config: "force_fsdp2", "force_deepspeed", or None (nothing asked,
+    or one process).
 
     Raises ConfigError for the cases accelerate would silently turn into DDP or independent runs: FSDP version 1,
-    DeepSpeed, or a multi-process launch that did not come up as MULTI_CPU."""
+    or a multi-process launch that did not come up as MULTI_CPU."""
     kind = requested_sharding(env)
     if kind is None or world_size(env) <= 1:
         return None
-    if kind == "deepspeed":
-        raise ConfigError(
-            "a DeepSpeed accelerate config on CPU would silently run as plain DDP (accelerate 1.16 enables "
-            "DeepSpeed only off CPU, state.py:935) and sacpo does not force it; use DDP (no --config_file) or "
-            "FSDP2 (configs/accelerate/fsdp2_cpu.yaml) on CPU, DeepSpeed on GPUs"
-        )
-    if int(env.get("FSDP_VERSION", "1")) != 2:
+    if kind == "fsdp" and int(env.get("FSDP_VERSION", "1")) != 2:
         raise ConfigError(FSDP1_ON_CPU)
     if distributed_type != "MULTI_CPU":
         raise ConfigError(
-            f"an FSDP config with WORLD_SIZE={world_size(env)} came up as {distributed_type} on CPU, not a gloo "
-            "process group: the processes would train independently"
+            f"{'an FSDP' if kind == 'fsdp' else 'a DeepSpeed'} config with WORLD_SIZE={world_size(env)} came up as "
+            f"{distributed_type} on CPU, not a gloo process group: the processes would train independently"
         )
-    return "force_fsdp2"
+    return "force_fsdp2" if kind == "fsdp" else "force_deepspeed"
+
+
+def _writable_state(what: str) -> tuple[Any, Any, Any]:
+    """accelerate's shared-state classes and DistributedType, after the version guard of the CPU switches."""
+    import accelerate
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    version = ".".join(accelerate.__version__.split(".")[:2])
+    if version not in FORCE_TESTED_ACCELERATE:
+        raise ConfigError(
+            f"{what} on CPU needs sacpo's workaround, which was checked against accelerate "
+            f"{', '.join(FORCE_TESTED_ACCELERATE)}, not {accelerate.__version__}; use DDP on CPU (no --config_file)"
+        )
+    return PartialState, AcceleratorState, DistributedType
 
 
 def force_fsdp2_on_cpu(acc: Any) -> None:
@@ -85,15 +97,9 @@ def force_fsdp2_on_cpu(acc: Any) -> None:
     Version-guarded: refuses accelerate versions other than FORCE_TESTED_ACCELERATE, whose internals
     (`PartialState._shared_state`, `AcceleratorState._shared_state`) it writes."""
     import accelerate
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    version = ".".join(accelerate.__version__.split(".")[:2])
-    if version not in FORCE_TESTED_ACCELERATE:
-        raise ConfigError(
-            f"FSDP on CPU needs sacpo's workaround, which was checked against accelerate "
-            f"{', '.join(FORCE_TESTED_ACCELERATE)}, not {accelerate.__version__}; use DDP on CPU (no --config_file)"
-        )
+    PartialState, AcceleratorState, DistributedType = _writable_state("FSDP")
     plugin = FullyShardedDataParallelPlugin()
     for shared in (PartialState._shared_state, AcceleratorState._shared_state):
         shared["distributed_type"] = DistributedType.FSDP
@@ -104,6 +110,38 @@ def force_fsdp2_on_cpu(acc: Any) -> None:
         accelerate.__version__,
         acc.num_processes,
         plugin.reshard_after_forward,
+    )
+
+
+def force_deepspeed_on_cpu(acc: Any) -> None:
+    """Switch accelerate's shared state from MULTI_CPU (gloo DDP) to DeepSpeed with the plugin the launcher's
+    ACCELERATE_DEEPSPEED_* variables describe (`DeepSpeedPlugin()` reads them), so `acc.prepare` runs
+    `deepspeed.initialize` (accelerate 1.16 state.py:935 enables DeepSpeed only `and not cpu`). DeepSpeed picks
+    its CPU accelerator on a machine without CUDA, whose collectives are gloo's (or oneCCL's when installed).
+
+    Version-guarded like `force_fsdp2_on_cpu`. The plugin's mixed precision is the accelerator's ("no" on CPU):
+    a config with `bf16: {enabled: true}` would still train in bf16 (configs/accelerate/deepspeed_zero*_cpu.json
+    are fp32)."""
+    import accelerate
+    from accelerate.utils import DeepSpeedPlugin
+
+    PartialState, AcceleratorState, DistributedType = _writable_state("DeepSpeed")
+    plugin = DeepSpeedPlugin()
+    mixed_precision = (
+        acc.mixed_precision
+    )  # read before the switch: under DeepSpeed it is read from the plugin
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.DEEPSPEED
+    plugin.set_mixed_precision(mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    acc.state.deepspeed_plugins = plugin
+    acc.deepspeed_engine_wrapped = None
+    log.info(
+        "DeepSpeed on CPU: accelerate %s does not enable DeepSpeed for CPU processes (state.py:935, it would run "
+        "plain DDP); sacpo switched the %d-process gloo group to DeepSpeed ZeRO-%s",
+        accelerate.__version__,
+        acc.num_processes,
+        plugin.zero_stage,
     )
 
 
@@ -146,10 +184,34 @@ def check_deepspeed(acc: Any, grad_accum: int, save_every: int) -> None:
 def setup_sharding(acc: Any, env: Mapping[str, str] | None = None) -> Any:
     """Apply the launcher's sharding request to `acc` (see the module docstring) and check it took; returns acc."""
     env = os.environ if env is None else env
-    if acc.device.type == "cpu" and cpu_action(env, _type_name(acc.distributed_type)) == "force_fsdp2":
+    action = cpu_action(env, _type_name(acc.distributed_type)) if acc.device.type == "cpu" else None
+    if action == "force_fsdp2":
         force_fsdp2_on_cpu(acc)
+    elif action == "force_deepspeed":
+        force_deepspeed_on_cpu(acc)
     check_sharded(acc, env)
     return acc
+
+
+@contextlib.contextmanager
+def plain_loads(acc: Any) -> Iterator[None]:
+    """`from_pretrained` of a plain, unpartitioned model inside a ZeRO-3 run (the KL reference, the copy the final
+    weights are loaded into). accelerate's DeepSpeed plugin registers its config with transformers whatever
+    `zero3_init_flag` says (accelerate 1.16 utils/dataclasses.py:1367, `set_deepspeed_weakref`), and transformers 5
+    then builds every model under `deepspeed.zero.Init` (modeling_utils.py:3839): its parameters are empty
+    partitions ("RuntimeError: 'weight' must be 2-D" in the first forward). The registration is lifted for the
+    block and restored after it; any other run: nothing changes."""
+    plugin = acc.state.deepspeed_plugin if _type_name(acc.distributed_type) == "DEEPSPEED" else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _type_name(distributed_type: Any) -> str:
