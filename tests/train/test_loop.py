@@ -345,7 +345,10 @@ def test_the_fused_swiglu_patch_is_undone_and_the_probe_is_not_kept_on_the_model
     assert len(mlps) == 2 and not any("forward" in m.__dict__ for m in mlps)
     assert "_sacpo_packed_pairs" not in ws._model.__dict__
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shared_prompt_rows"] is result.shared_prompt_rows is True
+    # the probe ran (it is not kept on the model, above); on this 2-layer Llama the rows' attention outweighs the
+    # prompt tokens saved, so row_cost chose two padded rows per pair for both batches
+    assert summary["shared_prompt_batches"] == [0, 2]
+    assert summary["shared_prompt_rows"] is result.shared_prompt_rows is False
     assert summary["fused_head"] is result.fused_head is False
     assert (
         summary["fused_head_reason"] == result.fused_head_reason and "vocabulary" in result.fused_head_reason

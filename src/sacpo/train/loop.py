@@ -290,7 +290,9 @@ def _finish(
         "reference_cache": str(ref.path),
         "seconds": round(seconds, 2),
         "num_processes": acc.num_processes,
-        "shared_prompt_rows": bool(loop.stepper.share),
+        "shared_prompt_rows": loop.stepper.packed_batches > 0,
+        # training batches run as prompt + chosen + rejected rows / as two padded rows per pair (row_cost's choice)
+        "shared_prompt_batches": [loop.stepper.packed_batches, loop.stepper.padded_batches],
         "fused_head": path.fused,
         "fused_head_reason": path.reason,
         "average_logprobs": cfg.resolved_average_logprobs,

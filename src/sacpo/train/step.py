@@ -1,8 +1,9 @@
 """The loss of one micro-batch (DPO / IPO / KTO) and the reduction of its metrics over micro-batches and processes.
 
 Paired losses run chosen and rejected through the policy in one forward: as one row prompt + chosen + rejected per
-pair where the model allows it (`share_prompt`, probed once per model by `PackedPairsProbe`), else as 2b padded
-rows. KTO runs the completions with gradient and the mismatched completions without (its reference point z_ref).
+pair where the model allows it (`share_prompt`, probed once per model by `PackedPairsProbe`) and the batch costs
+fewer FLOPs that way (`sacpo.models.row_cost`), else as 2b padded rows. KTO runs the completions with gradient
+and the mismatched completions without (its reference point z_ref).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
 from sacpo.math.preference import get_loss, kto_reference_point, rpo_nll
 from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
+from sacpo.models.row_cost import RowCost
 from sacpo.train.batches import Split
 from sacpo.train.config import TrainConfig
 
@@ -53,13 +55,21 @@ class BatchLoss:
         self.probe = probe if probe is not None else PackedPairsProbe()
         self.loss = get_loss(cfg.loss)
         self.average = cfg.resolved_average_logprobs  # length-averaged log-probs (auto: ipo only)
-        self.share: bool | None = None  # shared-prompt rows: decided at the first paired batch
+        self.share: bool | None = None  # shared-prompt rows allowed: decided at the first paired batch
+        self.cost: RowCost | None = None  # what a batch costs each way (`sacpo.models.row_cost`)
+        self.packed_batches = 0  # paired batches run as shared-prompt rows / as padded rows
+        self.padded_batches = 0
 
-    def _share_prompt(self, model: Any) -> bool:
-        """cfg.share_prompt, where the model reproduces the padded log-probs from packed rows (probed once)."""
+    def _share_prompt(self, model: Any, pairs: list[tuple[Encoded, Encoded]]) -> bool:
+        """Shared-prompt rows for this batch: cfg.share_prompt, where the model reproduces the padded log-probs
+        from packed rows (probed once), every pair shares its prompt, and the rows cost fewer FLOPs than two
+        padded rows per pair (`RowCost.packing_pays`; without a cost model, always)."""
         if self.share is None:
             self.share = self.cfg.share_prompt and self.probe(model)
-        return self.share
+            self.cost = RowCost.of(model) if self.share else None
+        if not self.share or not all(shares_prompt(x, y) for x, y in pairs):
+            return False
+        return self.cost is None or self.cost.packing_pays(pairs)
 
     def _batch(self, seqs: list[Encoded]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) for k, v in pad_sequences(seqs, self.pad_id).items()}
@@ -73,10 +83,12 @@ class BatchLoss:
 
     def _paired(self, model: Any, idx: list[int], ref: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg, pairs = self.cfg, [self.data.pairs[i] for i in idx]
-        if self._share_prompt(model) and all(shares_prompt(x, y) for x, y in pairs):
+        if self._share_prompt(model, pairs):
+            self.packed_batches += 1
             packed = {k: v.to(self.acc.device) for k, v in pack_pairs(pairs, self.pad_id).items()}
             logps = packed_pair_logps(model, packed, cfg.logprob_chunk, self.average)  # (2b,)
         else:
+            self.padded_batches += 1
             seqs = [a for a, _ in pairs] + [b for _, b in pairs]
             logps = sequence_logps(model, self._batch(seqs), cfg.logprob_chunk, self.average)  # (2b,)
         chosen, rejected = logps.split(len(idx))  # (b,), (b,)
