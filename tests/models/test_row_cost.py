@@ -1,9 +1,8 @@
 """sacpo.models.row_cost: the FLOP model that chooses shared-prompt rows or two padded rows per pair."""
 
 from sacpo.data.tokenize import Encoded
-from sacpo.models.row_cost import RowCost
+from sacpo.models.row_cost import RowCost, packing_pays
 from sacpo.models.tiny import build_tiny_gpt2
-from sacpo.train.ref_cache import packed_pass_pays
 
 
 def pair(p: int, c: int, r: int) -> tuple[Encoded, Encoded]:
@@ -21,13 +20,13 @@ def test_packing_pays_for_long_prompts_and_not_for_long_responses():
     cost = RowCost(lin=100.0, att=1.0)
     # p 40, c = r = 10: packed 1 row of 60 (6000 + 3600) vs 2 rows of 50 (2·(5000 + 2500))
     assert cost.rows([60]) == 9600 and cost.rows([50, 50]) == 15000
-    assert cost.packing_pays([pair(40, 10, 10)])
+    assert packing_pays(cost, [pair(40, 10, 10)])
     # p 4, c = r = 200: packed 1 row of 404 vs 2 rows of 204: 40400 + 163216 > 2·(20400 + 41616)
-    assert not cost.packing_pays([pair(4, 200, 200)])
+    assert not packing_pays(cost, [pair(4, 200, 200)])
     # widths are the batch's padded widths: the longest pair sets both
-    assert cost.packing_pays([pair(40, 10, 10), pair(40, 10, 10)]) == cost.packing_pays([pair(40, 10, 10)])
+    assert packing_pays(cost, [pair(40, 10, 10), pair(40, 10, 10)]) == packing_pays(cost, [pair(40, 10, 10)])
     # without attention cost packing always saves the prompt's dense FLOPs
-    assert RowCost(lin=1.0, att=0.0).packing_pays([pair(4, 200, 200)])
+    assert packing_pays(RowCost(lin=1.0, att=0.0), [pair(4, 200, 200)])
 
 
 def test_cost_of_a_model_from_its_config_and_parameters(tmp_path):
@@ -45,6 +44,6 @@ def test_cost_of_a_model_from_its_config_and_parameters(tmp_path):
 
 def test_the_reference_pass_decides_over_its_own_batches():
     cost = RowCost(lin=100.0, att=1.0)
-    assert packed_pass_pays(cost, [pair(40, 10, 10)] * 4, batch_size=4)
-    assert not packed_pass_pays(cost, [pair(4, 200, 200)] * 4, batch_size=4)
-    assert packed_pass_pays(None, [pair(4, 200, 200)], batch_size=4)  # no cost model: pack, as before
+    assert packing_pays(cost, [pair(40, 10, 10)] * 4, batch_size=4)
+    assert not packing_pays(cost, [pair(4, 200, 200)] * 4, batch_size=4)
+    assert packing_pays(None, [pair(4, 200, 200)], batch_size=4)  # no cost model: pack, as before

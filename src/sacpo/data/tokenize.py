@@ -203,6 +203,11 @@ def shares_prompt(a: Encoded, b: Encoded) -> bool:
     return p >= 1 and b.prompt_len == p and a.input_ids[:p] == b.input_ids[:p]
 
 
+def packed_length(a: Encoded, b: Encoded) -> int:
+    """The width of the pair's shared-prompt row (`pack_pairs`): the prompt and response a, then response b."""
+    return len(a.input_ids) + b.response_len
+
+
 def pack_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
     """One row per pair — prompt, response a, response b — so the shared prompt is run once, not twice.
 
@@ -230,7 +235,7 @@ def pack_pairs(pairs: list[tuple[Encoded, Encoded]], pad_id: int) -> dict[str, t
             f"pairs {bad[:5]} do not share a non-empty prompt; pad them with pad_sequences instead"
         )
     n = len(pairs)
-    width = max(len(a.input_ids) + b.response_len for a, b in pairs)
+    width = max(packed_length(a, b) for a, b in pairs)
     ids = torch.full((n, width), pad_id, dtype=torch.long)  # (B, T)
     pos = torch.zeros((n, width), dtype=torch.long)  # (B, T)
     seg = torch.full((n, width), 3, dtype=torch.long)  # (B, T): 0 prompt, 1 a, 2 b, 3 padding

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sacpo.data.tokenize import Encoded, packed_length
+
 
 @dataclass(frozen=True)
 class RowCost:
@@ -49,12 +51,31 @@ class RowCost:
         """Σ_w (w·lin + w²·att): the forward FLOPs of rows of these padded widths."""
         return sum(w * self.lin + w * w * self.att for w in widths)
 
-    def packing_pays(self, pairs: list[tuple[Any, Any]]) -> bool:
-        """Whether one batch of `pairs` (Encoded, Encoded; sharing their prompt) costs less as shared-prompt rows
-        (b rows of width max(p + c + r)) than as 2b padded rows (width max(p + c, p + r))."""
-        packed = max(len(a.input_ids) + b.response_len for a, b in pairs)
-        padded = max(max(len(a.input_ids), len(b.input_ids)) for a, b in pairs)
-        return self.rows([packed] * len(pairs)) < self.rows([padded] * (2 * len(pairs)))
+    def batched(self, lengths: list[int], per_batch: int) -> float:
+        """The FLOPs of rows of these lengths cut, in order, into batches of `per_batch`, each padded to its
+        longest row."""
+        return sum(
+            self.rows([max(lengths[i : i + per_batch])] * len(lengths[i : i + per_batch]))
+            for i in range(0, len(lengths), per_batch)
+        )
+
+
+def packing_pays(
+    cost: RowCost | None, pairs: list[tuple[Encoded, Encoded]], batch_size: int | None = None
+) -> bool:
+    """Whether `pairs` (sharing their prompt) cost fewer FLOPs as shared-prompt rows than as two padded rows per pair.
+
+    batch_size None: the pairs are one batch, b rows of width max(p + c + r) against 2b rows of width
+    max(p + c, p + r) (the training step). Otherwise the reference pass's batching (`compute_ref_logps`): pairs
+    sorted by packed length, batch_size // 2 per batch, against the sequences sorted by length, batch_size per
+    batch. No cost model (None): True, shared-prompt rows as before the cost model."""
+    if cost is None:
+        return True
+    packed = sorted(packed_length(a, b) for a, b in pairs)
+    padded = sorted(len(e.input_ids) for pair in pairs for e in pair)
+    if batch_size is None:
+        return cost.batched(packed, len(packed)) < cost.batched(padded, len(padded))
+    return cost.batched(packed, max(1, batch_size // 2)) < cost.batched(padded, batch_size)
 
 
 def _embeddings(model: Any) -> list[Any]:

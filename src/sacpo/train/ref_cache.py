@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from sacpo.data.prompt_format import DEFAULT_FORMAT, PromptFormat
-from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
+from sacpo.data.tokenize import Encoded, pack_pairs, packed_length, pad_sequences, shares_prompt
 from sacpo.fsutil import atomic_save_file
 from sacpo.models.load import fingerprint_model, fingerprint_tokenizer, load_model
 from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
-from sacpo.models.row_cost import RowCost
+from sacpo.models.row_cost import RowCost, packing_pays
 
 log = logging.getLogger("sacpo.train")
 
@@ -111,16 +111,16 @@ def compute_ref_logps(
     """log π_ref of both sequences of every pair, batched by length to limit padding. Returns (N, 2).
 
     share_prompt: when every pair shares its prompt, the model allows it (`supports_packed`, by default a fresh
-    `supports_packed_pairs` probe) and the pass costs fewer FLOPs that way (`packed_pass_pays`), each pair is one
+    `supports_packed_pairs` probe) and the pass costs fewer FLOPs that way (`row_cost.packing_pays`), each pair is one
     row prompt + a + b (`pack_pairs`), batch_size/2 pairs per batch — the computation the training step uses.
     """
     if (
         share_prompt
         and all(shares_prompt(a, b) for a, b in pairs)
         and supports_packed(model)
-        and packed_pass_pays(RowCost.of(model), pairs, batch_size)
+        and packing_pays(RowCost.of(model), pairs, batch_size)
     ):
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0].input_ids) + pairs[i][1].response_len)
+        order = sorted(range(len(pairs)), key=lambda i: packed_length(*pairs[i]))
         out = torch.empty(len(pairs), 2, dtype=torch.float32)
         per_batch = max(1, batch_size // 2)
         for start in tqdm(
@@ -140,24 +140,6 @@ def compute_ref_logps(
         batch = {k: v.to(device) for k, v in pad_sequences([seqs[i] for i in idx], pad_id).items()}
         out[idx] = sequence_logps(model, batch, chunk_size, average).float().cpu()
     return out.view(len(pairs), 2)
-
-
-def packed_pass_pays(cost: RowCost | None, pairs: list[tuple[Encoded, Encoded]], batch_size: int) -> bool:
-    """Whether `compute_ref_logps`'s batches cost fewer FLOPs as shared-prompt rows (batch_size/2 pairs per batch,
-    sorted by packed length) than as padded rows (batch_size sequences per batch, sorted by length). No cost
-    model (None): True."""
-    if cost is None:
-        return True
-    per = max(1, batch_size // 2)
-    packed = sorted(len(a.input_ids) + b.response_len for a, b in pairs)
-    padded = sorted(len(e.input_ids) for pair in pairs for e in pair)
-
-    def total(widths: list[int], n: int) -> float:
-        return sum(
-            cost.rows([max(widths[i : i + n])] * len(widths[i : i + n])) for i in range(0, len(widths), n)
-        )
-
-    return total(packed, per) < total(padded, batch_size)
 
 
 def reference_logps(

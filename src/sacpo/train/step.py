@@ -16,7 +16,7 @@ import torch
 from sacpo.data.tokenize import Encoded, pack_pairs, pad_sequences, shares_prompt
 from sacpo.math.preference import get_loss, kto_reference_point, rpo_nll
 from sacpo.models.logprobs import packed_pair_logps, sequence_logps, supports_packed_pairs
-from sacpo.models.row_cost import RowCost
+from sacpo.models.row_cost import RowCost, packing_pays
 from sacpo.train.batches import Split
 from sacpo.train.config import TrainConfig
 
@@ -63,13 +63,13 @@ class BatchLoss:
     def _share_prompt(self, model: Any, pairs: list[tuple[Encoded, Encoded]]) -> bool:
         """Shared-prompt rows for this batch: cfg.share_prompt, where the model reproduces the padded log-probs
         from packed rows (probed once), every pair shares its prompt, and the rows cost fewer FLOPs than two
-        padded rows per pair (`RowCost.packing_pays`; without a cost model, always)."""
+        padded rows per pair (`sacpo.models.row_cost.packing_pays`; without a cost model, always)."""
         if self.share is None:
             self.share = self.cfg.share_prompt and self.probe(model)
             self.cost = RowCost.of(model) if self.share else None
         if not self.share or not all(shares_prompt(x, y) for x, y in pairs):
             return False
-        return self.cost is None or self.cost.packing_pays(pairs)
+        return packing_pays(self.cost, pairs)
 
     def _batch(self, seqs: list[Encoded]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) for k, v in pad_sequences(seqs, self.pad_id).items()}
