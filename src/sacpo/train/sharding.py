@@ -74,8 +74,10 @@ def cpu_action(env: Mapping[str, str], distributed_type: str) -> str | None:
     return "force_fsdp2" if kind == "fsdp" else "force_deepspeed"
 
 
-def _writable_state(what: str) -> tuple[Any, Any, Any]:
-    """accelerate's shared-state classes and DistributedType, after the version guard of the CPU switches."""
+def _switch_state(what: str, distributed_type: str) -> None:
+    """Write DistributedType.<distributed_type> into accelerate's shared state (`PartialState._shared_state`,
+    `AcceleratorState._shared_state`), after the version guard of the CPU switches: accelerate versions other
+    than FORCE_TESTED_ACCELERATE are refused."""
     import accelerate
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -86,7 +88,8 @@ def _writable_state(what: str) -> tuple[Any, Any, Any]:
             f"{what} on CPU needs sacpo's workaround, which was checked against accelerate "
             f"{', '.join(FORCE_TESTED_ACCELERATE)}, not {accelerate.__version__}; use DDP on CPU (no --config_file)"
         )
-    return PartialState, AcceleratorState, DistributedType
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType[distributed_type]
 
 
 def force_fsdp2_on_cpu(acc: Any) -> None:
@@ -99,10 +102,8 @@ def force_fsdp2_on_cpu(acc: Any) -> None:
     import accelerate
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    PartialState, AcceleratorState, DistributedType = _writable_state("FSDP")
+    _switch_state("FSDP", "FSDP")
     plugin = FullyShardedDataParallelPlugin()
-    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
-        shared["distributed_type"] = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
     log.info(
         "FSDP on CPU: accelerate %s does not enable FSDP for CPU processes (state.py:947, it would run plain DDP); "
@@ -125,17 +126,13 @@ def force_deepspeed_on_cpu(acc: Any) -> None:
     import accelerate
     from accelerate.utils import DeepSpeedPlugin
 
-    PartialState, AcceleratorState, DistributedType = _writable_state("DeepSpeed")
+    # read before the switch: under DeepSpeed accelerate reads the mixed precision from the plugin
+    mixed_precision = acc.mixed_precision
+    _switch_state("DeepSpeed", "DEEPSPEED")
     plugin = DeepSpeedPlugin()
-    mixed_precision = (
-        acc.mixed_precision
-    )  # read before the switch: under DeepSpeed it is read from the plugin
-    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
-        shared["distributed_type"] = DistributedType.DEEPSPEED
     plugin.set_mixed_precision(mixed_precision)
     plugin.select(_from_accelerator_state=True)
     acc.state.deepspeed_plugins = plugin
-    acc.deepspeed_engine_wrapped = None
     log.info(
         "DeepSpeed on CPU: accelerate %s does not enable DeepSpeed for CPU processes (state.py:935, it would run "
         "plain DDP); sacpo switched the %d-process gloo group to DeepSpeed ZeRO-%s",
